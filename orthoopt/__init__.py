@@ -1,0 +1,38 @@
+"""orthoopt: group orthogonality for PyTorch training, soft (L1 penalty) or hard (Stiefel)."""
+
+from .layout import Layout
+from .optim import (
+    OrthoAdam,
+    OrthoAdamW,
+    OrthoMixin,
+    OrthoSGD,
+    named_orthogonality_errors,
+    orthogonalize,
+    param_groups,
+    project_,
+)
+from .penalty import (
+    frobenius_orthogonality,
+    frobenius_orthogonality_grad,
+    l1_orthogonality,
+    l1_orthogonality_grad,
+    orthogonality_error,
+)
+
+__all__ = [
+    "Layout",
+    "OrthoAdam",
+    "OrthoAdamW",
+    "OrthoMixin",
+    "OrthoSGD",
+    "named_orthogonality_errors",
+    "orthogonalize",
+    "param_groups",
+    "project_",
+    "l1_orthogonality",
+    "l1_orthogonality_grad",
+    "frobenius_orthogonality",
+    "frobenius_orthogonality_grad",
+    "orthogonality_error",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,425 @@
+r"""Optimizers with a decoupled group-orthogonality step.
+
+:class:`OrthoMixin` turns any :class:`torch.optim.Optimizer` subclass into one that also
+pulls chosen groups of weight vectors towards orthonormality.  For every penalized
+parameter, with :math:`\Phi_i` its matrices (:mod:`orthoopt.layout`), step :math:`t` is
+
+.. math::
+    \begin{aligned}
+    &\Phi^{-} \leftarrow \theta_{t-1}                                     && \text{(value before the step)}\\
+    &\theta_t \leftarrow \textsc{BaseStep}(\theta_{t-1}, g_t)              && \text{(torch's own update, untouched)}\\
+    &R_i = \Phi_i^{-\top}\Phi_i^{-} - I,\quad S_i = h'(R_i)               && \text{(sign, or clamp}(R_i/\delta)\text{)}\\
+    &\eta_i = \min\big(2\gamma\beta,\ \langle R_i,S_i\rangle / 2\|S_i\|_F^2,\ \tfrac14/\|S_i\|_\infty\big)\\
+    &\Phi_i(\theta_t) \mathrel{+}= -\eta_i\, \Phi_i^{-} S_i
+    \end{aligned}
+
+with :math:`\gamma` the group's (scheduled) learning rate and :math:`\beta` its ``ortho``.
+As AdamW decouples weight decay, the base optimizer's moments never see the penalty.
+Without the two caps the step is exactly :math:`-\gamma\,\partial\mathcal{L}/\partial\Phi`;
+the caps keep it from overshooting the manifold (see
+:func:`orthoopt.penalty.safe_step_size`).  With ``ortho = 0`` everywhere the optimizer is
+bitwise the base class.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import penalty
+from .layout import Layout, canonical_layout, resolve_layout
+
+__all__ = [
+    "OrthoMixin",
+    "OrthoSGD",
+    "OrthoAdam",
+    "OrthoAdamW",
+    "orthogonalize",
+    "param_groups",
+    "project_",
+    "ORTHO_DEFAULTS",
+]
+
+ORTHO_DEFAULTS: dict[str, Any] = {
+    "ortho": 0.0,
+    "ortho_smoothing": 0.0,
+    "ortho_layout": "auto",
+    "ortho_mode": "soft",
+    "ortho_penalty": "l1",
+}
+MODES = ("soft", "hard")
+PENALTIES = ("l1", "frobenius")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate the ortho options of a group (or the defaults); return them canonicalised."""
+    out = dict(options)
+    ortho = out.get("ortho", 0.0)
+    if not (_is_number(ortho) or ortho == "auto"):
+        raise TypeError(f"{where}: ortho must be a number >= 0 (the penalty weight β) or 'auto', got {ortho!r}")
+    if _is_number(ortho) and not (ortho >= 0 and math.isfinite(ortho)):
+        raise ValueError(f"{where}: ortho must be a finite number >= 0 (0 switches the penalty off), got {ortho!r}")
+    smoothing = out.get("ortho_smoothing", 0.0)
+    if not _is_number(smoothing):
+        raise TypeError(f"{where}: ortho_smoothing must be a number >= 0 (the Huber threshold δ), got {smoothing!r}")
+    if not (smoothing >= 0 and math.isfinite(smoothing)):
+        raise ValueError(
+            f"{where}: ortho_smoothing must be a finite number >= 0 (0 means exact sign()), got {smoothing!r}"
+        )
+    mode = out.get("ortho_mode", "soft")
+    if mode not in MODES:
+        raise ValueError(f"{where}: ortho_mode must be one of {MODES}, got {mode!r}")
+    pen = out.get("ortho_penalty", "l1")
+    if pen not in PENALTIES:
+        raise ValueError(f"{where}: ortho_penalty must be one of {PENALTIES}, got {pen!r}")
+    if "ortho_layout" in out:
+        out["ortho_layout"] = canonical_layout(out["ortho_layout"], f"{where}: ortho_layout")
+    return out
+
+
+def param_key(group: dict, index: int, group_index: int) -> str:
+    """The parameter's name when the optimizer was given names, else ``group{g}.param{i}``."""
+    names = group.get("param_names")
+    if names is not None and index < len(names):
+        return names[index]
+    return f"group{group_index}.param{index}"
+
+
+def _param_name(group: dict, index: int, group_index: int) -> str:
+    return f"parameter '{param_key(group, index, group_index)}'"
+
+
+def _penalized(group: dict) -> bool:
+    return group["ortho"] == "auto" or group["ortho"] > 0
+
+
+class OrthoMixin:
+    """Adds ``ortho``, ``ortho_smoothing``, ``ortho_layout``, ``ortho_mode`` and
+    ``ortho_penalty`` to a torch optimizer, as defaults and per parameter group."""
+
+    def __init__(
+        self,
+        params,
+        *args,
+        ortho: float | str = 0.0,
+        ortho_smoothing: float = 0.0,
+        ortho_layout: str | Layout = "auto",
+        ortho_mode: str = "soft",
+        ortho_penalty: str = "l1",
+        **kwargs,
+    ):
+        self._ortho_defaults = check_options(
+            {
+                "ortho": ortho,
+                "ortho_smoothing": ortho_smoothing,
+                "ortho_layout": ortho_layout,
+                "ortho_mode": ortho_mode,
+                "ortho_penalty": ortho_penalty,
+            },
+            "optimizer defaults",
+        )
+        super().__init__(params, *args, **kwargs)
+        self.defaults.update(self._ortho_defaults)
+
+    # -- construction and checkpoints -------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        index = len(getattr(self, "param_groups", ()))
+        where = f"param group {index}"
+        for key, value in self._ortho_defaults.items():
+            param_group.setdefault(key, value)
+        param_group.update(check_options(param_group, where))
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, (list, tuple)):
+            params = list(params)
+        candidate = {**param_group, "params": params}
+        if params and isinstance(params[0], tuple):
+            candidate["param_names"] = [n for n, _ in params]
+            candidate["params"] = [p for _, p in params]
+        self._check_params(candidate, index)
+        super().add_param_group(param_group)
+
+    def _check_params(self, group: dict, group_index: int) -> None:
+        seen: set[int] = set()
+        for i, p in enumerate(group["params"]):
+            name = _param_name(group, i, group_index)
+            if not isinstance(p, torch.Tensor):
+                continue  # torch's own check names the offending type
+            if id(p) in seen:
+                raise ValueError(f"{name} appears twice in param group {group_index}; pass each parameter once")
+            seen.add(id(p))
+            if _penalized(group) and p.is_complex():
+                raise TypeError(
+                    f"{name} is complex ({p.dtype}); orthoopt's orthogonality is for real parameters: "
+                    "put it in a group with ortho=0, or use torch.view_as_real"
+                )
+            if _penalized(group):
+                self._resolve(group, p, name)
+
+    def _resolve(self, group: dict, p: torch.Tensor, name: str) -> Layout | None:
+        return resolve_layout(group["ortho_layout"], p.shape, name)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Checkpoints written before a key existed (or by the plain torch optimizer) get
+        # this optimizer's defaults, the way torch's optimizers fill keys they added later.
+        defaults = {**ORTHO_DEFAULTS, **{k: v for k, v in self.defaults.items() if k in ORTHO_DEFAULTS}}
+        for group in self.param_groups:
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+
+    # -- the step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._soft_plan()
+        deltas = [_bucket_delta(bucket) for bucket in plan]
+        super().step()
+        for bucket, delta in zip(plan, deltas):
+            _apply(bucket, delta)
+        return loss
+
+    def _soft_plan(self) -> list[_Bucket]:
+        """Group the penalized matrices into buckets that share one batched matmul."""
+        buckets: dict[tuple, _Bucket] = {}
+        for gi, group in enumerate(self.param_groups):
+            if not _penalized(group) or group["ortho_mode"] != "soft":
+                continue
+            eta = 2 * group["lr"] * group["ortho"]
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue  # as torch skips it, and its decoupled weight decay with it
+                name = _param_name(group, i, gi)
+                if p.grad.is_sparse:
+                    raise TypeError(f"{name} has a sparse gradient, which orthoopt does not support; use a dense one")
+                layout = self._resolve(group, p, name)
+                if layout is None:
+                    continue
+                m, l, n = layout.stack_shape(p.shape)
+                key = (l, n, p.dtype, p.device, group["ortho_smoothing"], group["ortho_penalty"])
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = _Bucket(group["ortho_smoothing"], group["ortho_penalty"])
+                bucket.add(p, layout, m, eta)
+        return list(buckets.values())
+
+    # -- reading the constraint ---------------------------------------------------------
+    @torch.no_grad()
+    def orthogonality_errors(self) -> dict[str, float]:
+        """``{name: max_jk |Φ_iᵀΦ_i - I|_jk over the parameter's matrices}`` for every
+        parameter under a constraint (soft or hard), for logging."""
+        errors = {}
+        for gi, group in enumerate(self.param_groups):
+            if not _penalized(group):
+                continue
+            for i, p in enumerate(group["params"]):
+                layout = self._resolve(group, p, _param_name(group, i, gi))
+                if layout is not None:
+                    errors[param_key(group, i, gi)] = _max_error(layout, p)
+        return errors
+
+
+class _Bucket:
+    """Matrices of one shape, dtype, device and penalty: one batched matmul."""
+
+    def __init__(self, smoothing: float, kind: str):
+        self.smoothing = smoothing
+        self.kind = kind
+        self.params: list[torch.Tensor] = []
+        self.layouts: list[Layout] = []
+        self.counts: list[int] = []
+        self.etas: list[Any] = []
+
+    def add(self, p: torch.Tensor, layout: Layout, count: int, eta: Any) -> None:
+        self.params.append(p)
+        self.layouts.append(layout)
+        self.counts.append(count)
+        self.etas.append(eta)
+
+    def matrices(self) -> torch.Tensor:
+        mats = [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
+        return mats[0] if len(mats) == 1 else torch.cat(mats)
+
+    def eta(self, like: torch.Tensor) -> torch.Tensor | float:
+        first = self.etas[0]
+        if all(e is first or e == first for e in self.etas):
+            return first
+        return torch.cat(
+            [torch.as_tensor(e, dtype=like.dtype, device=like.device).expand(c) for e, c in zip(self.etas, self.counts)]
+        )
+
+
+def _bucket_delta(bucket: _Bucket) -> torch.Tensor:
+    """``-η_i Φ_i S_i`` for every matrix of the bucket, at the parameters' current values."""
+    mats = bucket.matrices()
+    r = penalty.residual(mats)
+    s = penalty.direction(r.clone(), bucket.smoothing, bucket.kind)
+    eta = penalty.safe_step_size(r, s, bucket.eta(r))
+    # A non-finite matrix gets no step, so that its NaN/Inf stays where it is.
+    eta = torch.where(torch.isfinite(eta), eta, 0)
+    s.mul_(eta.neg()[:, None, None])
+    delta = torch.bmm(mats, s.to(mats.dtype))
+    return delta
+
+
+def _apply(bucket: _Bucket, delta: torch.Tensor) -> None:
+    chunks = delta.split(bucket.counts)
+    updates = [layout.from_matrices(chunk, p.shape) for p, layout, chunk in zip(bucket.params, bucket.layouts, chunks)]
+    torch._foreach_add_(bucket.params, updates)
+
+
+# -- the classes ------------------------------------------------------------------------
+_CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orthoopt.optim`).
+
+    Takes every argument of :class:`torch.optim.{base}`, plus, as defaults and per group:
+
+    ortho (float or 'auto'): the penalty weight β >= 0; 0 switches it off.
+    ortho_smoothing (float): Huber threshold δ >= 0 for sign(); 0 is the exact L1 penalty.
+    ortho_layout (str): which vectors are orthonormal (:mod:`orthoopt.layout`); 'auto'.
+    ortho_mode (str): 'soft' (this penalty step) or 'hard' (Stiefel manifold, geoopt).
+    ortho_penalty (str): 'l1' (default) or 'frobenius' (the squared-Frobenius baseline).
+"""
+
+
+def orthogonalize(optimizer_cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """Make ``Ortho<Name>``, a true subclass of ``optimizer_cls`` with the ortho options."""
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        raise TypeError(f"orthogonalize expects a torch.optim.Optimizer subclass, got {optimizer_cls!r}")
+    if issubclass(optimizer_cls, OrthoMixin):
+        return optimizer_cls
+    return type(
+        f"Ortho{optimizer_cls.__name__}",
+        (OrthoMixin, optimizer_cls),
+        {"__doc__": _CLASS_DOC.format(base=optimizer_cls.__name__), "__module__": optimizer_cls.__module__},
+    )
+
+
+class OrthoSGD(OrthoMixin, torch.optim.SGD):
+    __doc__ = _CLASS_DOC.format(base="SGD")
+
+
+class OrthoAdam(OrthoMixin, torch.optim.Adam):
+    __doc__ = _CLASS_DOC.format(base="Adam")
+
+
+class OrthoAdamW(OrthoMixin, torch.optim.AdamW):
+    __doc__ = _CLASS_DOC.format(base="AdamW")
+
+
+# -- model helpers --------------------------------------------------------------------
+_UNPENALIZED_MODULES = (
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def param_groups(
+    model: nn.Module,
+    ortho: float | str = 1.0,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Split ``model``'s parameters into a penalized group and an unpenalized one.
+
+    Penalized: every parameter of 2 or more dimensions (Linear and Conv weights, raw 3-D
+    tensors) outside embeddings and norm layers, whose name matches ``include`` (all when
+    None) and not ``exclude``.  A pattern matches a name exactly, as a module prefix
+    (``"head"`` matches ``"head.weight"``) or as a glob (``"*.bias"``).  ``options`` (e.g.
+    ``ortho_smoothing``, ``ortho_layout``, ``ortho_mode``, ``lr``) go into the penalized group.
+    Groups carry ``param_names`` so that errors and logs name parameters.
+    """
+    check_options({"ortho": ortho, **{k: v for k, v in options.items() if k in ORTHO_DEFAULTS}}, "param_groups")
+    exclude = list(exclude)
+    include = None if include is None else list(include)
+    skip = {id(p) for mod in model.modules() if isinstance(mod, _UNPENALIZED_MODULES) for p in mod.parameters()}
+    on: list[tuple[str, nn.Parameter]] = []
+    off: list[tuple[str, nn.Parameter]] = []
+    for name, p in model.named_parameters():
+        wanted = (
+            p.dim() >= 2
+            and id(p) not in skip
+            and not _matches(name, exclude)
+            and (include is None or _matches(name, include))
+        )
+        (on if wanted else off).append((name, p))
+    groups = []
+    if on:
+        groups.append({"params": [p for _, p in on], "param_names": [n for n, _ in on], "ortho": ortho, **options})
+    if off:
+        groups.append({"params": [p for _, p in off], "param_names": [n for n, _ in off], "ortho": 0.0})
+    return groups
+
+
+def _max_error(layout: Layout, p: torch.Tensor) -> float:
+    return penalty.residual(layout.matrices(p.detach())).abs().max().item()
+
+
+def _constrained(model: nn.Module, layout: str, **kwargs: Any) -> list[tuple[str, torch.Tensor, Layout]]:
+    """(name, parameter, layout) for each parameter :func:`param_groups` would penalize."""
+    named = dict(model.named_parameters())
+    out = []
+    for group in param_groups(model, ortho_layout=layout, **kwargs):
+        if group["ortho"]:
+            for n in group["param_names"]:
+                lay = resolve_layout(layout, named[n].shape, f"parameter '{n}'")
+                if lay is not None:
+                    out.append((n, named[n], lay))
+    return out
+
+
+def polar(mats: torch.Tensor) -> torch.Tensor:
+    """The nearest matrices with orthonormal columns, ``U Vᵀ`` from the thin SVD."""
+    wide = mats.float() if mats.dtype in (torch.float16, torch.bfloat16) else mats
+    u, _, vh = torch.linalg.svd(wide, full_matrices=False)
+    return (u @ vh).to(mats.dtype)
+
+
+@torch.no_grad()
+def project_(target: torch.optim.Optimizer | nn.Module | Iterable[torch.Tensor], layout: str = "auto") -> None:
+    """Snap each constrained parameter to its nearest orthonormal point (the polar factor).
+
+    ``target`` is an ortho optimizer (its groups' layouts, penalized groups only), a model
+    (the parameters :func:`param_groups` would penalize, with ``layout``), or parameters.
+    """
+    if isinstance(target, OrthoMixin):
+        items = [
+            (p, target._resolve(g, p, _param_name(g, i, gi)))
+            for gi, g in enumerate(target.param_groups)
+            if _penalized(g)
+            for i, p in enumerate(g["params"])
+        ]
+    elif isinstance(target, nn.Module):
+        items = [(p, lay) for _, p, lay in _constrained(target, layout)]
+    else:
+        items = [(p, resolve_layout(layout, p.shape, f"parameter {i}")) for i, p in enumerate(target)]
+    for p, lay in items:
+        if lay is not None:
+            p.copy_(lay.from_matrices(polar(lay.matrices(p)), p.shape))
+
+
+def named_orthogonality_errors(model: nn.Module, layout: str = "auto", **kwargs: Any) -> dict[str, float]:
+    """``{name: max error}`` for every parameter :func:`param_groups` would penalize."""
+    return {n: _max_error(lay, p) for n, p, lay in _constrained(model, layout, **kwargs)}
