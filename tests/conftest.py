@@ -1,0 +1,22 @@
+"""Shared fixtures and helpers for the orthoopt test suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("default", deadline=None, print_blob=True)
+settings.load_profile("default")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def orthonormal(m: int, l: int, n: int, dtype=torch.float64, generator=None) -> torch.Tensor:
+    """A stack (m, l, n) with exactly orthonormal columns (QR of a Gaussian)."""
+    q, _ = torch.linalg.qr(torch.randn(m, l, n, dtype=torch.float64, generator=generator))
+    return q.to(dtype)

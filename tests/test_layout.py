@@ -1,0 +1,104 @@
+"""Parameter layouts: views, inverses, 'auto', and errors that name the parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orthoopt.layout import Layout, as_matrices, canonical_layout, resolve_layout
+
+
+def shares_storage(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+CASES = [
+    # spec, shape, stack shape (m, l, n)
+    ("rows", (3, 8), (1, 8, 3)),
+    ("columns", (8, 3), (1, 8, 3)),
+    ("filters", (4, 3, 2, 2), (1, 12, 4)),
+    ("rows", (4, 3, 2, 2), (1, 12, 4)),
+    ("column_groups:2", (8, 6), (2, 8, 3)),
+    ("group_axis:0", (5, 7, 3), (5, 7, 3)),
+    ("group_axis:1", (7, 5, 3), (5, 7, 3)),
+    ("group_axis:2", (7, 3, 5), (5, 7, 3)),
+    ("group_axis:-1", (7, 3, 5), (5, 7, 3)),
+]
+
+
+@pytest.mark.parametrize("spec,shape,stack", CASES)
+def test_matrices_are_views_and_invertible(spec, shape, stack):
+    p = torch.randn(shape)
+    layout = resolve_layout(spec, p.shape, "w")
+    mats = layout.matrices(p)
+    assert tuple(mats.shape) == stack == layout.stack_shape(p.shape)
+    assert shares_storage(mats, p)
+    torch.testing.assert_close(layout.from_matrices(mats.clone(), p.shape), p, rtol=0, atol=0)
+    # an in-place update of the stack is an update of the parameter
+    mats.mul_(2)
+    torch.testing.assert_close(layout.matrices(p), mats, rtol=0, atol=0)
+
+
+def test_matrix_contents():
+    w = torch.arange(6.0).reshape(2, 3)  # (out, in), rows orthonormal
+    torch.testing.assert_close(resolve_layout("rows", w.shape, "w").matrices(w)[0], w.T)
+    w = torch.arange(8.0).reshape(2, 4)
+    heads = resolve_layout("column_groups:2", w.shape, "w").matrices(w)
+    torch.testing.assert_close(heads[1], w[:, 2:])
+    phi = torch.randn(4, 3, 2)
+    torch.testing.assert_close(resolve_layout("group_axis:1", phi.shape, "phi").matrices(phi)[2], phi[:, 2, :])
+    torch.testing.assert_close(as_matrices(phi, 1), resolve_layout("group_axis:1", phi.shape, "phi").matrices(phi))
+
+
+def test_channels_last_conv_round_trips():
+    w = torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last)
+    layout = resolve_layout("auto", w.shape, "conv")
+    mats = layout.matrices(w)
+    torch.testing.assert_close(layout.from_matrices(mats, w.shape), w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "shape,kind",
+    [((3, 8), "rows"), ((8, 3), "columns"), ((5, 5), "rows"), ((4, 3, 3, 3), "rows"), ((64, 3, 2, 2), "columns")],
+)
+def test_auto_picks_the_shorter_side(shape, kind):
+    assert resolve_layout("auto", shape, "w").kind == kind
+
+
+@pytest.mark.parametrize("shape", [(), (5,)])
+def test_auto_skips_vectors_but_explicit_layout_refuses(shape):
+    assert resolve_layout("auto", shape, "bias") is None
+    with pytest.raises(ValueError, match="'bias'.*2 or more dimensions"):
+        resolve_layout("rows", shape, "'bias'")
+
+
+@pytest.mark.parametrize(
+    "spec,shape,match",
+    [
+        ("rows", (8, 3), "8 orthonormal vectors of length 3.*'columns'"),
+        ("columns", (3, 8), "8 orthonormal vectors of length 3.*'rows'"),
+        ("filters", (64, 3, 2, 2), "64 orthonormal vectors of length 12"),
+        ("column_groups:4", (8, 6), "does not divide"),
+        ("column_groups:1", (3, 8), "8 orthonormal vectors of length 3"),
+        ("group_axis:3", (4, 3, 2), "axis 3"),
+        ("group_axis:1", (4, 3), "3-D"),
+        ("group_axis:1", (2, 3, 4), "4 orthonormal vectors of length 2"),
+    ],
+)
+def test_infeasible_or_wrong_layouts_name_the_parameter(spec, shape, match):
+    with pytest.raises(ValueError, match=match) as info:
+        resolve_layout(spec, shape, "layer.weight")
+    assert "layer.weight" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["diagonal", "rows:2", "group_axis:x", "", "group_axis"])
+def test_unknown_layout_string(bad):
+    with pytest.raises(ValueError, match="unknown layout"):
+        canonical_layout(bad)
+
+
+def test_layout_objects_and_strings():
+    assert canonical_layout(Layout("group_axis", 1)) == "group_axis:1"
+    assert canonical_layout("filters") == "rows"
+    with pytest.raises(TypeError, match="layout string"):
+        canonical_layout(3)
