@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,9 +52,11 @@ ORTHO_DEFAULTS: dict[str, Any] = {
     "ortho_layout": "auto",
     "ortho_mode": "soft",
     "ortho_penalty": "l1",
+    "ortho_nonfinite": "warn",
 }
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
+NONFINITE = ("warn", "skip", "raise")
 
 
 def _is_number(x: Any) -> bool:
@@ -81,6 +84,9 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     pen = out.get("ortho_penalty", "l1")
     if pen not in PENALTIES:
         raise ValueError(f"{where}: ortho_penalty must be one of {PENALTIES}, got {pen!r}")
+    policy = out.get("ortho_nonfinite", "warn")
+    if policy not in NONFINITE:
+        raise ValueError(f"{where}: ortho_nonfinite must be one of {NONFINITE}, got {policy!r}")
     if "ortho_layout" in out:
         out["ortho_layout"] = canonical_layout(out["ortho_layout"], f"{where}: ortho_layout")
     return out
@@ -96,6 +102,13 @@ def param_key(group: dict, index: int, group_index: int) -> str:
 
 def _param_name(group: dict, index: int, group_index: int) -> str:
     return f"parameter '{param_key(group, index, group_index)}'"
+
+
+def _same_layout(a: str, b: str, shape: torch.Size) -> bool:
+    try:
+        return resolve_layout(a, shape, "") == resolve_layout(b, shape, "")
+    except ValueError:
+        return False
 
 
 def _penalized(group: dict) -> bool:
@@ -115,6 +128,7 @@ class OrthoMixin:
         ortho_layout: str | Layout = "auto",
         ortho_mode: str = "soft",
         ortho_penalty: str = "l1",
+        ortho_nonfinite: str = "warn",
         **kwargs,
     ):
         self._ortho_defaults = check_options(
@@ -124,6 +138,7 @@ class OrthoMixin:
                 "ortho_layout": ortho_layout,
                 "ortho_mode": ortho_mode,
                 "ortho_penalty": ortho_penalty,
+                "ortho_nonfinite": ortho_nonfinite,
             },
             "optimizer defaults",
         )
@@ -169,6 +184,47 @@ class OrthoMixin:
     def _resolve(self, group: dict, p: torch.Tensor, name: str) -> Layout | None:
         return resolve_layout(group["ortho_layout"], p.shape, name)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, refusing a state saved under another layout, mode or parameter shape,
+        and keeping float32 state of half-precision parameters in float32."""
+        saved_groups = state_dict["param_groups"]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            for key in ("ortho_layout", "ortho_mode", "ortho_penalty"):
+                if key not in saved or not _penalized(group) or saved[key] == group[key]:
+                    continue
+                if key == "ortho_layout" and all(
+                    _same_layout(saved[key], group[key], p.shape) for p in group["params"]
+                ):
+                    continue  # e.g. 'auto' and the layout it resolves to
+                raise ValueError(
+                    f"param group {gi}: the checkpoint was saved with {key}={saved[key]!r} but this "
+                    f"optimizer has {key}={group[key]!r}; construct the optimizer with {key}={saved[key]!r} "
+                    "to resume, or start from a fresh optimizer state"
+                )
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        for index, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(index, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape and key != "step":
+                    if value.numel() == p.numel() or key.startswith("ortho"):
+                        continue  # a stacked view of the same parameter, or orthoopt's own per-matrix state
+                    raise ValueError(
+                        f"the checkpoint's state {key!r} for parameter {index} has shape {tuple(value.shape)}, "
+                        f"but the parameter has shape {tuple(p.shape)}: it belongs to another model"
+                    )
+        super().load_state_dict(state_dict)
+        for index, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(index, {}).items():
+                loaded = self.state[p].get(key)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and isinstance(loaded, torch.Tensor)
+                    and value.dtype == torch.float32
+                    and p.dtype in (torch.float16, torch.bfloat16)
+                    and loaded.dtype != torch.float32
+                ):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # Checkpoints written before a key existed (or by the plain torch optimizer) get
@@ -186,7 +242,12 @@ class OrthoMixin:
             with torch.enable_grad():
                 loss = closure()
         plan = self._soft_plan()
-        deltas = [_bucket_delta(bucket) for bucket in plan]
+        deltas = []
+        for bucket in plan:
+            delta, finite = _bucket_delta(bucket)
+            if bucket.nonfinite != "skip" and not bool(finite.all()):
+                self._report_nonfinite(bucket, finite)
+            deltas.append(delta)
         super().step()
         for bucket, delta in zip(plan, deltas):
             _apply(bucket, delta)
@@ -209,12 +270,37 @@ class OrthoMixin:
                 if layout is None:
                     continue
                 m, l, n = layout.stack_shape(p.shape)
-                key = (l, n, p.dtype, p.device, group["ortho_smoothing"], group["ortho_penalty"])
+                key = (
+                    l,
+                    n,
+                    p.dtype,
+                    p.device,
+                    group["ortho_smoothing"],
+                    group["ortho_penalty"],
+                    group["ortho_nonfinite"],
+                )
                 bucket = buckets.get(key)
                 if bucket is None:
-                    bucket = buckets[key] = _Bucket(group["ortho_smoothing"], group["ortho_penalty"])
-                bucket.add(p, layout, m, eta)
+                    bucket = buckets[key] = _Bucket(*key[4:])
+                bucket.add(p, layout, m, eta, name)
         return list(buckets.values())
+
+    def _report_nonfinite(self, bucket: _Bucket, finite: torch.Tensor) -> None:
+        bad = [name for name, ok in zip(bucket.names, finite.split(bucket.counts)) if not bool(ok.all())]
+        message = (
+            f"{', '.join(bad)} holds NaN or Inf: the orthogonality step skips its non-finite matrices "
+            "(other matrices and parameters are unaffected). Lower the learning rate, or clip gradients"
+        )
+        if bucket.nonfinite == "raise":
+            raise FloatingPointError(message + "; nothing was changed by this step")
+        fresh = [n for n in bad if n not in self.__dict__.setdefault("_ortho_warned", set())]
+        if fresh:
+            self._ortho_warned.update(fresh)
+            warnings.warn(
+                message + " (warned once per parameter; ortho_nonfinite='raise' to stop instead)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- reading the constraint ---------------------------------------------------------
     @torch.no_grad()
@@ -235,15 +321,18 @@ class OrthoMixin:
 class _Bucket:
     """Matrices of one shape, dtype, device and penalty: one batched matmul."""
 
-    def __init__(self, smoothing: float, kind: str):
+    def __init__(self, smoothing: float, kind: str, nonfinite: str):
         self.smoothing = smoothing
         self.kind = kind
+        self.nonfinite = nonfinite
+        self.names: list[str] = []
         self.params: list[torch.Tensor] = []
         self.layouts: list[Layout] = []
         self.counts: list[int] = []
         self.etas: list[Any] = []
 
-    def add(self, p: torch.Tensor, layout: Layout, count: int, eta: Any) -> None:
+    def add(self, p: torch.Tensor, layout: Layout, count: int, eta: Any, name: str) -> None:
+        self.names.append(name)
         self.params.append(p)
         self.layouts.append(layout)
         self.counts.append(count)
@@ -262,17 +351,17 @@ class _Bucket:
         )
 
 
-def _bucket_delta(bucket: _Bucket) -> torch.Tensor:
-    """``-η_i Φ_i S_i`` for every matrix of the bucket, at the parameters' current values."""
+def _bucket_delta(bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
+    """``-η_i Φ_i S_i`` for every matrix of the bucket, at the parameters' current values,
+    and which matrices are finite (the others get a zero step: a NaN stays where it is)."""
     mats = bucket.matrices()
     r = penalty.residual(mats)
+    finite = torch.isfinite(r).all(-1).all(-1)
     s = penalty.direction(r.clone(), bucket.smoothing, bucket.kind)
     eta = penalty.safe_step_size(r, s, bucket.eta(r))
-    # A non-finite matrix gets no step, so that its NaN/Inf stays where it is.
-    eta = torch.where(torch.isfinite(eta), eta, 0)
     s.mul_(eta.neg()[:, None, None])
     delta = torch.bmm(mats, s.to(mats.dtype))
-    return delta
+    return torch.where(finite[:, None, None], delta, 0), finite
 
 
 def _apply(bucket: _Bucket, delta: torch.Tensor) -> None:

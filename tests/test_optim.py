@@ -278,45 +278,6 @@ def test_closure_add_param_group_and_deepcopy():
     assert len(opt.param_groups) == 2
 
 
-def test_state_dict_round_trip_is_bitwise(tmp_path):
-    def fresh():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
-        opt = orthoopt.OrthoAdamW(orthoopt.param_groups(model, ortho=1.0, exclude=["2"]), lr=1e-2)
-        return model, opt
-
-    x, y = torch.randn(64, 6), torch.randn(64, 1)
-
-    def steps(model, opt, n):
-        for _ in range(n):
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
-
-    model, opt = fresh()
-    steps(model, opt, 10)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
-    steps(model, opt, 10)
-    model2, opt2 = fresh()
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    model2.load_state_dict(ckpt["model"])
-    opt2.load_state_dict(ckpt["opt"])
-    steps(model2, opt2, 10)
-    for a, b in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(a, b)
-
-
-def test_old_checkpoint_without_ortho_keys_gets_defaults():
-    w = nn.Parameter(torch.randn(8, 3))
-    plain = torch.optim.AdamW([w], lr=1e-2)
-    w.grad = torch.randn_like(w)
-    plain.step()
-    opt = orthoopt.OrthoAdamW([w], lr=1e-2, ortho=3.0)
-    opt.load_state_dict(plain.state_dict())
-    assert opt.param_groups[0]["ortho"] == 3.0 and opt.param_groups[0]["ortho_layout"] == "auto"
-    opt.step()
-
-
 def test_grad_scaler_skips_the_penalty_on_inf_steps():
     w = nn.Parameter(torch.randn(8, 3))
     opt = orthoopt.OrthoAdamW([w], lr=1e-2, ortho=1.0)

@@ -1,0 +1,65 @@
+"""Checkpoints: bitwise resume through torch.save / torch.load(weights_only=True), old states."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import orthoopt
+
+
+def test_state_dict_round_trip_is_bitwise(tmp_path):
+    def fresh():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
+        opt = orthoopt.OrthoAdamW(orthoopt.param_groups(model, ortho=1.0, exclude=["2"]), lr=1e-2)
+        return model, opt
+
+    x, y = torch.randn(64, 6), torch.randn(64, 1)
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    model, opt = fresh()
+    steps(model, opt, 10)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    steps(model, opt, 10)
+    model2, opt2 = fresh()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    steps(model2, opt2, 10)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_old_checkpoint_without_ortho_keys_gets_defaults():
+    w = nn.Parameter(torch.randn(8, 3))
+    plain = torch.optim.AdamW([w], lr=1e-2)
+    w.grad = torch.randn_like(w)
+    plain.step()
+    opt = orthoopt.OrthoAdamW([w], lr=1e-2, ortho=3.0)
+    opt.load_state_dict(plain.state_dict())
+    assert opt.param_groups[0]["ortho"] == 3.0 and opt.param_groups[0]["ortho_layout"] == "auto"
+    opt.step()
+
+
+def test_float32_state_of_bfloat16_parameters_stays_float32():
+    w = nn.Parameter(torch.randn(8, 3, dtype=torch.bfloat16))
+    opt = orthoopt.OrthoSGD([w], lr=0.1, momentum=0.9, ortho=1.0)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    opt.state[w]["momentum_buffer"] = opt.state[w]["momentum_buffer"].float() * 1.001
+    saved = opt.state_dict()
+    plain = torch.optim.SGD([nn.Parameter(torch.randn(8, 3, dtype=torch.bfloat16))], lr=0.1, momentum=0.9)
+    plain.load_state_dict(saved)
+    (q,) = plain.param_groups[0]["params"]
+    assert plain.state[q]["momentum_buffer"].dtype == torch.bfloat16  # what torch alone does
+    fresh = orthoopt.OrthoSGD([nn.Parameter(torch.randn(8, 3, dtype=torch.bfloat16))], lr=0.1, momentum=0.9, ortho=1.0)
+    fresh.load_state_dict(saved)
+    (p,) = fresh.param_groups[0]["params"]
+    assert fresh.state[p]["momentum_buffer"].dtype == torch.float32
+    assert torch.equal(fresh.state[p]["momentum_buffer"], saved["state"][0]["momentum_buffer"])
