@@ -27,6 +27,7 @@ Layouts are named by short strings, so that they can live in an optimizer's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -152,12 +153,14 @@ def canonical_layout(spec: str | Layout, name: str = "ortho_layout") -> str:
 
 
 def resolve_layout(spec: str | Layout, shape: torch.Size | tuple[int, ...], name: str) -> Layout | None:
-    """The concrete layout of a parameter, or None when 'auto' leaves it unpenalized.
+    """The concrete layout of a parameter, or None when it is left unpenalized.
 
     'auto' skips 0-D and 1-D parameters (biases, norms); an explicit layout on them
-    is an error.  The returned layout has been checked against ``shape``.
+    is an error.  Empty parameters have nothing to constrain and are skipped.  The returned layout has been checked against ``shape``.
     """
     layout = _parse(canonical_layout(spec))
+    if len(shape) >= 2 and math.prod(shape) == 0:
+        return None  # an empty parameter has no vectors to constrain
     if layout.kind == "auto":
         if len(shape) < 2:
             return None
