@@ -6,6 +6,9 @@ import pytest
 import torch
 from hypothesis import settings
 
+# The suite's tensors are tiny: one thread avoids OpenMP spin-waits on a loaded 2-core box.
+torch.set_num_threads(1)
+
 settings.register_profile("default", deadline=None, print_blob=True)
 settings.load_profile("default")
 
