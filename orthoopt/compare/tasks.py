@@ -131,24 +131,34 @@ def build_pca(seed: int = 0, k: int = 8, dtype=torch.float32, device="cpu") -> P
 
 # -- batched orthogonal Procrustes --------------------------------------------------------
 def build_procrustes(
-    seed: int = 0, m: int = 64, n: int = 16, p: int = 32, noise: float = 0.5, dtype=torch.float32, device="cpu"
+    seed: int = 0,
+    m: int = 64,
+    l: int = 16,
+    n: int = 8,
+    q: int = 32,
+    noise: float = 0.5,
+    dtype=torch.float32,
+    device="cpu",
 ) -> Problem:
-    r"""``f(Φ) = Σ_i ‖A_i Φ_i - B_i‖²_F`` over square orthogonal ``Φ_i`` (``n×n``).
+    r"""``f(Φ) = Σ_i ‖A_i Φ_i - B_i‖²_F`` over tall ``Φ_i`` (``l×n``, orthonormal columns).
 
-    On the manifold ``‖A_iΦ_i‖`` is constant, so the minimiser is the polar factor
-    ``U Vᵀ`` of ``A_iᵀB_i`` (orthogonal Procrustes).  The instance (A, B) is fixed per
-    ``m`` (seed 1000 + m); the seed draws the initial weights.
+    ``A_i`` (``q×l``) has orthonormal columns, so on the manifold ``‖A_iΦ_i‖² = n`` is
+    constant and ``f`` is linear there: the minimiser is the polar factor ``U Vᵀ`` of
+    ``A_iᵀB_i`` (orthogonal Procrustes, from an SVD).  Tall ``Φ_i`` (``n < l``) keep the
+    Stiefel manifold connected (square orthogonal matrices form two components, and a
+    descent method started on the wrong one never reaches the optimum).  The instance
+    (A, B) is fixed per ``m`` (seed 1000 + m); the seed draws the initial weights.
     """
     data = torch.Generator().manual_seed(1000 + m)
-    a = torch.randn(m, p, n, generator=data, dtype=torch.float64) / math.sqrt(p)
-    q = _orthonormal((m, n, n), data, torch.float64, "cpu")
-    b = a @ q + noise * torch.randn(m, p, n, generator=data, dtype=torch.float64) / math.sqrt(p)
-    u, _, vh = torch.linalg.svd(a.mT @ b)
+    a = _orthonormal((m, q, l), data, torch.float64, "cpu")
+    truth = _orthonormal((m, l, n), data, torch.float64, "cpu")
+    b = a @ truth + noise * torch.randn(m, q, n, generator=data, dtype=torch.float64) / math.sqrt(n)
+    u, _, vh = torch.linalg.svd(a.mT @ b, full_matrices=False)
     star64 = u @ vh
     f_star = float(((a @ star64 - b) ** 2).sum())
     a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
-    model = _Stack(_orthonormal((m, n, n), gen, dtype, device))
+    model = _Stack(_orthonormal((m, l, n), gen, dtype, device))
 
     def loss(_t: int = 0) -> torch.Tensor:
         return ((a @ model.matrices() - b) ** 2).sum()
@@ -238,11 +248,11 @@ def _pca_task() -> Task:
         build_pca,
         "class-wise PCA on sklearn digits: one k-dim basis per class, Φ (64, 10, k)",
         base="sgd",
-        lr=0.01,
+        lr=0.02,
         beta=2.0,
         beta_relative=True,
         smoothing=0.02,
-        steps=4000,
+        steps=3000,
         quick_steps=60,
         target_gap=1e-3,
         target_orth=1e-5,
@@ -255,13 +265,13 @@ TASKS: dict[str, Callable[[], Task]] = {
     "procrustes": lambda: Task(
         "procrustes",
         build_procrustes,
-        "batched orthogonal Procrustes, m groups of 16x16, solution from an SVD",
+        "batched orthogonal Procrustes, m groups of 16x8 (A 32x16), solution from an SVD",
         base="sgd",
-        lr=0.05,
+        lr=0.1,
         beta=2.0,
         beta_relative=True,
         smoothing=0.02,
-        steps=2000,
+        steps=1000,
         quick_steps=60,
         target_gap=1e-4,
         target_orth=1e-3,
