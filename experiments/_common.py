@@ -32,7 +32,7 @@ def setup(args, name: str) -> Path:
 
 def save(comp, out: Path, *, title: str, command: str, extra: str = "") -> str:
     """Write the comparison (JSON/CSV/PNGs, history thinned) and return its markdown section."""
-    compare.write(comp, out, history_points=300)
+    compare.write(comp, out, history_points=200)
     text = f"## {title}\n\n`{command}`\n\n{compare.table(comp)}\n"
     if extra:
         text += "\n" + extra + "\n"

@@ -71,7 +71,7 @@ def _plot(comp, out: Path, name: str, key: str, xkey: str, ylabel: str, xlabel: 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     c = comp.config
-    ax.set_title(f"{c['task']} {_params(c)}: {ylabel}", fontsize=10)
+    ax.set_title(f"{c['task']}{_params(c)}: {ylabel}", fontsize=10)
     if drawn:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -85,7 +85,7 @@ def _plot(comp, out: Path, name: str, key: str, xkey: str, ylabel: str, xlabel: 
 
 def _params(c) -> str:
     p = ",".join(f"{k}={v}" for k, v in c["task_params"].items())
-    return f"({p}) " if p else ""
+    return f" ({p})" if p else ""
 
 
 def plot_comparison(comp: Comparison, out: str | Path) -> dict[str, Path]:

@@ -30,7 +30,7 @@ def _pm(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
     mean, std = row.get(key), row.get(key + "_std")
     if mean is None:
         return "-"
-    if row["seeds"] - row["diverged"] - row["failed"] > 1 and std:
+    if row["seeds"] - row["diverged"] - row["failed"] > 1 and std is not None:
         return f"{fmt(mean * scale, digits)} ± {fmt(std * scale, 2)}"
     return fmt(mean * scale, digits)
 
@@ -97,8 +97,8 @@ def _thin(history: dict[str, list], most: int) -> dict[str, list]:
 
 
 def _clean(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
+    if isinstance(x, float):
+        return float(f"{x:.5g}") if math.isfinite(x) else None
     if isinstance(x, dict):
         return {k: _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -117,9 +117,8 @@ def write(comp: Comparison, out: str | Path, *, plots: bool = True, history_poin
         d["history"] = _thin(r.history, history_points)
         runs.append(d)
     paths["json"] = out / "results.json"
-    paths["json"].write_text(
-        json.dumps(_clean({"config": comp.config, "summary": comp.summary, "runs": runs}), indent=1)
-    )
+    data = {"config": comp.config, "summary": comp.summary, "runs": runs}
+    paths["json"].write_text(json.dumps(_clean(data), separators=(",", ":")))
     paths["runs_csv"] = out / "runs.csv"
     final_keys = sorted({k for r in comp.runs for k in r.final if k != "traceback"})
     with paths["runs_csv"].open("w", newline="") as f:
