@@ -46,7 +46,7 @@ def main(argv=None):
         f"task pca k={args.k}, base {config['base']} lr {config['lr']} cosine to 0, {steps} steps, "
         f"{args.seeds} seed(s), β* = {threshold:.4f}, δ (huber) = {config['smoothing']}",
         "",
-        "| β/β* | β | method | |f - f*|/|f*| | orth max-abs | orth Frobenius | residual theory | status |",
+        "| β/β* | β | method | rel gap | orth max-abs | orth Frobenius | residual theory | status |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -58,7 +58,7 @@ def main(argv=None):
         )
     lines += [
         "",
-        "residual theory: the largest |R_jk| the stationary point of the penalised problem keeps, with",
+        "rel gap = abs(f - f*)/abs(f*). residual theory: the largest abs(R_jk) the stationary point of the penalised problem keeps, with",
         "λ = λ_max = 2β*: frobenius λ/(4β); soft-huber δλ/(2β) (while β > β*); soft 0 for β > β*,",
         "unbounded below it.",
     ]

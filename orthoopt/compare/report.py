@@ -51,7 +51,7 @@ def table(comp: Comparison) -> str:
     has_acc = any(r.get("test_acc") is not None for r in rows)
     head = ["method", "final loss"]
     if has_gap:
-        head += ["f - f*", "|f - f*|/|f*|"]
+        head += ["f - f*", "rel gap"]
     head += ["orth max-abs", "orth Frobenius"]
     if has_acc:
         head += ["test acc %"]
@@ -85,6 +85,12 @@ def table(comp: Comparison) -> str:
     if c.get("threshold") is not None:
         note += f" (= {fmt(c['beta'] / c['threshold'])} × threshold β* {fmt(c['threshold'])})"
     note += f", {c['device']} {c['dtype']}; times are medians per step"
+    if has_gap:
+        note += "; rel gap = abs(f - f*)/abs(f*)"
+        if c.get("target_gap") is not None:
+            note += f"; target: rel gap <= {fmt(c['target_gap'])} and orth max-abs <= {fmt(c['target_orth'])}"
+    if any(r["seeds"] > 1 for r in rows):
+        note += "; mean ± std over seeds"
     return note + "\n\n" + "\n".join(lines)
 
 
