@@ -58,9 +58,10 @@ def main(argv=None):
         )
     lines += [
         "",
-        "rel gap = abs(f - f*)/abs(f*). residual theory: the largest abs(R_jk) the stationary point of the penalised problem keeps, with",
-        "λ = λ_max = 2β*: frobenius λ/(4β); soft-huber δλ/(2β) (while β > β*); soft 0 for β > β*,",
-        "unbounded below it.",
+        "rel gap = abs(f - f*)/abs(f*). residual theory: the residual R = ΦᵀΦ - I that the stationary point",
+        "of the penalised problem keeps, with λ = λ_max = 2β*: frobenius ‖R‖₂ = λ/(4β) (the penalty is",
+        "rotation invariant, so the max-abs entry can be smaller); soft-huber max abs(R_jk) = δλ/(2β)",
+        "(while β > β*); soft 0 for β > β*, unbounded below it.",
     ]
     (out / "sweep.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1, default=str))
     with (out / "sweep.csv").open("w") as f:
@@ -69,7 +70,9 @@ def main(argv=None):
         for r in rows:
             f.write(",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + "\n")
     _plot(rows, out, args.k, threshold)
-    cmd = f"python experiments/pca_beta_sweep.py --k {args.k} --steps {steps}" + (" --quick" if args.quick else "")
+    cmd = f"python experiments/pca_beta_sweep.py --k {args.k} --steps {steps} --seeds {args.seeds}" + (
+        " --quick" if args.quick else ""
+    )
     write_md(out, [f"## PCA β sweep (k={args.k})\n\n`{cmd}`\n\n" + "\n".join(lines)])
 
 
@@ -95,14 +98,16 @@ def _plot(rows, out, k, threshold):
             ys = [max(r[key], 1e-12) for r in mine if not r["diverged"] and r[key] is not None]
             ax.plot(xs, ys, "o-", color=COLORS[method], label=method)
             dx = [r["multiple"] for r in mine if r["diverged"]]
-            if dx:
+            if dx:  # diverged runs: a cross at the top edge of the axes
                 ax.plot(
                     dx,
-                    [ax.get_ylim()[1] if ys else 1.0] * len(dx),
+                    [0.95] * len(dx),
                     "x",
                     color=COLORS[method],
                     ms=9,
-                    label=f"{method} diverged",
+                    transform=ax.get_xaxis_transform(),
+                    label=f"{method}: diverged",
+                    clip_on=False,
                 )
         ax.axvline(1.0, color="k", ls=":", lw=1)
         ax.set_xscale("log", base=2)
