@@ -1,0 +1,41 @@
+"""Gather the experiments' README sections into experiments/results/README.md.
+
+python experiments/collect.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = [
+    ("pca_target", "1. Class-wise PCA: the soft target, soft vs hard (k=8, 20,000 steps)"),
+    ("pca_beta_sweep_k8", "1. Class-wise PCA: β across the exactness threshold"),
+    ("soft_cap_ablation/pca", "1. Why soft misses: the step cap (PCA)"),
+    ("pca", "1. Class-wise PCA, every method, k in {4, 8, 16}"),
+    ("procrustes", "2. Batched orthogonal Procrustes, m in {1, 64, 512}"),
+    ("soft_cap_ablation/procrustes_m64", "2. Why soft misses: the step cap (Procrustes m=64)"),
+    ("classifiers", "3. Digit classifiers (MLP, CNN)"),
+    ("soft_cap_ablation/mlp", "3. Why soft misses: the step cap (MLP)"),
+]
+
+
+def main():
+    results = HERE / "results"
+    parts = [
+        "# Experiment results\n\nProduced by the scripts in `experiments/` on the 2-core CPU machine "
+        "(one torch thread, float32). Each folder holds `table.md`, `summary.csv`, `runs.csv`, "
+        "`results.json` and PNG plots; times are medians per step measured side by side in one run."
+    ]
+    for folder, title in ORDER:
+        readme = results / folder / "README.md"
+        if readme.exists():
+            body = readme.read_text().replace("\n## ", "\n### ")
+            body = body[3:] if body.startswith("## ") else body
+            parts.append(f"## {title}\n\n[{folder}/]({folder}/)\n\n### {body}")
+    (results / "README.md").write_text("\n\n".join(parts) + "\n")
+    print(f"wrote {results / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""``python -m orthoopt`` (also the ``orthoopt`` console script).
+
+orthoopt compare [--task pca] [--methods soft,hard] [--seeds 3] [--steps N] [--quick] [--out DIR]
+orthoopt bench ...   (the step benchmark, orthoopt.bench)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+DEFAULT_OUT = "orthoopt-results"
+
+
+def _seeds(text: str) -> list[int]:
+    """``"3"`` is seeds 0, 1, 2; ``"0,5,7"`` those seeds."""
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes a count (3) or a list (0,1,2), got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--seeds count must be >= 1, got {n}")
+    return list(range(n))
+
+
+def _methods(text: str) -> list[str]:
+    from .compare.methods import METHODS
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if names == ["all"]:
+        return list(METHODS)
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--methods: unknown {bad or text!r}; choose from {', '.join(METHODS)} or all")
+    return names
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    from .compare.methods import METHODS
+    from .compare.tasks import TASKS
+
+    p = argparse.ArgumentParser(
+        prog="orthoopt compare",
+        description=(
+            "Run one task under several orthogonality methods with the same initial weights, data order, "
+            "lr schedule and step budget; print a table and write results.json, CSV and PNG plots."
+        ),
+    )
+    p.add_argument(
+        "--task",
+        default="pca",
+        help=f"task name, optionally with parameters: {', '.join(TASKS)}; e.g. pca:k=4, procrustes:m=512 "
+        "(default: pca, k=8)",
+    )
+    p.add_argument("--methods", type=_methods, default=list(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--seeds", type=_seeds, default=None, help="a count (3 = seeds 0,1,2) or a list 0,4,5 (default 3)")
+    p.add_argument("--steps", type=int, default=None, help="step budget (default: the task's)")
+    p.add_argument("--beta", type=float, default=None, help="the penalty weight β (default: the task's)")
+    rel = p.add_mutually_exclusive_group()
+    rel.add_argument(
+        "--beta-relative",
+        dest="beta_relative",
+        action="store_const",
+        const=True,
+        help="read --beta as a multiple of the exactness threshold β* (the default for pca and procrustes)",
+    )
+    rel.add_argument(
+        "--beta-absolute", dest="beta_relative", action="store_const", const=False, help="read --beta as β itself"
+    )
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the task's)")
+    p.add_argument("--base", choices=("sgd", "adamw"), default=None, help="base optimizer (default: the task's)")
+    p.add_argument("--smoothing", type=float, default=None, help="Huber δ of soft-huber (default: the task's)")
+    p.add_argument("--landing-lr", type=float, default=None, help="landing's step (default: the task's, else --lr)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="lr schedule (cosine to 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
+    p.add_argument("--record-every", type=int, default=1, help="record the curves every N steps (default 1)")
+    p.add_argument("--quick", action="store_true", help="a run of seconds: the task's short budget, one seed")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    args = compare_parser().parse_args(argv)
+    import torch
+
+    from . import compare
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("orthoopt compare: --device cuda, but torch sees no CUDA device; use --device cpu", file=sys.stderr)
+        return 2
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    try:
+        comp = compare.run(
+            args.task,
+            methods=args.methods,
+            seeds=seeds,
+            steps=args.steps,
+            beta=args.beta,
+            beta_relative=args.beta_relative,
+            lr=args.lr,
+            base=args.base,
+            smoothing=args.smoothing,
+            landing_lr=args.landing_lr,
+            schedule=args.schedule,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            record_every=args.record_every,
+            quick=args.quick,
+            progress=not args.no_progress,
+            threads=args.threads if args.device == "cpu" else None,
+        )
+    except ValueError as e:
+        print(f"orthoopt compare: {e}", file=sys.stderr)
+        return 2
+    print(compare.table(comp))
+    paths = compare.write(comp, args.out, plots=not args.no_plots)
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    try:
+        from . import bench
+    except ImportError as e:
+        print(
+            f"orthoopt bench: the benchmark module orthoopt.bench is not available in this install ({e}); "
+            "it lives on the 'bench' branch",
+            file=sys.stderr,
+        )
+        return 2
+    return bench.main(list(argv)) or 0
+
+
+COMMANDS = {"compare": "compare methods on a task", "bench": "time the optimizer step (orthoopt.bench)"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            # The main job: the default task, every method, results in ./orthoopt-results/.
+            return compare_main([])
+        print(__doc__.strip())
+        print("\ncommands:\n" + "\n".join(f"  {k:<8} {v}" for k, v in COMMANDS.items()))
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "compare":
+        return compare_main(rest)
+    if command == "bench":
+        return bench_main(rest)
+    print(f"orthoopt: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (--help)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
