@@ -59,6 +59,10 @@ ORTHO_DEFAULTS: dict[str, Any] = {
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
 NONFINITE = ("warn", "skip", "raise")
+# ortho='auto': β is this factor times the estimated exact-penalty threshold (twice it, as
+# the experiments use), and the running max of the estimate decays by AUTO_DECAY per step.
+AUTO_SAFETY = 2.0
+AUTO_DECAY = 0.99
 MANIFOLDS = tuple(stiefel.MANIFOLDS)
 
 
@@ -265,18 +269,51 @@ class OrthoMixin:
                 loss = closure()
         hard = self._hard_plan()
         plan = self._soft_plan()
-        deltas = []
+        deltas, staged = [], []
         for bucket in plan:
-            delta, finite = _bucket_delta(bucket)
+            mats = bucket.matrices()
+            r = penalty.residual(mats)
+            finite = torch.isfinite(r).all(-1).all(-1)
             if bucket.nonfinite != "skip" and not bool(finite.all()):
                 self._report_nonfinite(bucket, finite)
-            deltas.append(delta)
+            s = penalty.direction(r.clone(), bucket.smoothing, bucket.kind)
+            if bucket.auto:  # β comes from this step's base update: finish after it
+                staged.append((bucket, mats.clone(), r, s, finite))
+            else:
+                deltas.append((bucket, _penalty_delta(mats, r, s, finite, bucket.eta(r))))
         with stiefel.grads_hidden(hard):
             super().step()
         stiefel.step_(self, hard)
-        for bucket, delta in zip(plan, deltas):
+        for bucket, before, r, s, finite in staged:
+            eta = 2 * bucket.per_matrix(bucket.lrs, r) * self._auto_beta(bucket, before, finite)
+            deltas.append((bucket, _penalty_delta(before, r, s, finite, eta)))
+        for bucket, delta in deltas:
             _apply(bucket, delta)
         return loss
+
+    def _auto_beta(self, bucket: _Bucket, before: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        r"""β for ``ortho='auto'``: ``AUTO_SAFETY`` times a running max of the multipliers.
+
+        The exact-penalty threshold of the decoupled step is :math:`\max|\Lambda|/2` with
+        :math:`\Lambda = \operatorname{sym}(\Phi^\top u)` and :math:`u` the base update per unit
+        lr; it is estimated from this step's update and kept per matrix in the state as
+        ``ortho_multiplier``, decaying by ``AUTO_DECAY`` per step so that it can follow
+        multipliers that shrink as training settles.
+        """
+        wide = torch.float32 if before.dtype in (torch.float16, torch.bfloat16) else before.dtype
+        lr = bucket.per_matrix(bucket.lrs, before).to(wide)
+        u = (bucket.matrices().to(wide) - before.to(wide)) / lr.clamp_min(torch.finfo(wide).tiny)[:, None, None]
+        lam = torch.bmm(before.to(wide).mT, u)
+        lam = (lam + lam.mT).abs().amax((-2, -1)) / 4  # half the largest entry of sym(Φᵀu)
+        lam = torch.where(finite & (lr > 0), lam, 0)
+        estimates = []
+        for p, new in zip(bucket.params, lam.split(bucket.counts)):
+            state = self.state[p]
+            old = state.get("ortho_multiplier")
+            est = new if old is None else torch.maximum(new, AUTO_DECAY * old.to(new))
+            state["ortho_multiplier"] = est
+            estimates.append(est)
+        return AUTO_SAFETY * torch.cat(estimates)
 
     def _hard_plan(self) -> list[stiefel.HardItem]:
         """The parameters that take a Riemannian step instead of the base update (checked)."""
@@ -300,7 +337,8 @@ class OrthoMixin:
         for gi, group in enumerate(self.param_groups):
             if not _penalized(group) or group["ortho_mode"] != "soft":
                 continue
-            eta = 2 * group["lr"] * group["ortho"]
+            auto = group["ortho"] == "auto"
+            eta = None if auto else 2 * group["lr"] * group["ortho"]
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue  # as torch skips it, and its decoupled weight decay with it
@@ -319,11 +357,12 @@ class OrthoMixin:
                     group["ortho_smoothing"],
                     group["ortho_penalty"],
                     group["ortho_nonfinite"],
+                    auto,
                 )
                 bucket = buckets.get(key)
                 if bucket is None:
                     bucket = buckets[key] = _Bucket(*key[4:])
-                bucket.add(p, layout, m, eta, name)
+                bucket.add(p, layout, m, eta, group["lr"], name)
         return list(buckets.values())
 
     def _report_nonfinite(self, bucket: _Bucket, finite: torch.Tensor) -> None:
@@ -362,17 +401,20 @@ class OrthoMixin:
 class _Bucket:
     """Matrices of one shape, dtype, device and penalty: one batched matmul."""
 
-    def __init__(self, smoothing: float, kind: str, nonfinite: str):
+    def __init__(self, smoothing: float, kind: str, nonfinite: str, auto: bool):
         self.smoothing = smoothing
         self.kind = kind
         self.nonfinite = nonfinite
+        self.auto = auto
         self.names: list[str] = []
         self.params: list[torch.Tensor] = []
         self.layouts: list[Layout] = []
         self.counts: list[int] = []
         self.etas: list[Any] = []
+        self.lrs: list[Any] = []
 
-    def add(self, p: torch.Tensor, layout: Layout, count: int, eta: Any, name: str) -> None:
+    def add(self, p: torch.Tensor, layout: Layout, count: int, eta: Any, lr: Any, name: str) -> None:
+        self.lrs.append(lr)
         self.names.append(name)
         self.params.append(p)
         self.layouts.append(layout)
@@ -384,25 +426,27 @@ class _Bucket:
         return mats[0] if len(mats) == 1 else torch.cat(mats)
 
     def eta(self, like: torch.Tensor) -> torch.Tensor | float:
+        """``2γβ``: one number for the bucket, or one per matrix when its groups differ."""
         first = self.etas[0]
         if all(e is first or e == first for e in self.etas):
             return first
+        return self.per_matrix(self.etas, like)
+
+    def per_matrix(self, values: list[Any], like: torch.Tensor) -> torch.Tensor:
+        """One value per parameter, repeated for each of its matrices."""
         return torch.cat(
-            [torch.as_tensor(e, dtype=like.dtype, device=like.device).expand(c) for e, c in zip(self.etas, self.counts)]
+            [torch.as_tensor(v, dtype=like.dtype, device=like.device).expand(c) for v, c in zip(values, self.counts)]
         )
 
 
-def _bucket_delta(bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
-    """``-η_i Φ_i S_i`` for every matrix of the bucket, at the parameters' current values,
-    and which matrices are finite (the others get a zero step: a NaN stays where it is)."""
-    mats = bucket.matrices()
-    r = penalty.residual(mats)
-    finite = torch.isfinite(r).all(-1).all(-1)
-    s = penalty.direction(r.clone(), bucket.smoothing, bucket.kind)
-    eta = penalty.safe_step_size(r, s, bucket.eta(r))
-    s.mul_(eta.neg()[:, None, None])
+def _penalty_delta(
+    mats: torch.Tensor, r: torch.Tensor, s: torch.Tensor, finite: torch.Tensor, eta: torch.Tensor | float
+) -> torch.Tensor:
+    """``-η_i Φ_i S_i`` with η_i capped by :func:`penalty.safe_step_size`; zero for the
+    non-finite matrices, so that a NaN stays where it is.  ``s`` is consumed."""
+    s.mul_(penalty.safe_step_size(r, s, eta).neg()[:, None, None])
     delta = torch.bmm(mats, s.to(mats.dtype))
-    return torch.where(finite[:, None, None], delta, 0), finite
+    return torch.where(finite[:, None, None], delta, 0)
 
 
 def _apply(bucket: _Bucket, delta: torch.Tensor) -> None:

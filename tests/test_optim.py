@@ -296,3 +296,32 @@ def test_grad_scaler_skips_the_penalty_on_inf_steps():
 def test_param_key_names():
     assert param_key({"param_names": ["a", "b"]}, 1, 0) == "b"
     assert param_key({}, 2, 3) == "group3.param2"
+
+
+def test_auto_beta_estimates_the_exact_penalty_threshold():
+    # Class-wise PCA in miniature: f = -½ Σ tr(ΦᵢᵀCᵢΦᵢ).  At a constrained optimum the base
+    # update per unit lr is CᵢΦᵢ, so the threshold is max|ΦᵢᵀCᵢΦᵢ|/2 (at most λ_max(Cᵢ)/2,
+    # reached when Φᵢ is aligned with the eigenvectors).
+    torch.manual_seed(0)
+    m, l, k = 3, 10, 3
+    a = torch.randn(m, l, l, dtype=torch.float64)
+    cov = a @ a.mT / l
+    evals = torch.linalg.eigvalsh(cov)
+    fstar = -0.5 * evals[:, -k:].sum()
+    phi = nn.Parameter(orthoopt.optim.polar(torch.randn(m, l, k, dtype=torch.float64)))
+    opt = orthoopt.OrthoSGD([phi], lr=0.02, ortho="auto", ortho_layout="group_axis:0")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 2000)
+    for _ in range(2000):
+        opt.zero_grad()
+        f = -0.5 * torch.einsum("mlk,mlj,mjk->", phi, cov, phi)
+        f.backward()
+        opt.step()
+        sched.step()
+    estimate = opt.state[phi]["ortho_multiplier"]
+    threshold = (phi.detach().mT @ cov @ phi.detach()).abs().amax((-2, -1)) / 2
+    torch.testing.assert_close(estimate, threshold, rtol=0.05, atol=0)
+    assert torch.all(threshold <= evals[:, -1] / 2 * (1 + 1e-6))
+    assert orthoopt.orthogonality_error(phi, group_dim=0).max() < 1e-5
+    assert abs(f.item() - fstar.item()) < 1e-4 * abs(fstar.item())
+    # the estimate is part of the checkpoint
+    assert "ortho_multiplier" in opt.state_dict()["state"][0]
