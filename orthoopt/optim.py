@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import penalty
+from . import distributed, penalty
 from .layout import Layout, canonical_layout, resolve_layout
 
 __all__ = [
@@ -208,6 +208,10 @@ class OrthoMixin:
                 layout = self._resolve(group, p, name)
                 if layout is None:
                     continue
+                if distributed.is_dtensor(p):  # FSDP2: the Gram needs the other ranks' shards
+                    sharded = buckets.setdefault("dtensor", distributed.ShardedBucket())
+                    sharded.add(p, layout, eta, group["ortho_smoothing"], group["ortho_penalty"])
+                    continue
                 m, l, n = layout.stack_shape(p.shape)
                 key = (l, n, p.dtype, p.device, group["ortho_smoothing"], group["ortho_penalty"])
                 bucket = buckets.get(key)
@@ -264,6 +268,8 @@ class _Bucket:
 
 def _bucket_delta(bucket: _Bucket) -> torch.Tensor:
     """``-η_i Φ_i S_i`` for every matrix of the bucket, at the parameters' current values."""
+    if isinstance(bucket, distributed.ShardedBucket):
+        return bucket.delta()
     mats = bucket.matrices()
     r = penalty.residual(mats)
     s = penalty.direction(r.clone(), bucket.smoothing, bucket.kind)
@@ -276,6 +282,8 @@ def _bucket_delta(bucket: _Bucket) -> torch.Tensor:
 
 
 def _apply(bucket: _Bucket, delta: torch.Tensor) -> None:
+    if isinstance(bucket, distributed.ShardedBucket):
+        return bucket.apply(delta)
     chunks = delta.split(bucket.counts)
     updates = [layout.from_matrices(chunk, p.shape) for p, layout, chunk in zip(bucket.params, bucket.layouts, chunks)]
     torch._foreach_add_(bucket.params, updates)

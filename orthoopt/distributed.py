@@ -1,0 +1,221 @@
+r"""The soft orthogonality step for parameters sharded by FSDP2 (``fully_shard``).
+
+``fully_shard`` turns each parameter into a :class:`~torch.distributed.tensor.DTensor` whose
+rows (dim 0) are split over the ranks, ``Shard(0)``, in ``torch.chunk`` pieces (uneven, and
+empty on the last ranks when there are fewer rows than ranks).  The penalty step needs the
+Gram matrices of whole :math:`\Phi_i`; where dim 0 of the parameter lands in the stack
+:math:`(m, l, n)` (:mod:`orthoopt.layout`) decides how much of :math:`\Phi_i` a rank holds:
+
+===========  =====================================  =============================================
+dim 0 is     layouts                                 what a rank does (communication per step)
+===========  =====================================  =============================================
+``m``        ``group_axis:0``                        whole groups: the step is local (none)
+``l``        ``columns``, ``column_groups:H``,       row blocks :math:`\Phi_i^{(r)}`: the Gram is a
+             ``group_axis:1``, ``group_axis:2``      sum over ranks, all-reduced (``m·n·n`` fp32)
+``n``        ``rows`` (``filters``)                  a slice of the vectors: all-gather the
+                                                     parameter, keep the local slice (its size)
+===========  =====================================  =============================================
+
+On the ``l`` path, with :math:`W` ranks,
+
+.. math::
+    R_i = \sum_{r=1}^{W} \big(\Phi_i^{(r)\top}\Phi_i^{(r)} - I\big) + (W-1)\,I,
+    \qquad \Delta\Phi_i^{(r)} = -\eta_i\, \Phi_i^{(r)} S_i,
+
+where :math:`S_i = h'(R_i)` and :math:`\eta_i` come from the whole :math:`R_i` and so are the
+same on every rank: each rank updates its own rows and nothing else is sent.  The penalty
+math itself is :func:`orthoopt.penalty.residual`, :func:`~orthoopt.penalty.direction` and
+:func:`~orthoopt.penalty.safe_step_size`, as for unsharded parameters.
+
+The optimizer routes every DTensor parameter here (:class:`ShardedBucket`), in the same
+order on every rank, so that the collectives match.  Replicated mesh dimensions (HSDP) are
+not reduced over; any placement other than ``Shard(0)`` and ``Replicate`` takes the gather
+path, which is correct for every placement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import penalty
+from .layout import Layout
+
+__all__ = ["is_dtensor", "sharded_axis", "ShardedBucket", "communication_per_step"]
+
+if dist.is_available():
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+else:  # pragma: no cover - torch built without distributed
+    DTensor = None
+
+
+def is_dtensor(p: torch.Tensor) -> bool:
+    """True for a :class:`~torch.distributed.tensor.DTensor` (e.g. a ``fully_shard`` parameter)."""
+    return DTensor is not None and isinstance(p, DTensor)
+
+
+def sharded_axis(layout: Layout) -> str:
+    """Which axis of the stack ``(m, l, n)`` dim 0 of the parameter becomes: 'm', 'l' or 'n'."""
+    if layout.kind == "rows":
+        return "n"
+    if layout.kind == "group_axis" and layout.arg == 0:
+        return "m"
+    return "l"
+
+
+def _delta(mats: torch.Tensor, r: torch.Tensor, eta: Any, smoothing: float, kind: str) -> torch.Tensor:
+    """``-η_i Φ_i S_i`` from a residual ``R_i`` of the whole matrices (``mats`` may be row blocks)."""
+    s = penalty.direction(r.clone(), smoothing, kind)
+    eta = penalty.safe_step_size(r, s, eta)
+    # A non-finite matrix gets no step, so that its NaN/Inf stays where it is.
+    eta = torch.where(torch.isfinite(eta), eta, 0)
+    s.mul_(eta.neg()[:, None, None])
+    return torch.bmm(mats, s.to(mats.dtype))
+
+
+def _local_matrices(layout: Layout, local: torch.Tensor) -> torch.Tensor:
+    # An empty shard cannot be reshaped with -1; it holds no rows of Φ and adds 0 to the Gram.
+    if local.numel() == 0:
+        return local.new_zeros(layout.stack_shape(local.shape))
+    return layout.matrices(local)
+
+
+def _all_reduce_residuals(mesh: Any, dims: tuple[int, ...], residuals: list[torch.Tensor]) -> None:
+    """``R_i ← Σ_ranks (Φ_i^{(r)ᵀ}Φ_i^{(r)} - I) + (W-1) I`` in place: one all-reduce per mesh dim."""
+    flat = torch.cat([r.reshape(-1) for r in residuals])
+    world = 1
+    for d in dims:
+        dist.all_reduce(flat, group=mesh.get_group(d))
+        world *= mesh.size(d)
+    for r, part in zip(residuals, flat.split([r.numel() for r in residuals])):
+        r.copy_(part.view_as(r))
+        # Every rank subtracted I once; the whole residual subtracts it once.
+        r.diagonal(dim1=-2, dim2=-1).add_(world - 1)
+
+
+@dataclass
+class _Entry:
+    param: Any  # a DTensor
+    layout: Layout
+    eta: Any
+    smoothing: float
+    kind: str
+
+    @property
+    def shard_dims(self) -> tuple[int, ...] | None:
+        """Mesh dims that split dim 0; None when some placement is not Shard(0)/Replicate."""
+        dims = []
+        for d, placement in enumerate(self.param.placements):
+            if type(placement) is Shard and placement.dim == 0:  # not a _StridedShard subclass
+                dims.append(d)
+            elif not isinstance(placement, Replicate):
+                return None
+        return tuple(dims)
+
+    @property
+    def path(self) -> str:
+        """'local', 'all_reduce' or 'gather' (see the module's table)."""
+        dims = self.shard_dims
+        if dims == ():
+            return "local"
+        if dims is None or sharded_axis(self.layout) == "n":
+            return "gather"
+        return "local" if sharded_axis(self.layout) == "m" else "all_reduce"
+
+
+class ShardedBucket:
+    """The soft step of every DTensor parameter of one optimizer step.
+
+    :meth:`delta` runs before the base optimizer's step (the penalty is taken at the
+    pre-step value) and returns the local deltas; :meth:`apply` adds them after it.
+    The Gram matrices of all ``all_reduce`` parameters on the same mesh dims and dtype
+    travel in one all-reduce.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+
+    def add(self, p: torch.Tensor, layout: Layout, eta: Any, smoothing: float, kind: str) -> None:
+        self.entries.append(_Entry(p, layout, eta, smoothing, kind))
+
+    @torch.no_grad()
+    def delta(self) -> list[torch.Tensor | None]:
+        deltas: list[torch.Tensor | None] = [None] * len(self.entries)
+        reduced: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for k, e in enumerate(self.entries):
+            path = e.path
+            if path == "gather":
+                deltas[k] = self._gathered_delta(e)
+                continue
+            mats = _local_matrices(e.layout, e.param.to_local())
+            r = penalty.residual(mats)
+            if path == "local":
+                deltas[k] = _delta(mats, r, e.eta, e.smoothing, e.kind)
+            else:
+                key = (id(e.param.device_mesh), e.shard_dims, r.dtype)
+                reduced.setdefault(key, []).append((k, mats, r))
+        for items in reduced.values():
+            first = self.entries[items[0][0]]
+            _all_reduce_residuals(first.param.device_mesh, first.shard_dims, [r for _, _, r in items])
+            for k, mats, r in items:
+                e = self.entries[k]
+                deltas[k] = _delta(mats, r, e.eta, e.smoothing, e.kind)
+        return deltas
+
+    @staticmethod
+    def _gathered_delta(e: _Entry) -> torch.Tensor:
+        """The whole parameter's delta, computed on every rank from an all-gather; the local slice."""
+        p = e.param
+        full = p.full_tensor()
+        mats = e.layout.matrices(full)
+        stack = _delta(mats, penalty.residual(mats), e.eta, e.smoothing, e.kind)
+        whole = e.layout.from_matrices(stack, full.shape)
+        # Replicate -> any placement is a local slice, with no communication.
+        replicated = DTensor.from_local(whole, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+        return replicated.redistribute(p.device_mesh, p.placements).to_local()
+
+    @torch.no_grad()
+    def apply(self, deltas: list[torch.Tensor | None]) -> None:
+        for e, d in zip(self.entries, deltas):
+            local = e.param.to_local()
+            if local.numel() == 0:
+                continue
+            if e.path != "gather":
+                d = e.layout.from_matrices(d, local.shape)
+            local.add_(d)
+
+
+def communication_per_step(optimizer: torch.optim.Optimizer) -> dict[str, tuple[str, int]]:
+    """``{name: (path, bytes)}``: the payload each sharded penalized parameter adds per step.
+
+    ``all_reduce``: the residuals, ``m·n·n`` elements in the Gram's dtype (fp32 for half
+    parameters), per mesh dim that shards dim 0.  ``gather``: the whole parameter
+    (``numel·itemsize``), gathered on every rank.  ``local``: 0.  (A ring all-reduce moves
+    about twice its payload per rank, an all-gather ``(W-1)/W`` of it.)
+    """
+    from .optim import _param_name, _penalized, param_key  # optim imports this module
+
+    out = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        if not _penalized(group) or group.get("ortho_mode") != "soft":
+            continue
+        for i, p in enumerate(group["params"]):
+            if not is_dtensor(p):
+                continue
+            layout = optimizer._resolve(group, p, _param_name(group, i, gi))
+            if layout is None:
+                continue
+            e = _Entry(p, layout, 0, 0, "l1")
+            m, _, n = layout.stack_shape(p.shape)
+            if e.path == "all_reduce":
+                gram = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+                nbytes = m * n * n * gram.itemsize * len(e.shard_dims)
+            elif e.path == "gather":
+                nbytes = p.numel() * p.dtype.itemsize
+            else:
+                nbytes = 0
+            out[param_key(group, i, gi)] = (e.path, nbytes)
+    return out
