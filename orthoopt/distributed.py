@@ -44,7 +44,7 @@ import torch.distributed as dist
 from . import penalty
 from .layout import Layout
 
-__all__ = ["is_dtensor", "sharded_axis", "ShardedBucket", "communication_per_step"]
+__all__ = ["is_dtensor", "sharded_axis", "ShardedBucket", "communication_per_step", "max_error"]
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -186,6 +186,26 @@ class ShardedBucket:
             if e.path != "gather":
                 d = e.layout.from_matrices(d, local.shape)
             local.add_(d)
+
+
+@torch.no_grad()
+def max_error(layout: Layout, p: Any) -> float:
+    """``max |Φ_iᵀΦ_i - I|`` over all of a DTensor's matrices, the same on every rank.
+
+    A collective, by the step's paths: every rank of the mesh must call it.  (DTensor's own
+    ops would reduce only the local shard's part here, a different number on each rank.)
+    """
+    e = _Entry(p, layout, 0, 0, "l1")
+    if e.path == "gather":
+        return penalty.residual(layout.matrices(p.full_tensor())).abs().max().item()
+    r = penalty.residual(_local_matrices(layout, p.to_local()))
+    if e.path == "all_reduce":
+        _all_reduce_residuals(p.device_mesh, e.shard_dims, [r])
+    worst = r.abs().amax() if r.numel() else r.new_zeros(())
+    if e.path == "local":
+        for d in e.shard_dims:
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group(d))
+    return worst.item()
 
 
 def communication_per_step(optimizer: torch.optim.Optimizer) -> dict[str, tuple[str, int]]:

@@ -382,6 +382,8 @@ def param_groups(
 
 
 def _max_error(layout: Layout, p: torch.Tensor) -> float:
+    if distributed.is_dtensor(p):
+        return distributed.max_error(layout, p)
     return penalty.residual(layout.matrices(p.detach())).abs().max().item()
 
 

@@ -175,7 +175,12 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
             _train(model, opt, FSDP_STEPS, 3, rank)
             full = {n: p.full_tensor() for n, p in model.named_parameters()}
             local = {n: p.to_local().shape for n, p in model.named_parameters()}
-            results[smoothing] = {"params": full, "local": local, "comm": odist.communication_per_step(opt)}
+            results[smoothing] = {
+                "params": full,
+                "local": local,
+                "comm": odist.communication_per_step(opt),
+                "errors": opt.orthogonality_errors(),
+            }
         torch.save(results, os.path.join(out, f"fsdp-{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -197,13 +202,20 @@ def test_fsdp2_soft_matches_unsharded(tmp_path):
     }
     for smoothing in (0.0, 0.05):
         model = _Net()
-        _train(model, _fsdp_optimizer(model, smoothing=smoothing), FSDP_STEPS, 3)
+        opt = _fsdp_optimizer(model, smoothing=smoothing)
+        _train(model, opt, FSDP_STEPS, 3)
         free = _Net()
         _train(free, _plain(free), FSDP_STEPS, 3)
         for name, ref in model.named_parameters():
             for r in range(WORLD):
                 got = ranks[r][smoothing]["params"][name]
                 torch.testing.assert_close(got, ref.detach(), rtol=0, atol=1e-5, msg=f"δ={smoothing}: {name}")
+        # Logged errors are of the whole matrices, the same on every rank (a collective).
+        for r in range(WORLD):
+            errors = ranks[r][smoothing]["errors"]
+            assert errors.keys() == opt.orthogonality_errors().keys()
+            for name, ref in opt.orthogonality_errors().items():
+                assert errors[name] == pytest.approx(ref, abs=1e-6), name
         # Without the sharded penalty step, every penalized weight would be off by far more.
         for name in ("up.weight", "down.weight", "head.weight", "mix", "heads"):
             moved = (dict(model.named_parameters())[name] - dict(free.named_parameters())[name]).abs().max()
