@@ -44,7 +44,7 @@ import torch.distributed as dist
 from . import penalty
 from .layout import Layout
 
-__all__ = ["is_dtensor", "sharded_axis", "ShardedBucket", "communication_per_step", "max_error"]
+__all__ = ["is_dtensor", "sharded_axis", "ShardedBucket", "communication_per_step", "max_error", "refuse_hard"]
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -64,6 +64,18 @@ def sharded_axis(layout: Layout) -> str:
     if layout.kind == "group_axis" and layout.arg == 0:
         return "m"
     return "l"
+
+
+def refuse_hard(p: torch.Tensor, name: str) -> None:
+    """Hard mode needs whole matrices (a QR or Cayley retraction, a second moment per matrix):
+    refuse a sharded parameter before the step changes anything, naming it and the way out."""
+    if is_dtensor(p):
+        raise NotImplementedError(
+            f"{name} is a DTensor (placements {tuple(p.placements)}, e.g. from FSDP2's fully_shard), "
+            "and ortho_mode='hard' needs each whole matrix on one rank for its retraction; orthoopt "
+            "does not gather them. Use ortho_mode='soft' for sharded parameters (it supports FSDP2), "
+            "or train with DistributedDataParallel, under which hard mode works unchanged"
+        )
 
 
 def _delta(mats: torch.Tensor, r: torch.Tensor, eta: Any, smoothing: float, kind: str) -> torch.Tensor:

@@ -229,6 +229,7 @@ class OrthoMixin:
                 name = _param_name(group, i, gi)
                 layout = self._resolve(group, p, name)
                 if layout is not None:
+                    distributed.refuse_hard(p, name)
                     items.append(stiefel.HardItem(p, layout, p.grad, group, name))
         stiefel.check(type(self), items)
         return items

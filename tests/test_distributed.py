@@ -81,7 +81,10 @@ def _ddp_model() -> nn.Module:
 
 def _ddp_optimizer(model: nn.Module, mode: str):
     groups = orthoopt.param_groups(model, ortho=0.5, ortho_mode=mode, exclude=["4"])
-    return orthoopt.OrthoAdamW(groups, lr=0.02)
+    opt = orthoopt.OrthoAdamW(groups, lr=0.02)
+    if mode == "hard":
+        orthoopt.project_(opt)  # start on the manifold
+    return opt
 
 
 def _ddp_worker(rank: int, port: int, out: str, modes: list[str]) -> None:
@@ -100,7 +103,7 @@ def _ddp_worker(rank: int, port: int, out: str, modes: list[str]) -> None:
 
 
 def test_ddp_replicas_identical_and_equal_to_one_process(tmp_path):
-    modes = ["soft"]
+    modes = ["soft", "hard"]
     _spawn(_ddp_worker, str(tmp_path), modes)
     for mode in modes:
         ranks = [torch.load(tmp_path / f"ddp-{mode}-{r}.pt") for r in range(WORLD)]
@@ -181,14 +184,40 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
                 "comm": odist.communication_per_step(opt),
                 "errors": opt.orthogonality_errors(),
             }
+        results["hard"] = _try_hard_step()
         torch.save(results, os.path.join(out, f"fsdp-{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_fsdp2_soft_matches_unsharded(tmp_path):
-    _spawn(_fsdp_worker, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"fsdp-{r}.pt") for r in range(WORLD)]
+def _try_hard_step() -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Net()
+    fully_shard(model)
+    opt = _fsdp_optimizer(model, mode="hard")
+    x, y = next(_batches(1, 3))
+    nn.functional.mse_loss(model(_local(x, dist.get_rank())), _local(y, dist.get_rank())).backward()
+    before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    try:
+        opt.step()
+        error = None
+    except NotImplementedError as e:
+        error = str(e)
+    unchanged = all(torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())
+    return {"error": error, "unchanged": unchanged, "state": len(opt.state)}
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """One 2-process FSDP2 spawn for every FSDP2 test: the results of both ranks."""
+    out = tmp_path_factory.mktemp("fsdp")
+    _spawn(_fsdp_worker, str(out))
+    return [torch.load(out / f"fsdp-{r}.pt") for r in range(WORLD)]
+
+
+def test_fsdp2_soft_matches_unsharded(fsdp_runs):
+    ranks = fsdp_runs
     # The shards are the uneven and empty ones the test is about.
     local = [ranks[r][0.0]["local"] for r in range(WORLD)]
     assert [local[r]["up.weight"][0] for r in range(WORLD)] == [4, 3]
@@ -224,3 +253,24 @@ def test_fsdp2_soft_matches_unsharded(tmp_path):
 
 def _plain(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=0.02)
+
+
+def test_fsdp2_hard_mode_refused_before_any_change(fsdp_runs):
+    for r in range(WORLD):
+        hard = fsdp_runs[r]["hard"]
+        assert hard["error"] is not None and "parameter 'up.weight'" in hard["error"]
+        assert "ortho_mode='soft'" in hard["error"] and "DistributedDataParallel" in hard["error"]
+        assert hard["unchanged"] and hard["state"] == 0, "the refused step modified something"
+
+
+def test_sharded_axis_is_where_dim0_lands():
+    """The path table's premise, for every layout: dim 0 of the parameter becomes this stack axis."""
+    cases = [("rows", (4, 6)), ("columns", (6, 4)), ("column_groups:2", (6, 4))]
+    cases += [(f"group_axis:{d}", (5, 4, 3)) for d in range(3)]
+    for spec, shape in cases:
+        layout = orthoopt.layout.resolve_layout(spec, shape, spec)
+        row = torch.arange(shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1)).expand(shape)
+        mats = layout.matrices(row)
+        axis = odist.sharded_axis(layout)
+        varying = [a for a, name in enumerate("mln") if mats.shape[a] > 1 and not (mats == mats.narrow(a, 0, 1)).all()]
+        assert varying == ["mln".index(axis)], (spec, axis, varying)
