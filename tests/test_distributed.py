@@ -6,9 +6,11 @@ single-process run on the same global batches, computed in the pytest process.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -63,11 +65,28 @@ def _local(t: torch.Tensor, rank: int | None) -> torch.Tensor:
     return t[rank * per : (rank + 1) * per]
 
 
-def _train(model, opt, steps: int, d_in: int, rank: int | None = None) -> None:
+def _train(model, opt, steps: int, d_in: int, rank: int | None = None, step_guard=contextlib.nullcontext) -> None:
     for x, y in _batches(steps, d_in):
         opt.zero_grad()
         nn.functional.mse_loss(model(_local(x, rank)), _local(y, rank)).backward()
-        opt.step()
+        with step_guard():
+            opt.step()
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
+
+
+@contextlib.contextmanager
+def _no_collectives():
+    """Any torch.distributed collective inside raises: the step must talk to no other rank."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the optimizer step called a collective")
+
+    with contextlib.ExitStack() as stack:
+        for name in _COLLECTIVES:
+            stack.enter_context(mock.patch.object(dist, name, refuse))
+        yield
 
 
 # -- DDP --------------------------------------------------------------------------------
@@ -96,7 +115,8 @@ def _ddp_worker(rank: int, port: int, out: str, modes: list[str]) -> None:
             model = _ddp_model()
             ddp = DistributedDataParallel(model)
             opt = _ddp_optimizer(model, mode)
-            _train(ddp, opt, DDP_STEPS, 3, rank)
+            # DDP averaged the gradients; the step needs nothing more from the other rank.
+            _train(ddp, opt, DDP_STEPS, 3, rank, step_guard=_no_collectives)
             torch.save(model.state_dict(), os.path.join(out, f"ddp-{mode}-{rank}.pt"))
     finally:
         dist.destroy_process_group()
