@@ -204,6 +204,19 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
                 "comm": odist.communication_per_step(opt),
                 "errors": opt.orthogonality_errors(),
             }
+        # HSDP-style 2-D mesh (replicate 1 x shard 2), and 'heads' sharded on dim 1 (gather path).
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard
+
+        mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
+        model = _Net()
+        fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p is model.heads else None)
+        opt = _fsdp_optimizer(model, smoothing=0.05)
+        _train(model, opt, FSDP_STEPS, 3, rank)
+        results["hsdp"] = {
+            "params": {n: p.full_tensor() for n, p in model.named_parameters()},
+            "comm": odist.communication_per_step(opt),
+        }
         results["hard"] = _try_hard_step()
         torch.save(results, os.path.join(out, f"fsdp-{rank}.pt"))
     finally:
@@ -273,6 +286,17 @@ def test_fsdp2_soft_matches_unsharded(fsdp_runs):
 
 def _plain(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=0.02)
+
+
+def test_hsdp_mesh_and_dim1_sharding(fsdp_runs):
+    """A 2-D mesh reduces over its shard dim only; a Shard(1) parameter takes the gather path."""
+    model = _Net()
+    _train(model, _fsdp_optimizer(model, smoothing=0.05), FSDP_STEPS, 3)
+    for r in range(WORLD):
+        hsdp = fsdp_runs[r]["hsdp"]
+        assert hsdp["comm"]["up.weight"][0] == "all_reduce" and hsdp["comm"]["heads"][0] == "gather"
+        for name, ref in model.named_parameters():
+            torch.testing.assert_close(hsdp["params"][name], ref.detach(), rtol=0, atol=1e-5, msg=name)
 
 
 def test_fsdp2_hard_mode_refused_before_any_change(fsdp_runs):
