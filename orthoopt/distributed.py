@@ -11,7 +11,8 @@ dim 0 is     layouts                                 what a rank does (communica
 ===========  =====================================  =============================================
 ``m``        ``group_axis:0``                        whole groups: the step is local (none)
 ``l``        ``columns``, ``column_groups:H``,       row blocks :math:`\Phi_i^{(r)}`: the Gram is a
-             ``group_axis:1``, ``group_axis:2``      sum over ranks, all-reduced (``m·n·n`` fp32)
+             ``group_axis:1``, ``group_axis:2``      sum over ranks, all-reduced (``m·n·n``, fp32
+                                                     for fp32 and half parameters)
 ``n``        ``rows`` (``filters``)                  a slice of the vectors: all-gather the
                                                      parameter, keep the local slice (its size)
 ===========  =====================================  =============================================
@@ -44,7 +45,16 @@ import torch.distributed as dist
 from . import penalty
 from .layout import Layout
 
-__all__ = ["is_dtensor", "sharded_axis", "ShardedBucket", "communication_per_step", "max_error", "refuse_hard"]
+__all__ = [
+    "is_dtensor",
+    "sharded_axis",
+    "shard_dims",
+    "path",
+    "ShardedBucket",
+    "communication_per_step",
+    "max_error",
+    "refuse_hard",
+]
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -108,6 +118,27 @@ def _all_reduce_residuals(mesh: Any, dims: tuple[int, ...], residuals: list[torc
         r.diagonal(dim1=-2, dim2=-1).add_(world - 1)
 
 
+def shard_dims(p: Any) -> tuple[int, ...] | None:
+    """Mesh dims that split dim 0 of DTensor ``p``; None when a placement is not Shard(0)/Replicate."""
+    dims = []
+    for d, placement in enumerate(p.placements):
+        if type(placement) is Shard and placement.dim == 0:  # not a _StridedShard subclass
+            dims.append(d)
+        elif not isinstance(placement, Replicate):
+            return None
+    return tuple(dims)
+
+
+def path(p: Any, layout: Layout) -> str:
+    """How the step of DTensor ``p`` is computed: 'local', 'all_reduce' or 'gather' (see the table)."""
+    dims = shard_dims(p)
+    if dims == ():
+        return "local"
+    if dims is None or sharded_axis(layout) == "n":
+        return "gather"
+    return "local" if sharded_axis(layout) == "m" else "all_reduce"
+
+
 @dataclass
 class _Entry:
     param: Any  # a DTensor
@@ -117,25 +148,8 @@ class _Entry:
     kind: str
 
     @property
-    def shard_dims(self) -> tuple[int, ...] | None:
-        """Mesh dims that split dim 0; None when some placement is not Shard(0)/Replicate."""
-        dims = []
-        for d, placement in enumerate(self.param.placements):
-            if type(placement) is Shard and placement.dim == 0:  # not a _StridedShard subclass
-                dims.append(d)
-            elif not isinstance(placement, Replicate):
-                return None
-        return tuple(dims)
-
-    @property
     def path(self) -> str:
-        """'local', 'all_reduce' or 'gather' (see the module's table)."""
-        dims = self.shard_dims
-        if dims == ():
-            return "local"
-        if dims is None or sharded_axis(self.layout) == "n":
-            return "gather"
-        return "local" if sharded_axis(self.layout) == "m" else "all_reduce"
+        return path(self.param, self.layout)
 
 
 class ShardedBucket:
@@ -158,20 +172,20 @@ class ShardedBucket:
         deltas: list[torch.Tensor | None] = [None] * len(self.entries)
         reduced: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         for k, e in enumerate(self.entries):
-            path = e.path
-            if path == "gather":
+            how = e.path
+            if how == "gather":
                 deltas[k] = self._gathered_delta(e)
                 continue
             mats = _local_matrices(e.layout, e.param.to_local())
             r = penalty.residual(mats)
-            if path == "local":
+            if how == "local":
                 deltas[k] = _delta(mats, r, e.eta, e.smoothing, e.kind)
             else:
-                key = (id(e.param.device_mesh), e.shard_dims, r.dtype)
+                key = (id(e.param.device_mesh), shard_dims(e.param), r.dtype)
                 reduced.setdefault(key, []).append((k, mats, r))
         for items in reduced.values():
             first = self.entries[items[0][0]]
-            _all_reduce_residuals(first.param.device_mesh, first.shard_dims, [r for _, _, r in items])
+            _all_reduce_residuals(first.param.device_mesh, shard_dims(first.param), [r for _, _, r in items])
             for k, mats, r in items:
                 e = self.entries[k]
                 deltas[k] = _delta(mats, r, e.eta, e.smoothing, e.kind)
@@ -185,9 +199,10 @@ class ShardedBucket:
         mats = e.layout.matrices(full)
         stack = _delta(mats, penalty.residual(mats), e.eta, e.smoothing, e.kind)
         whole = e.layout.from_matrices(stack, full.shape)
-        # Replicate -> any placement is a local slice, with no communication.
+        # Replicate -> any placement is a local slice, with no communication; the clone lets
+        # the whole delta go now rather than after the base step.
         replicated = DTensor.from_local(whole, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
-        return replicated.redistribute(p.device_mesh, p.placements).to_local()
+        return replicated.redistribute(p.device_mesh, p.placements).to_local().clone()
 
     @torch.no_grad()
     def apply(self, deltas: list[torch.Tensor | None]) -> None:
@@ -207,15 +222,15 @@ def max_error(layout: Layout, p: Any) -> float:
     A collective, by the step's paths: every rank of the mesh must call it.  (DTensor's own
     ops would reduce only the local shard's part here, a different number on each rank.)
     """
-    e = _Entry(p, layout, 0, 0, "l1")
-    if e.path == "gather":
+    how = path(p, layout)
+    if how == "gather":
         return penalty.residual(layout.matrices(p.full_tensor())).abs().max().item()
     r = penalty.residual(_local_matrices(layout, p.to_local()))
-    if e.path == "all_reduce":
-        _all_reduce_residuals(p.device_mesh, e.shard_dims, [r])
+    if how == "all_reduce":
+        _all_reduce_residuals(p.device_mesh, shard_dims(p), [r])
     worst = r.abs().amax() if r.numel() else r.new_zeros(())
-    if e.path == "local":
-        for d in e.shard_dims:
+    if how == "local":
+        for d in shard_dims(p):
             dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group(d))
     return worst.item()
 
@@ -240,14 +255,14 @@ def communication_per_step(optimizer: torch.optim.Optimizer) -> dict[str, tuple[
             layout = optimizer._resolve(group, p, _param_name(group, i, gi))
             if layout is None:
                 continue
-            e = _Entry(p, layout, 0, 0, "l1")
+            how = path(p, layout)
             m, _, n = layout.stack_shape(p.shape)
-            if e.path == "all_reduce":
+            if how == "all_reduce":
                 gram = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-                nbytes = m * n * n * gram.itemsize * len(e.shard_dims)
-            elif e.path == "gather":
+                nbytes = m * n * n * gram.itemsize * len(shard_dims(p))
+            elif how == "gather":
                 nbytes = p.numel() * p.dtype.itemsize
             else:
                 nbytes = 0
-            out[param_key(group, i, gi)] = (e.path, nbytes)
+            out[param_key(group, i, gi)] = (how, nbytes)
     return out
