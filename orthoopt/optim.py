@@ -343,7 +343,7 @@ _CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orth
     ortho_penalty (str): 'l1' (default) or 'frobenius' (the squared-Frobenius baseline).
     ortho_manifold (str): hard mode's geoopt manifold, 'euclidean' (QR) or 'canonical' (Cayley).
     ortho_stabilize (int, None or 'auto'): hard mode re-projects every that many steps
-        (:mod:`orthoopt.stiefel`); 'auto' is every 100 for 'canonical', never for 'euclidean'.
+        (:mod:`orthoopt.stiefel`); 'auto' is every 10 for 'canonical', never for 'euclidean'.
 """
 
 
