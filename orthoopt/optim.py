@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import penalty, stiefel
+from . import distributed, penalty, stiefel
 from .layout import Layout, canonical_layout, resolve_layout
 
 __all__ = [
@@ -271,22 +271,24 @@ class OrthoMixin:
         plan = self._soft_plan()
         deltas, staged = [], []
         for bucket in plan:
+            if isinstance(bucket, distributed.ShardedBucket):
+                deltas.append((bucket, bucket.delta()))
+                continue
             mats = bucket.matrices()
             r = penalty.residual(mats)
-            finite = torch.isfinite(r).all(-1).all(-1)
-            if bucket.nonfinite != "skip" and not bool(finite.all()):
-                self._report_nonfinite(bucket, finite)
-            s = penalty.direction(r.clone(), bucket.smoothing, bucket.kind)
+            if bucket.nonfinite != "skip" and not bool(torch.isfinite(r).all()):
+                self._report_nonfinite(bucket, torch.isfinite(r).all(-1).all(-1))
             if bucket.auto:  # β comes from this step's base update: finish after it
-                staged.append((bucket, mats.clone(), r, s, finite))
+                staged.append((bucket, mats.clone(), r))
             else:
-                deltas.append((bucket, _penalty_delta(mats, r, s, finite, bucket.eta(r))))
+                deltas.append((bucket, penalty.penalty_step(r, mats, bucket.smoothing, bucket.kind, bucket.eta(r))))
         with stiefel.grads_hidden(hard):
             super().step()
         stiefel.step_(self, hard)
-        for bucket, before, r, s, finite in staged:
+        for bucket, before, r in staged:
+            finite = torch.isfinite(r).all(-1).all(-1)
             eta = 2 * bucket.per_matrix(bucket.lrs, r) * self._auto_beta(bucket, before, finite)
-            deltas.append((bucket, _penalty_delta(before, r, s, finite, eta)))
+            deltas.append((bucket, penalty.penalty_step(r, before, bucket.smoothing, bucket.kind, eta)))
         for bucket, delta in deltas:
             _apply(bucket, delta)
         return loss
@@ -327,6 +329,7 @@ class OrthoMixin:
                 name = _param_name(group, i, gi)
                 layout = self._resolve(group, p, name)
                 if layout is not None:
+                    distributed.refuse_hard(p, name)
                     items.append(stiefel.HardItem(p, layout, p.grad, group, name))
         stiefel.check(type(self), items)
         return items
@@ -347,6 +350,14 @@ class OrthoMixin:
                     raise TypeError(f"{name} has a sparse gradient, which orthoopt does not support; use a dense one")
                 layout = self._resolve(group, p, name)
                 if layout is None:
+                    continue
+                if distributed.is_dtensor(p):  # FSDP2: the Gram needs the other ranks' shards
+                    if auto:
+                        raise NotImplementedError(
+                            f"{name}: ortho='auto' is not supported on FSDP2-sharded parameters; give ortho a number"
+                        )
+                    sharded = buckets.setdefault("dtensor", distributed.ShardedBucket())
+                    sharded.add(p, layout, eta, group["ortho_smoothing"], group["ortho_penalty"])
                     continue
                 m, l, n = layout.stack_shape(p.shape)
                 key = (
@@ -439,17 +450,9 @@ class _Bucket:
         )
 
 
-def _penalty_delta(
-    mats: torch.Tensor, r: torch.Tensor, s: torch.Tensor, finite: torch.Tensor, eta: torch.Tensor | float
-) -> torch.Tensor:
-    """``-η_i Φ_i S_i`` with η_i capped by :func:`penalty.safe_step_size`; zero for the
-    non-finite matrices, so that a NaN stays where it is.  ``s`` is consumed."""
-    s.mul_(penalty.safe_step_size(r, s, eta).neg()[:, None, None])
-    delta = torch.bmm(mats, s.to(mats.dtype))
-    return torch.where(finite[:, None, None], delta, 0)
-
-
 def _apply(bucket: _Bucket, delta: torch.Tensor) -> None:
+    if isinstance(bucket, distributed.ShardedBucket):
+        return bucket.apply(delta)
     chunks = delta.split(bucket.counts)
     updates = [layout.from_matrices(chunk, p.shape) for p, layout, chunk in zip(bucket.params, bucket.layouts, chunks)]
     torch._foreach_add_(bucket.params, updates)
@@ -551,6 +554,8 @@ def param_groups(
 
 
 def _max_error(layout: Layout, p: torch.Tensor) -> float:
+    if distributed.is_dtensor(p):
+        return distributed.max_error(layout, p)
     return penalty.residual(layout.matrices(p.detach())).abs().max().item()
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "direction",
     "huber",
     "safe_step_size",
+    "penalty_step",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -91,6 +92,19 @@ def safe_step_size(r: torch.Tensor, s: torch.Tensor, eta: torch.Tensor | float) 
     no_overshoot = r.abs().amax((-2, -1)) / (2 * s.abs().amax((-2, -1))).clamp_min(tiny)
     bounded = MAX_MULTIPLIER_STEP / spectral_norm(s).clamp_min(tiny)
     return torch.minimum(no_overshoot, bounded).clamp_(max=eta).nan_to_num_(nan=0.0)
+
+
+def penalty_step(r: torch.Tensor, mats: torch.Tensor, smoothing: float, kind: str, eta: torch.Tensor | float):
+    """``-η_i Φ_i S_i`` for a stack, with ``S = direction(R)`` and η_i from :func:`safe_step_size`.
+
+    ``r`` is the residual of the *whole* matrices; ``mats`` may be row blocks of them (a
+    shard): the step of each block is its rows of the whole step.  Matrices whose residual
+    is not finite get a zero step, so that a NaN stays where it is.
+    """
+    finite = torch.isfinite(r).all(-1).all(-1)
+    s = direction(r.clone(), smoothing, kind)
+    s.mul_(safe_step_size(r, s, eta).neg()[:, None, None])
+    return torch.where(finite[:, None, None], torch.bmm(mats, s.to(mats.dtype)), 0)
 
 
 def spectral_norm(s: torch.Tensor, iters: int = 8) -> torch.Tensor:

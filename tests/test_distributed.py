@@ -1,0 +1,320 @@
+"""orthoopt under torch's own engines: DDP (replicated) and FSDP2 (``fully_shard``, sharded).
+
+Each scenario spawns 2 CPU processes (gloo, loopback) once and compares with an unsharded
+single-process run on the same global batches, computed in the pytest process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import orthoopt
+from orthoopt import distributed as odist
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+WORLD = 2
+BATCH = 8  # global batch; each rank takes BATCH // WORLD rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, *args) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+
+
+def _init(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+
+
+def _batches(steps: int, d_in: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield (
+            torch.randn(BATCH, d_in, generator=g, dtype=torch.float64),
+            torch.randn(BATCH, 1, generator=g, dtype=torch.float64),
+        )
+
+
+def _local(t: torch.Tensor, rank: int | None) -> torch.Tensor:
+    if rank is None:
+        return t
+    per = BATCH // WORLD
+    return t[rank * per : (rank + 1) * per]
+
+
+def _train(model, opt, steps: int, d_in: int, rank: int | None = None, step_guard=contextlib.nullcontext) -> None:
+    for x, y in _batches(steps, d_in):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(_local(x, rank)), _local(y, rank)).backward()
+        with step_guard():
+            opt.step()
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
+
+
+@contextlib.contextmanager
+def _no_collectives():
+    """Any torch.distributed collective inside raises: the step must talk to no other rank."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the optimizer step called a collective")
+
+    with contextlib.ExitStack() as stack:
+        for name in _COLLECTIVES:
+            stack.enter_context(mock.patch.object(dist, name, refuse))
+        yield
+
+
+# -- DDP --------------------------------------------------------------------------------
+DDP_STEPS = 50
+
+
+def _ddp_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+
+
+def _ddp_optimizer(model: nn.Module, mode: str):
+    groups = orthoopt.param_groups(model, ortho=0.5, ortho_mode=mode, exclude=["4"])
+    opt = orthoopt.OrthoAdamW(groups, lr=0.02)
+    if mode == "hard":
+        orthoopt.project_(opt)  # start on the manifold
+    return opt
+
+
+def _ddp_worker(rank: int, port: int, out: str, modes: list[str]) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    _init(rank, port)
+    try:
+        for mode in modes:
+            model = _ddp_model()
+            ddp = DistributedDataParallel(model)
+            opt = _ddp_optimizer(model, mode)
+            # DDP averaged the gradients; the step needs nothing more from the other rank.
+            _train(ddp, opt, DDP_STEPS, 3, rank, step_guard=_no_collectives)
+            torch.save(model.state_dict(), os.path.join(out, f"ddp-{mode}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_replicas_identical_and_equal_to_one_process(tmp_path):
+    modes = ["soft", "hard"]
+    _spawn(_ddp_worker, str(tmp_path), modes)
+    for mode in modes:
+        ranks = [torch.load(tmp_path / f"ddp-{mode}-{r}.pt") for r in range(WORLD)]
+        model = _ddp_model()
+        _train(model, _ddp_optimizer(model, mode), DDP_STEPS, 3)
+        free = _ddp_model()
+        _train(free, torch.optim.AdamW(free.parameters(), lr=0.02), DDP_STEPS, 3)
+        for name, ref in model.state_dict().items():
+            assert torch.equal(ranks[0][name], ranks[1][name]), f"{mode}: replicas differ in {name}"
+            torch.testing.assert_close(ranks[0][name], ref, rtol=0, atol=1e-6, msg=f"{mode}: {name}")
+        # The comparison can fail: the constraint moved the penalized weights well beyond 1e-6.
+        assert (model.state_dict()["0.weight"] - free.state_dict()["0.weight"]).abs().max() > 1e-3
+
+
+# -- FSDP2 ------------------------------------------------------------------------------
+FSDP_STEPS = 20
+
+
+class _Net(nn.Module):
+    """Every sharding path, with uneven and empty shards over 2 ranks.
+
+    ``up.weight`` (7, 3), 'columns' (tall, auto): Gram all-reduce; rows split 4 + 3.
+    ``down.weight`` (3, 7), 'rows' (wide, auto): gather; rows split 2 + 1.
+    ``head.weight`` (1, 2), 'rows': gather; rows split 1 + 0 (an empty shard).
+    ``mix`` (3, 5, 2), 'group_axis:0': whole groups per rank, local; split 2 + 1.
+    ``heads`` (6, 4), 'column_groups:2': Gram all-reduce of 2 groups; rows split 3 + 3.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(3, 7)
+        self.down = nn.Linear(7, 3)
+        self.mix = nn.Parameter(torch.randn(3, 5, 2) / 2)
+        self.heads = nn.Parameter(torch.randn(6, 4) / 2)
+        self.head = nn.Linear(2, 1)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.down(torch.tanh(self.up(x))))  # (B, 3)
+        z = torch.einsum("bm,mlk->bk", h, self.mix)  # (B, 2)
+        z = z + torch.tanh(h @ self.heads[:3]).sum(-1, keepdim=True) * 0.1
+        return self.head(z)
+
+
+def _fsdp_optimizer(model: nn.Module, mode: str = "soft", smoothing: float = 0.0):
+    common = {"ortho": 0.5, "ortho_mode": mode, "ortho_smoothing": smoothing}
+    named = dict(model.named_parameters())
+
+    def pick(*names):
+        return [(n, named[n]) for n in names]
+
+    groups = [
+        {"params": pick("up.weight", "down.weight", "head.weight"), **common},
+        {"params": pick("mix"), "ortho_layout": "group_axis:0", **common},
+        {"params": pick("heads"), "ortho_layout": "column_groups:2", **common},
+        {"params": pick("up.bias", "down.bias", "head.bias")},
+    ]
+    return orthoopt.OrthoAdamW(groups, lr=0.02)
+
+
+def _fsdp_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, port)
+    try:
+        results = {}
+        for smoothing in (0.0, 0.05):
+            model = _Net()
+            fully_shard(model)
+            opt = _fsdp_optimizer(model, smoothing=smoothing)
+            _train(model, opt, FSDP_STEPS, 3, rank)
+            full = {n: p.full_tensor() for n, p in model.named_parameters()}
+            local = {n: p.to_local().shape for n, p in model.named_parameters()}
+            results[smoothing] = {
+                "params": full,
+                "local": local,
+                "comm": odist.communication_per_step(opt),
+                "errors": opt.orthogonality_errors(),
+            }
+        # HSDP-style 2-D mesh (replicate 1 x shard 2), and 'heads' sharded on dim 1 (gather path).
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard
+
+        mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
+        model = _Net()
+        fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p is model.heads else None)
+        opt = _fsdp_optimizer(model, smoothing=0.05)
+        _train(model, opt, FSDP_STEPS, 3, rank)
+        results["hsdp"] = {
+            "params": {n: p.full_tensor() for n, p in model.named_parameters()},
+            "comm": odist.communication_per_step(opt),
+        }
+        results["hard"] = _try_hard_step()
+        torch.save(results, os.path.join(out, f"fsdp-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _try_hard_step() -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Net()
+    fully_shard(model)
+    opt = _fsdp_optimizer(model, mode="hard")
+    x, y = next(_batches(1, 3))
+    nn.functional.mse_loss(model(_local(x, dist.get_rank())), _local(y, dist.get_rank())).backward()
+    before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    try:
+        opt.step()
+        error = None
+    except NotImplementedError as e:
+        error = str(e)
+    unchanged = all(torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())
+    return {"error": error, "unchanged": unchanged, "state": len(opt.state)}
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """One 2-process FSDP2 spawn for every FSDP2 test: the results of both ranks."""
+    out = tmp_path_factory.mktemp("fsdp")
+    _spawn(_fsdp_worker, str(out))
+    return [torch.load(out / f"fsdp-{r}.pt") for r in range(WORLD)]
+
+
+def test_fsdp2_soft_matches_unsharded(fsdp_runs):
+    ranks = fsdp_runs
+    # The shards are the uneven and empty ones the test is about.
+    local = [ranks[r][0.0]["local"] for r in range(WORLD)]
+    assert [local[r]["up.weight"][0] for r in range(WORLD)] == [4, 3]
+    assert [local[r]["head.weight"][0] for r in range(WORLD)] == [1, 0]
+    assert ranks[0][0.0]["comm"] == {
+        "up.weight": ("all_reduce", 3 * 3 * 8),
+        "down.weight": ("gather", 3 * 7 * 8),
+        "head.weight": ("gather", 1 * 2 * 8),
+        "mix": ("local", 0),
+        "heads": ("all_reduce", 2 * 2 * 2 * 8),
+    }
+    for smoothing in (0.0, 0.05):
+        model = _Net()
+        opt = _fsdp_optimizer(model, smoothing=smoothing)
+        _train(model, opt, FSDP_STEPS, 3)
+        free = _Net()
+        _train(free, _plain(free), FSDP_STEPS, 3)
+        for name, ref in model.named_parameters():
+            for r in range(WORLD):
+                got = ranks[r][smoothing]["params"][name]
+                torch.testing.assert_close(got, ref.detach(), rtol=0, atol=1e-5, msg=f"δ={smoothing}: {name}")
+        # Logged errors are of the whole matrices, the same on every rank (a collective).
+        for r in range(WORLD):
+            errors = ranks[r][smoothing]["errors"]
+            assert errors.keys() == opt.orthogonality_errors().keys()
+            for name, ref in opt.orthogonality_errors().items():
+                assert errors[name] == pytest.approx(ref, abs=1e-6), name
+        # Without the sharded penalty step, every penalized weight would be off by far more.
+        for name in ("up.weight", "down.weight", "head.weight", "mix", "heads"):
+            moved = (dict(model.named_parameters())[name] - dict(free.named_parameters())[name]).abs().max()
+            assert moved > 1e-3, name
+
+
+def _plain(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=0.02)
+
+
+def test_hsdp_mesh_and_dim1_sharding(fsdp_runs):
+    """A 2-D mesh reduces over its shard dim only; a Shard(1) parameter takes the gather path."""
+    model = _Net()
+    _train(model, _fsdp_optimizer(model, smoothing=0.05), FSDP_STEPS, 3)
+    for r in range(WORLD):
+        hsdp = fsdp_runs[r]["hsdp"]
+        assert hsdp["comm"]["up.weight"][0] == "all_reduce" and hsdp["comm"]["heads"][0] == "gather"
+        for name, ref in model.named_parameters():
+            torch.testing.assert_close(hsdp["params"][name], ref.detach(), rtol=0, atol=1e-5, msg=name)
+
+
+def test_fsdp2_hard_mode_refused_before_any_change(fsdp_runs):
+    for r in range(WORLD):
+        hard = fsdp_runs[r]["hard"]
+        assert hard["error"] is not None and "parameter 'up.weight'" in hard["error"]
+        assert "ortho_mode='soft'" in hard["error"] and "DistributedDataParallel" in hard["error"]
+        assert hard["unchanged"] and hard["state"] == 0, "the refused step modified something"
+
+
+def test_sharded_axis_is_where_dim0_lands():
+    """The path table's premise, for every layout: dim 0 of the parameter becomes this stack axis."""
+    cases = [("rows", (4, 6)), ("columns", (6, 4)), ("column_groups:2", (6, 4))]
+    cases += [(f"group_axis:{d}", (5, 4, 3)) for d in range(3)]
+    for spec, shape in cases:
+        layout = orthoopt.layout.resolve_layout(spec, shape, spec)
+        row = torch.arange(shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1)).expand(shape)
+        mats = layout.matrices(row)
+        axis = odist.sharded_axis(layout)
+        varying = [a for a, name in enumerate("mln") if mats.shape[a] > 1 and not (mats == mats.narrow(a, 0, 1)).all()]
+        assert varying == ["mln".index(axis)], (spec, axis, varying)
