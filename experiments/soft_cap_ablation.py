@@ -1,14 +1,14 @@
-"""Why soft misses its targets: the cap on the decoupled L1 step (diagnosis, not a method).
+"""Why the soft step is capped the way it is: an ablation of penalty.safe_step_size.
 
-orthoopt's soft step is η_i = min(2γβ, ⟨R,S⟩/(2‖S‖²_F), ¼/‖S‖_∞) (penalty.safe_step_size).
-With S = sign(R), the middle (projection) cap equals mean|R_jk|/2: when R is dominated by a
-few entries (the k diagonal entries that the PCA gradient inflates) it removes only about
-1/k of them per step, so the penalty acts like a weak penalty linear in R whatever β is,
-and the exactness threshold β* stops mattering.  This script swaps the cap, *in this
-process only* (monkeypatch, the library is unchanged), for
-  - "none":     min(2γβ, ¼/‖S‖_∞)              (the plain decoupled sign step)
-  - "max-entry": min(2γβ, max|R_jk|/2, ¼/‖S‖_∞) (never push the largest entry past 0)
-and reruns soft (and frobenius, whose cap is the same function) next to the library's cap.
+orthoopt's soft step is η_i = min(2γβ, max|R_i|/(2 max|S_i|), ¼/‖S_i‖₂) (the library's
+penalty.safe_step_size).  This script swaps the cap, *in this process only* (a monkeypatch;
+the library is unchanged), for
+  - "projection":    min(2γβ, ⟨R,S⟩/(2‖S‖²_F), ¼/‖S‖_∞)  (an earlier rule: with S = sign(R)
+                     the middle term is mean|R|/2, so a few large entries of R are removed at
+                     1/k of their size per step whatever β is: the penalty loses exactness)
+  - "spectral-only": min(2γβ, ¼/‖S‖₂)                      (no no-overshoot term)
+  - "uncapped":      2γβ                                   (the plain decoupled sign step)
+and reruns soft and frobenius (whose cap is the same function) next to the library's cap.
 
     python experiments/soft_cap_ablation.py [--quick] [--task pca] [--steps 20000] [--lr 0.02]
     python experiments/soft_cap_ablation.py --task procrustes:m=64 --steps 1000
@@ -25,17 +25,26 @@ from orthoopt import penalty
 LIBRARY = penalty.safe_step_size
 
 
-def no_projection(r, s, eta):
-    rowsum = s.abs().sum(-1).amax(-1)
-    spectral = penalty.MAX_MULTIPLIER_STEP / rowsum.clamp_min(torch.finfo(r.dtype).tiny)
-    return torch.minimum(spectral, torch.as_tensor(eta, dtype=r.dtype)).clamp_(min=0)
+def _tiny(r):
+    return torch.finfo(r.dtype).tiny
 
 
-def max_entry(r, s, eta):
-    return torch.minimum(no_projection(r, s, eta), r.abs().amax((-2, -1)) / 2)
+def projection(r, s, eta):
+    along = (r * s).sum((-2, -1)) / (2 * (s * s).sum((-2, -1))).clamp_min(_tiny(r))
+    rowsum = penalty.MAX_MULTIPLIER_STEP / s.abs().sum(-1).amax(-1).clamp_min(_tiny(r))
+    return torch.minimum(along, rowsum).clamp_(max=eta).nan_to_num_(nan=0.0)
 
 
-VARIANTS = {"library": LIBRARY, "none": no_projection, "max-entry": max_entry}
+def spectral_only(r, s, eta):
+    bound = penalty.MAX_MULTIPLIER_STEP / penalty.spectral_norm(s).clamp_min(_tiny(r))
+    return bound.clamp_(max=eta).nan_to_num_(nan=0.0)
+
+
+def uncapped(r, s, eta):
+    return torch.as_tensor(eta, dtype=r.dtype, device=r.device).expand(r.shape[0]).clone()
+
+
+VARIANTS = {"library": LIBRARY, "projection": projection, "spectral-only": spectral_only, "uncapped": uncapped}
 
 
 def main(argv=None):
