@@ -148,6 +148,7 @@ class OrthoMixin:
             candidate["params"] = [p for _, p in params]
         self._check_params(candidate, index)
         super().add_param_group(param_group)
+        self._soft_cache = None
 
     def _check_params(self, group: dict, group_index: int) -> None:
         seen: set[int] = set()
@@ -171,6 +172,7 @@ class OrthoMixin:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._soft_cache = None
         # Checkpoints written before a key existed (or by the plain torch optimizer) get
         # this optimizer's defaults, the way torch's optimizers fill keys they added later.
         defaults = {**ORTHO_DEFAULTS, **{k: v for k, v in self.defaults.items() if k in ORTHO_DEFAULTS}}
@@ -193,12 +195,33 @@ class OrthoMixin:
         return loss
 
     def _soft_plan(self) -> list[_Bucket]:
+        """The buckets of this step, reused (with their workspaces) while nothing they
+        depend on changes: groups, their ortho options, which grads are None, storages."""
+        if torch.compiler.is_compiling():
+            return self._build_soft_plan(workspaces=False)  # the compiler plans its own buffers
+        key = self._soft_key()
+        cache = getattr(self, "_soft_cache", None)
+        if cache is None or cache[0] != key:
+            cache = self._soft_cache = (key, self._build_soft_plan(workspaces=True))
+        return cache[1]
+
+    def _soft_key(self) -> tuple:
+        key = []
+        for group in self.param_groups:
+            if not _penalized(group) or group["ortho_mode"] != "soft":
+                key.append(None)
+                continue
+            options = tuple(group[k] for k in ORTHO_DEFAULTS)
+            grads = tuple((p.data_ptr(), None if p.grad is None else p.grad.is_sparse) for p in group["params"])
+            key.append((options, grads))
+        return tuple(key)
+
+    def _build_soft_plan(self, workspaces: bool) -> list[_Bucket]:
         """Group the penalized matrices into buckets that share one batched matmul."""
         buckets: dict[tuple, _Bucket] = {}
         for gi, group in enumerate(self.param_groups):
             if not _penalized(group) or group["ortho_mode"] != "soft":
                 continue
-            eta = 2 * group["lr"] * group["ortho"]
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue  # as torch skips it, and its decoupled weight decay with it
@@ -213,8 +236,12 @@ class OrthoMixin:
                 bucket = buckets.get(key)
                 if bucket is None:
                     bucket = buckets[key] = _Bucket(group["ortho_smoothing"], group["ortho_penalty"])
-                bucket.add(p, layout, m, eta)
-        return list(buckets.values())
+                bucket.add(p, layout, m, group)
+        plan = list(buckets.values())
+        if workspaces:
+            for bucket in plan:
+                bucket.allocate()
+        return plan
 
     # -- reading the constraint ---------------------------------------------------------
     @torch.no_grad()
@@ -232,8 +259,18 @@ class OrthoMixin:
         return errors
 
 
+def _soft_eta(group: dict) -> Any:
+    """The group's penalty step ``2γβ`` (a tensor when its lr is one)."""
+    return 2 * group["lr"] * group["ortho"]
+
+
 class _Bucket:
-    """Matrices of one shape, dtype, device and penalty: one batched matmul."""
+    """Matrices of one shape, dtype, device and penalty: one batched matmul.
+
+    With :meth:`allocate`, the bucket owns the workspaces of its step (residual,
+    direction, product, and the stack of several parameters), so that a cached bucket
+    allocates nothing of the parameters' size from its second step on.
+    """
 
     def __init__(self, smoothing: float, kind: str):
         self.smoothing = smoothing
@@ -241,44 +278,102 @@ class _Bucket:
         self.params: list[torch.Tensor] = []
         self.layouts: list[Layout] = []
         self.counts: list[int] = []
-        self.etas: list[Any] = []
+        self.groups: list[dict] = []
+        self.views: list[torch.Tensor] | None = None
+        self.r: torch.Tensor | None = None
+        self.s: torch.Tensor | None = None
+        self.s_cast: torch.Tensor | None = None
+        self.stack: torch.Tensor | None = None
+        self.delta: torch.Tensor | None = None
+        self.updates: list[torch.Tensor | None] | None = None
 
-    def add(self, p: torch.Tensor, layout: Layout, count: int, eta: Any) -> None:
+    def add(self, p: torch.Tensor, layout: Layout, count: int, group: dict) -> None:
         self.params.append(p)
         self.layouts.append(layout)
         self.counts.append(count)
-        self.etas.append(eta)
+        self.groups.append(group)
+
+    def allocate(self) -> None:
+        """Workspaces, and views of the parameters, for every later step."""
+        self.views = [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
+        first = self.views[0]
+        m, l, n = sum(self.counts), first.shape[1], first.shape[2]
+        wide = torch.float32 if first.dtype in penalty._HALF else first.dtype
+        self.r = first.new_empty((m, n, n), dtype=wide)
+        self.s = torch.empty_like(self.r)
+        if wide != first.dtype:
+            self.s_cast = first.new_empty((m, n, n))
+        if len(self.params) == 1:
+            # The product is written straight into a parameter-shaped buffer, so that
+            # the update is one contiguous subtraction whatever the layout.
+            p, layout = self.params[0], self.layouts[0]
+            update = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            self.delta = layout.matrices(update)
+            self.updates = [update]
+        else:
+            self.stack = first.new_empty((m, l, n))
+            self.delta = torch.empty_like(self.stack)
+            chunks = self.delta.split(self.counts)
+            self.updates = [
+                _view_or_none(layout.from_matrices(chunk, p.shape), self.delta)
+                for p, layout, chunk in zip(self.params, self.layouts, chunks)
+            ]
+
+    def workspace_bytes(self) -> int:
+        # A single parameter's product lives in its update buffer; several share the stack's.
+        held = [self.r, self.s, self.s_cast, self.stack, self.updates[0] if self.stack is None else self.delta]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def matrices(self) -> torch.Tensor:
-        mats = [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
-        return mats[0] if len(mats) == 1 else torch.cat(mats)
+        mats = self.views or [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
+        return mats[0] if len(mats) == 1 else torch.cat(mats, out=self.stack)
 
     def eta(self, like: torch.Tensor) -> torch.Tensor | float:
-        first = self.etas[0]
-        if all(e is first or e == first for e in self.etas):
+        etas = [_soft_eta(g) for g in self.groups]
+        first = etas[0]
+        if all(g is self.groups[0] for g in self.groups) or all(e is first or e == first for e in etas):
             return first
         return torch.cat(
-            [torch.as_tensor(e, dtype=like.dtype, device=like.device).expand(c) for e, c in zip(self.etas, self.counts)]
+            [torch.as_tensor(e, dtype=like.dtype, device=like.device).expand(c) for e, c in zip(etas, self.counts)]
         )
+
+    def parameter_updates(self, delta: torch.Tensor) -> list[torch.Tensor]:
+        """``delta`` in the parameters' shapes (cached views where they exist)."""
+        if self.updates is not None and all(u is not None for u in self.updates):
+            return self.updates
+        cached = self.updates or [None] * len(self.params)
+        return [
+            layout.from_matrices(chunk, p.shape) if u is None else u
+            for u, p, layout, chunk in zip(cached, self.params, self.layouts, delta.split(self.counts))
+        ]
+
+
+def _view_or_none(t: torch.Tensor, base: torch.Tensor) -> torch.Tensor | None:
+    """``t`` if it shares ``base``'s memory (a view that stays current), else None."""
+    return t if t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() else None
 
 
 def _bucket_delta(bucket: _Bucket) -> torch.Tensor:
-    """``-η_i Φ_i S_i`` for every matrix of the bucket, at the parameters' current values."""
+    """``η_i Φ_i S_i`` for every matrix of the bucket, at the parameters' current values;
+    :func:`_apply` subtracts it (the sign is folded there, bitwise the same as adding ``-η_i Φ_i S_i``)."""
     mats = bucket.matrices()
-    r = penalty.residual(mats)
-    s = penalty.direction(r.clone(), bucket.smoothing, bucket.kind)
-    eta = penalty.safe_step_size(r, s, bucket.eta(r))
+    r = penalty._residual(mats, out=bucket.r)
+    s = penalty._direction(r, bucket.smoothing, bucket.kind, out=bucket.s)
+    eta = penalty._safe_step_size(r, s, bucket.eta(r), scratch=r)  # r is spent here
     # A non-finite matrix gets no step, so that its NaN/Inf stays where it is.
-    eta = torch.where(torch.isfinite(eta), eta, 0)
-    s.mul_(eta.neg()[:, None, None])
-    delta = torch.bmm(mats, s.to(mats.dtype))
-    return delta
+    eta = eta.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    s.mul_(eta[:, None, None])
+    if s.dtype != mats.dtype:
+        s = s.to(mats.dtype) if bucket.s_cast is None else bucket.s_cast.copy_(s)
+    return torch.bmm(mats, s, out=bucket.delta)
 
 
 def _apply(bucket: _Bucket, delta: torch.Tensor) -> None:
-    chunks = delta.split(bucket.counts)
-    updates = [layout.from_matrices(chunk, p.shape) for p, layout, chunk in zip(bucket.params, bucket.layouts, chunks)]
-    torch._foreach_add_(bucket.params, updates)
+    updates = bucket.parameter_updates(delta)
+    if len(updates) == 1:
+        bucket.params[0].sub_(updates[0])  # a foreach call costs more than it saves on one tensor
+    else:
+        torch._foreach_sub_(bucket.params, updates)
 
 
 # -- the classes ------------------------------------------------------------------------

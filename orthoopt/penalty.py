@@ -43,26 +43,38 @@ MAX_MULTIPLIER_STEP = 0.25
 
 def residual(mats: torch.Tensor) -> torch.Tensor:
     """``R_i = Φ_iᵀ Φ_i - I`` for a stack ``(m, l, n)``; float32 for half-precision stacks."""
+    return _residual(mats)
+
+
+def _residual(mats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    # ``out``: a reused (m, n, n) workspace of the residual's dtype (the optimizer's hot path).
     if mats.dtype in _HALF:
         if mats.is_cuda:
             # bf16/fp16 tensor-core matmul with a float32 output (fp32 accumulation).
-            gram = torch.bmm(mats.mT, mats, out_dtype=torch.float32)
+            gram = torch.bmm(mats.mT, mats, out_dtype=torch.float32, out=out)
         else:
             wide = mats.float()
-            gram = torch.bmm(wide.mT, wide)
+            gram = torch.bmm(wide.mT, wide, out=out)
     else:
-        gram = torch.bmm(mats.mT, mats)
+        gram = torch.bmm(mats.mT, mats, out=out)
     gram.diagonal(dim1=-2, dim2=-1).sub_(1)
     return gram
 
 
 def direction(r: torch.Tensor, smoothing: float | torch.Tensor = 0.0, penalty: str = "l1") -> torch.Tensor:
     """``h'(R)`` in place of ``R``: sign, clamped ``R/δ`` (Huber), or ``2R`` (squared Frobenius)."""
+    return _direction(r, smoothing, penalty, out=r)
+
+
+def _direction(
+    r: torch.Tensor, smoothing: float | torch.Tensor, penalty: str, out: torch.Tensor | None
+) -> torch.Tensor:
+    # ``out=None`` leaves ``r`` alone and returns a new tensor.
     if penalty == "frobenius":
-        return r.mul_(2)
+        return torch.mul(r, 2, out=out)
     if isinstance(smoothing, torch.Tensor) or smoothing > 0:
-        return r.div_(smoothing).clamp_(-1, 1)
-    return r.sign_()
+        return torch.div(r, smoothing, out=out).clamp_(-1, 1)
+    return torch.sign(r, out=out)
 
 
 def huber(x: torch.Tensor, delta: float) -> torch.Tensor:
@@ -85,13 +97,23 @@ def safe_step_size(r: torch.Tensor, s: torch.Tensor, eta: torch.Tensor | float) 
     max-row-sum norm bounds the spectral norm of a symmetric matrix), so one step changes
     each singular value of :math:`\Phi_i` by at most 25%.  ``r`` and ``s`` are ``(m, n, n)``.
     """
-    along = (r * s).sum((-2, -1))
-    norm2 = (s * s).sum((-2, -1))
-    rowsum = s.abs().sum(-1).amax(-1)
+    return _safe_step_size(r, s, eta)
+
+
+def _safe_step_size(
+    r: torch.Tensor, s: torch.Tensor, eta: torch.Tensor | float, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    # ``scratch`` (m, n, n) holds the elementwise products; passing ``r`` itself saves a
+    # workspace when the caller no longer needs ``r``.
+    prod = torch.mul(r, s, out=scratch)
+    along = prod.sum((-2, -1))
+    norm2 = torch.mul(s, s, out=prod).sum((-2, -1))
+    rowsum = torch.abs(s, out=prod).sum(-1).amax(-1)
     tiny = torch.finfo(r.dtype).tiny
-    projection = along / (2 * norm2).clamp_min(tiny)
-    spectral = MAX_MULTIPLIER_STEP / rowsum.clamp_min(tiny)
-    return torch.minimum(projection, spectral).clamp_(max=eta).clamp_(min=0)
+    projection = along.div_(norm2.mul_(2).clamp_min_(tiny))
+    # 1/4 is a power of two, so reciprocal-then-scale rounds exactly as 0.25 / rowsum.
+    spectral = rowsum.clamp_min_(tiny).reciprocal_().mul_(MAX_MULTIPLIER_STEP)
+    return torch.minimum(projection, spectral, out=projection).clamp_(max=eta).clamp_(min=0)
 
 
 def _check(phi: torch.Tensor, smoothing: float) -> None:
