@@ -275,7 +275,8 @@ def _time_step(c: Contender, device: torch.device) -> float:
 
 def _rounds(contenders: list[Contender], device, repeats: int, few: int, warmup: int) -> None:
     for c in contenders:
-        for _ in range(warmup if not c.few else 1):
+        # geoopt's TorchScript functions specialise over their first calls: 3 warm-up steps.
+        for _ in range(warmup if not c.few else min(warmup, 3)):
             if c.prepare is not None:
                 c.prepare()
             c.step()

@@ -329,9 +329,13 @@ class _Bucket:
         return mats[0] if len(mats) == 1 else torch.cat(mats, out=self.stack)
 
     def eta(self, like: torch.Tensor) -> torch.Tensor | float:
+        """``2γβ``: one number for the bucket, or one per matrix when its groups differ."""
         etas = [_soft_eta(g) for g in self.groups]
         first = etas[0]
-        if all(g is self.groups[0] for g in self.groups) or all(e is first or e == first for e in etas):
+        # Tensor learning rates are never compared: that would sync, and break torch.compile.
+        if all(g is self.groups[0] for g in self.groups):
+            return first
+        if _is_number(first) and all(_is_number(e) and e == first for e in etas):
             return first
         return torch.cat(
             [torch.as_tensor(e, dtype=like.dtype, device=like.device).expand(c) for e, c in zip(etas, self.counts)]
