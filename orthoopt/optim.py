@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import penalty
+from . import penalty, stiefel
 from .layout import Layout, canonical_layout, resolve_layout
 
 __all__ = [
@@ -51,9 +51,12 @@ ORTHO_DEFAULTS: dict[str, Any] = {
     "ortho_layout": "auto",
     "ortho_mode": "soft",
     "ortho_penalty": "l1",
+    "ortho_manifold": "euclidean",
+    "ortho_stabilize": "auto",
 }
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
+MANIFOLDS = tuple(stiefel.MANIFOLDS)
 
 
 def _is_number(x: Any) -> bool:
@@ -81,6 +84,19 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     pen = out.get("ortho_penalty", "l1")
     if pen not in PENALTIES:
         raise ValueError(f"{where}: ortho_penalty must be one of {PENALTIES}, got {pen!r}")
+    manifold = out.get("ortho_manifold", "euclidean")
+    if manifold not in MANIFOLDS:
+        raise ValueError(
+            f"{where}: ortho_manifold must be one of {MANIFOLDS} (hard mode's geoopt manifold), got {manifold!r}"
+        )
+    period = out.get("ortho_stabilize", "auto")
+    if not (
+        period is None or period == "auto" or (isinstance(period, int) and not isinstance(period, bool) and period >= 1)
+    ):
+        raise ValueError(
+            f"{where}: ortho_stabilize must be 'auto', None (never) or a whole number >= 1 of hard steps "
+            f"between re-projections, got {period!r}"
+        )
     if "ortho_layout" in out:
         out["ortho_layout"] = canonical_layout(out["ortho_layout"], f"{where}: ortho_layout")
     return out
@@ -115,6 +131,8 @@ class OrthoMixin:
         ortho_layout: str | Layout = "auto",
         ortho_mode: str = "soft",
         ortho_penalty: str = "l1",
+        ortho_manifold: str = "euclidean",
+        ortho_stabilize: int | str | None = "auto",
         **kwargs,
     ):
         self._ortho_defaults = check_options(
@@ -124,6 +142,8 @@ class OrthoMixin:
                 "ortho_layout": ortho_layout,
                 "ortho_mode": ortho_mode,
                 "ortho_penalty": ortho_penalty,
+                "ortho_manifold": ortho_manifold,
+                "ortho_stabilize": ortho_stabilize,
             },
             "optimizer defaults",
         )
@@ -166,6 +186,8 @@ class OrthoMixin:
                 )
             if _penalized(group):
                 self._resolve(group, p, name)
+        if _penalized(group) and group["ortho_mode"] == "hard":
+            stiefel.update_rule(type(self))
 
     def _resolve(self, group: dict, p: torch.Tensor, name: str) -> Layout | None:
         return resolve_layout(group["ortho_layout"], p.shape, name)
@@ -187,12 +209,31 @@ class OrthoMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        hard = self._hard_plan()
         plan = self._soft_plan()
         deltas = [_bucket_delta(bucket) for bucket in plan]
-        super().step()
+        with stiefel.grads_hidden(hard):
+            super().step()
+        stiefel.step_(self, hard)
         for bucket, delta in zip(plan, deltas):
             _apply(bucket, delta)
         return loss
+
+    def _hard_plan(self) -> list[stiefel.HardItem]:
+        """The parameters that take a Riemannian step instead of the base update (checked)."""
+        items = []
+        for gi, group in enumerate(self.param_groups):
+            if not _penalized(group) or group["ortho_mode"] != "hard":
+                continue
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                name = _param_name(group, i, gi)
+                layout = self._resolve(group, p, name)
+                if layout is not None:
+                    items.append(stiefel.HardItem(p, layout, p.grad, group, name))
+        stiefel.check(type(self), items)
+        return items
 
     def _soft_plan(self) -> list[_Bucket]:
         """The buckets of this step, reused (with their workspaces) while nothing they
@@ -390,6 +431,9 @@ _CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orth
     ortho_layout (str): which vectors are orthonormal (:mod:`orthoopt.layout`); 'auto'.
     ortho_mode (str): 'soft' (this penalty step) or 'hard' (Stiefel manifold, geoopt).
     ortho_penalty (str): 'l1' (default) or 'frobenius' (the squared-Frobenius baseline).
+    ortho_manifold (str): hard mode's geoopt manifold, 'euclidean' (QR) or 'canonical' (Cayley).
+    ortho_stabilize (int, None or 'auto'): hard mode re-projects every that many steps
+        (:mod:`orthoopt.stiefel`); 'auto' is every 10 for 'canonical', never for 'euclidean'.
 """
 
 
