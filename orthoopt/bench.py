@@ -63,6 +63,7 @@ WEIGHT_DECAY = 1e-2
 BETA = 1.0
 HARD = ("hard", "geoopt-E", "geoopt-C")
 CONTENDERS = ("floor", "base", "soft", "autograd", *HARD, "base-stacked", "soft-stacked")
+OPTIONAL = ("soft-compiled",)
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,19 @@ def _autograd(case, device, dtype, flags) -> Contender:
     return Contender("autograd", step, params, prepare=prepare, optimizer=opt)
 
 
+def _compiled(case, device, dtype, flags) -> Contender:
+    """The soft step under ``torch.compile``, as PyTorch documents it for its optimizers:
+    a tensor lr (so that a scheduler does not recompile) and torch's default kernels."""
+    params = _params(case, device, dtype)
+    opt = OrthoAdamW(params, lr=torch.tensor(LR), weight_decay=WEIGHT_DECAY, ortho=BETA, ortho_layout=_layout(params))
+
+    @torch.compile(fullgraph=False)
+    def step():
+        opt.step()
+
+    return Contender("soft-compiled", step, params, optimizer=opt)
+
+
 def _hard(case, device, dtype, flags) -> Contender:
     _check_hard_mode(device, flags)
     params = _params(case, device, dtype, noise=0.0)
@@ -247,6 +261,7 @@ BUILDERS: dict[str, Callable[..., Contender]] = {
     "geoopt-C": lambda *a: _geoopt(*a, canonical=True),
     "base-stacked": lambda *a: _base(*a, stacked=True, name="base-stacked"),
     "soft-stacked": lambda *a: _soft(*a, stacked=True, name="soft-stacked"),
+    "soft-compiled": _compiled,  # opt-in: compiling takes a while
 }
 
 
@@ -321,12 +336,17 @@ def _memory(c: Contender, device: torch.device) -> dict:
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             c.step()
-        events = sorted(prof.events(), key=lambda e: e.time_range.start)
-        deltas = [e.self_cpu_memory_usage for e in events if e.self_cpu_memory_usage]
-        allocations = sum(1 for d in deltas if d > 0)
-        allocated = sum(d for d in deltas if d > 0)
+        # An event's self memory nets what it allocated and freed; frees of temporaries
+        # land on the enclosing event, so count allocations at its start and frees at its end.
+        timeline = sorted(
+            (e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
+            for e in prof.events()
+            if e.self_cpu_memory_usage
+        )
+        allocations = sum(1 for _, d in timeline if d > 0)
+        allocated = sum(d for _, d in timeline if d > 0)
         running, peak = 0, 0
-        for d in deltas:
+        for _, d in timeline:
             running += d
             peak = max(peak, running)
     return {
@@ -432,7 +452,7 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def format_table(report: dict) -> str:
-    names = [n for n in CONTENDERS if any(n in r["median_ms"] for r in report["results"])]
+    names = [n for n in (*CONTENDERS, *OPTIONAL) if any(n in r["median_ms"] for r in report["results"])]
     head = ["case", "dtype", *names, "ovh/floor", "autograd/soft", "many/stacked", "soft alloc/step"]
     rows = []
     for r in report["results"]:
@@ -515,7 +535,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per contender first (default 5)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
     ap.add_argument(
-        "--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {', '.join(CONTENDERS)}"
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"comma-separated, from {', '.join(CONTENDERS + OPTIONAL)} (default: all but {', '.join(OPTIONAL)})",
     )
     return ap
 
@@ -543,7 +565,7 @@ def _config(argv: Sequence[str] | None) -> argparse.Namespace:
     cfg.contenders = [c.strip() for c in cfg.contenders.split(",") if c.strip()]
     unknown = [c for c in cfg.contenders if c not in BUILDERS]
     if unknown:
-        raise SystemExit(f"--contenders: unknown {unknown}; choose from {', '.join(CONTENDERS)}")
+        raise SystemExit(f"--contenders: unknown {unknown}; choose from {', '.join(CONTENDERS + OPTIONAL)}")
     cfg.cases = _shapes(cfg.shapes, cfg.device, cfg.quick)
     cfg.out = cfg.out or f"bench_step_{cfg.device.type}.json"
     return cfg
