@@ -141,11 +141,11 @@ def _adamw_flags(device: torch.device, dtype: torch.dtype) -> dict:
 # -- contenders ------------------------------------------------------------------------
 def _floor(case, device, dtype, flags) -> Contender:
     x = _start(case, device, dtype, 0.01, seed=0)
-    wide = torch.float32 if dtype in penalty._HALF else dtype
-    gram = torch.empty(case.m, case.n, case.n, device=device, dtype=wide)
+    half_cuda = dtype in penalty._HALF and x.is_cuda
+    # CUDA accumulates a half Gram in float32 (as orthoopt does); CPU has no such matmul.
+    gram = torch.empty(case.m, case.n, case.n, device=device, dtype=torch.float32 if half_cuda else dtype)
     s = torch.randn(case.m, case.n, case.n, device=device).to(dtype)
     prod = torch.empty_like(x)
-    half_cuda = dtype in penalty._HALF and x.is_cuda
 
     def step():
         if half_cuda:
