@@ -252,7 +252,8 @@ class OrthoMixin:
             if not _penalized(group) or group["ortho_mode"] != "soft":
                 key.append(None)
                 continue
-            options = tuple(group[k] for k in ORTHO_DEFAULTS)
+            # β and lr only scale the step (read each step): scheduling them keeps the plan.
+            options = tuple(group[k] for k in ORTHO_DEFAULTS if k != "ortho")
             grads = tuple((p.data_ptr(), None if p.grad is None else p.grad.is_sparse) for p in group["params"])
             key.append((options, grads))
         return tuple(key)

@@ -153,6 +153,25 @@ def test_plan_cache_follows_groups_grads_and_options():
             (b, {"ortho_layout": "group_axis:0", "ortho_smoothing": 0.05, "ortho_penalty": "frobenius"}),
         ]
     )
+    plan = opt._soft_plan()
+    opt.param_groups[1]["ortho"] = 2.0  # a scheduled β: same plan, new step
+    opt.param_groups[1]["lr"] = 3e-2
+    check(
+        [
+            (a, {"ortho_layout": "group_axis:0"}),
+            (
+                b,
+                {
+                    "ortho_layout": "group_axis:0",
+                    "ortho_smoothing": 0.05,
+                    "ortho_penalty": "frobenius",
+                    "ortho": 2.0,
+                    "lr": 3e-2,
+                },
+            ),
+        ]
+    )
+    assert opt._soft_plan() is plan
     opt.param_groups[0]["ortho"] = 0.0
     expected_a = a.detach() - 1e-2 * a.grad
     opt.step()
