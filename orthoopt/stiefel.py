@@ -48,7 +48,8 @@ Choices and known traps (geoopt 0.5.1):
   still applies to every other parameter of the optimizer).
 * **Initial projection.** A hard parameter is projected onto the manifold (the polar
   factor, :func:`orthoopt.optim.polar`) at its first hard step, and a warning names every
-  parameter that moved by more than ``PROJECTION_TOL`` with its error before projection.
+  parameter whose error :math:`\max|X^\top X - I|` was above ``PROJECTION_TOL`` (or, in half
+  precision, above twice its error after projection) with its error before projection.
   Call :func:`orthoopt.project_` on the optimizer before training to start on it.
 * **Canonical drift.** ``CanonicalStiefel``'s Cayley step preserves :math:`X^\top X` only up
   to rounding, and in float32 the error grows with the number of steps (measured here:
@@ -115,7 +116,9 @@ CANONICAL_STABILIZE = 10
 PROJECTION_TOL = 1e-5
 _HALF = (torch.float16, torch.bfloat16)
 
-STEP = "stiefel_step"
+# torch's key and format (a float32 scalar tensor): load_state_dict leaves "step" uncast, and
+# Adam.__setstate__ requires it in every non-empty state.
+STEP = "step"
 MOMENTUM = "stiefel_momentum_buffer"
 EXP_AVG = "stiefel_exp_avg"
 EXP_AVG_SQ = "stiefel_exp_avg_sq"
@@ -224,7 +227,7 @@ def riemannian_adam(
     exp_avg, exp_avg_sq = state[EXP_AVG], state[EXP_AVG_SQ]
     exp_avg.mul_(beta1).add_(rgrad, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).add_(sq, alpha=1 - beta2)
-    step = state[STEP]
+    step = state[STEP].item()
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     if amsgrad:
@@ -313,7 +316,7 @@ def step_(optimizer: torch.optim.Optimizer, items: list[HardItem]) -> None:
         stiefel = manifold(group["ortho_manifold"])
         x = item.layout.matrices(p).to(dtype)
         grad = item.layout.matrices(item.grad).to(dtype)
-        state[STEP] = state.get(STEP, 0) + 1
+        state.setdefault(STEP, torch.tensor(0.0)).add_(1)
         if rule == "sgd":
             new_x = riemannian_sgd(
                 x,
@@ -343,7 +346,7 @@ def step_(optimizer: torch.optim.Optimizer, items: list[HardItem]) -> None:
                 name=item.name,
             )
         period = stabilize_period(group)
-        if period and state[STEP] % period == 0:
+        if period and int(state[STEP].item()) % period == 0:
             new_x = _stabilize(stiefel, new_x, state)
         p.copy_(item.layout.from_matrices(new_x, p.shape))
 
@@ -372,10 +375,11 @@ def _project_new(optimizer: torch.optim.Optimizer, items: list[HardItem]) -> Non
     moved = []
     for item in items:
         p, layout = item.param, item.layout
-        error = _max_error(layout, p)
-        if not error <= PROJECTION_TOL:
-            moved.append(f"{item.name} (max |XᵀX - I| = {error:.3g})")
+        before = _max_error(layout, p)
         p.copy_(layout.from_matrices(polar(layout.matrices(p)), p.shape))
+        # A half parameter is only as orthonormal as its rounding: judge it against that.
+        if not before <= max(PROJECTION_TOL, 2 * _max_error(layout, p)):
+            moved.append(f"{item.name} (max |XᵀX - I| = {before:.3g})")
     if moved:
         _warn(
             f"ortho_mode='hard': projected onto the Stiefel manifold (polar factor) at their first "
