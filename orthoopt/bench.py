@@ -571,6 +571,22 @@ def _config(argv: Sequence[str] | None) -> argparse.Namespace:
     return cfg
 
 
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def run(cfg: argparse.Namespace) -> dict:
     """Every case and dtype of ``cfg``; returns the report written as JSON."""
     if cfg.threads:
@@ -585,6 +601,7 @@ def run(cfg: argparse.Namespace) -> dict:
     return {
         "meta": {
             "command": " ".join(sys.argv),
+            "git_commit": _git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": str(device),
             "device_name": name,
