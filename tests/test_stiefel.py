@@ -414,10 +414,26 @@ def test_canonical_drifts_without_stabilize_and_not_with_it():
     assert is_tangent(x, opt.state[kept][stiefel.EXP_AVG].squeeze(0), atol=1e-4)
 
 
+def test_stabilize_keeps_a_canonical_moment_bounded():
+    """geoopt's stabilize re-applies CanonicalStiefel.proju, which doubles the X·skew part of a
+    tangent vector: re-projecting every step made RiemannianAdam's moment overflow."""
+    weight, opt = run_canonical(1, steps=100)
+    moment = opt.state[weight][stiefel.EXP_AVG]
+    assert torch.isfinite(moment).all() and moment.norm() < 10
+    x = weight.detach().t().unsqueeze(0)
+    again = stiefel._stabilize(stiefel.manifold("canonical"), x, {stiefel.EXP_AVG: moment.clone()})
+    torch.testing.assert_close(again, x, atol=1e-6, rtol=0)
+    state = {stiefel.EXP_AVG: moment.clone()}
+    stiefel._stabilize(stiefel.manifold("canonical"), x, state)
+    torch.testing.assert_close(state[stiefel.EXP_AVG], moment, atol=1e-6, rtol=0)  # idempotent
+
+
 def test_stabilize_period_rules():
     assert stiefel.stabilize_period({"ortho_stabilize": "auto", "ortho_manifold": "canonical"}) == 10
     assert stiefel.stabilize_period({"ortho_stabilize": "auto", "ortho_manifold": "euclidean"}) is None
     assert stiefel.stabilize_period({"ortho_stabilize": 5, "ortho_manifold": "euclidean"}) == 5
+    half = {"ortho_stabilize": "auto", "ortho_manifold": "canonical"}
+    assert stiefel.stabilize_period(half, torch.bfloat16) == 1
 
 
 PIVOT_ERROR = "torch.linalg.lu_solve: Pivots given to lu_solve must all be greater or equal to 1. Got pivots=0"
@@ -485,7 +501,8 @@ def test_half_precision_steps_in_float32_and_writes_back(dtype, manifold):
     assert lin.weight.dtype == dtype
     assert opt.state[lin.weight][stiefel.EXP_AVG].dtype == torch.float32
     assert (lin.weight.float() - start.float()).abs().max() > 0.05
-    assert stack_error("rows", lin.weight) < 3e-2  # as orthonormal as the dtype allows
+    # as orthonormal as the dtype allows (measured: 3.2e-3 bf16, 4.5e-4 fp16)
+    assert stack_error("rows", lin.weight) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
     # torch's load_state_dict casts the state to the parameter's dtype; the next step widens it
     opt.load_state_dict(opt.state_dict())
     assert opt.state[lin.weight][stiefel.EXP_AVG].dtype == dtype
