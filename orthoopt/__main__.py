@@ -126,15 +126,8 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
 
 def bench_main(argv: Sequence[str]) -> int:
-    try:
-        from . import bench
-    except ImportError as e:
-        print(
-            f"orthoopt bench: the benchmark module orthoopt.bench is not available in this install ({e}); "
-            "it lives on the 'bench' branch",
-            file=sys.stderr,
-        )
-        return 2
+    from . import bench  # imported here: it pulls in geoopt's optimizers and the profiler
+
     return bench.main(list(argv)) or 0
 
 

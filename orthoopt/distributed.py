@@ -133,9 +133,19 @@ def path(p: Any, layout: Layout) -> str:
 class _Entry:
     param: Any  # a DTensor
     layout: Layout
-    eta: Any
-    smoothing: float
-    kind: str
+    group: dict  # read at every step: a scheduled lr or β applies at once
+
+    @property
+    def eta(self) -> Any:
+        return 2 * self.group["lr"] * self.group["ortho"]
+
+    @property
+    def smoothing(self) -> float:
+        return self.group["ortho_smoothing"]
+
+    @property
+    def kind(self) -> str:
+        return self.group["ortho_penalty"]
 
     @property
     def path(self) -> str:
@@ -154,8 +164,8 @@ class ShardedBucket:
     def __init__(self) -> None:
         self.entries: list[_Entry] = []
 
-    def add(self, p: torch.Tensor, layout: Layout, eta: Any, smoothing: float, kind: str) -> None:
-        self.entries.append(_Entry(p, layout, eta, smoothing, kind))
+    def add(self, p: torch.Tensor, layout: Layout, group: dict) -> None:
+        self.entries.append(_Entry(p, layout, group))
 
     @torch.no_grad()
     def delta(self) -> list[torch.Tensor | None]:

@@ -187,6 +187,7 @@ class OrthoMixin:
             candidate["params"] = [p for _, p in params]
         self._check_params(candidate, index)
         super().add_param_group(param_group)
+        self._soft_cache = None
 
     def _check_params(self, group: dict, group_index: int) -> None:
         seen: set[int] = set()
@@ -253,6 +254,7 @@ class OrthoMixin:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._soft_cache = None
         # Checkpoints written before a key existed (or by the plain torch optimizer) get
         # this optimizer's defaults, the way torch's optimizers fill keys they added later.
         defaults = {**ORTHO_DEFAULTS, **{k: v for k, v in self.defaults.items() if k in ORTHO_DEFAULTS}}
@@ -275,22 +277,22 @@ class OrthoMixin:
                 deltas.append((bucket, bucket.delta()))
                 continue
             mats = bucket.matrices()
-            r = penalty.residual(mats)
-            if bucket.nonfinite != "skip" and not bool(torch.isfinite(r).all()):
-                self._report_nonfinite(bucket, torch.isfinite(r).all(-1).all(-1))
+            r = penalty.residual(mats, out=bucket.r)
+            finite = penalty.finite_matrices(r)
+            if bucket.nonfinite != "skip" and not bool(finite.all()):
+                self._report_nonfinite(bucket, finite)
             if bucket.auto:  # β comes from this step's base update: finish after it
-                staged.append((bucket, mats.clone(), r))
+                staged.append((bucket, mats.clone(), r, finite))
             else:
-                deltas.append((bucket, penalty.penalty_step(r, mats, bucket.smoothing, bucket.kind, bucket.eta(r))))
+                deltas.append((bucket, bucket.step(r, mats, bucket.eta(r), finite)))
         with stiefel.grads_hidden(hard):
             super().step()
         stiefel.step_(self, hard)
-        for bucket, before, r in staged:
-            finite = torch.isfinite(r).all(-1).all(-1)
-            eta = 2 * bucket.per_matrix(bucket.lrs, r) * self._auto_beta(bucket, before, finite)
-            deltas.append((bucket, penalty.penalty_step(r, before, bucket.smoothing, bucket.kind, eta)))
+        for bucket, before, r, finite in staged:
+            eta = 2 * bucket.per_matrix(bucket.lrs(), r) * self._auto_beta(bucket, before, finite)
+            deltas.append((bucket, bucket.step(r, before, eta, finite)))
         for bucket, delta in deltas:
-            _apply(bucket, delta)
+            bucket.apply(delta)
         return loss
 
     def _auto_beta(self, bucket: _Bucket, before: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
@@ -303,7 +305,7 @@ class OrthoMixin:
         multipliers that shrink as training settles.
         """
         wide = torch.float32 if before.dtype in (torch.float16, torch.bfloat16) else before.dtype
-        lr = bucket.per_matrix(bucket.lrs, before).to(wide)
+        lr = bucket.per_matrix(bucket.lrs(), before).to(wide)
         u = (bucket.matrices().to(wide) - before.to(wide)) / lr.clamp_min(torch.finfo(wide).tiny)[:, None, None]
         lam = torch.bmm(before.to(wide).mT, u)
         lam = (lam + lam.mT).abs().amax((-2, -1)) / 4  # half the largest entry of sym(Φᵀu)
@@ -334,14 +336,36 @@ class OrthoMixin:
         stiefel.check(type(self), items)
         return items
 
-    def _soft_plan(self) -> list[_Bucket]:
+    def _soft_plan(self) -> list[_Bucket | distributed.ShardedBucket]:
+        """The buckets of this step, reused with their workspaces while nothing they depend
+        on changes: the groups' ortho options, which grads are None, the storages."""
+        if torch.compiler.is_compiling():
+            return self._build_soft_plan(workspaces=False)  # the compiler plans its own buffers
+        key = self._soft_key()
+        cache = getattr(self, "_soft_cache", None)
+        if cache is None or cache[0] != key:
+            cache = self._soft_cache = (key, self._build_soft_plan(workspaces=True))
+        return cache[1]
+
+    def _soft_key(self) -> tuple:
+        key = []
+        for group in self.param_groups:
+            if not _penalized(group) or group["ortho_mode"] != "soft":
+                key.append(None)
+                continue
+            # β (unless 'auto') and lr only scale the step and are read at every step.
+            options = tuple(group[k] for k in ORTHO_DEFAULTS if k != "ortho") + (group["ortho"] == "auto",)
+            grads = tuple((p.data_ptr(), None if p.grad is None else p.grad.is_sparse) for p in group["params"])
+            key.append((options, grads))
+        return tuple(key)
+
+    def _build_soft_plan(self, workspaces: bool) -> list[_Bucket | distributed.ShardedBucket]:
         """Group the penalized matrices into buckets that share one batched matmul."""
-        buckets: dict[tuple, _Bucket] = {}
+        buckets: dict[Any, Any] = {}
         for gi, group in enumerate(self.param_groups):
             if not _penalized(group) or group["ortho_mode"] != "soft":
                 continue
             auto = group["ortho"] == "auto"
-            eta = None if auto else 2 * group["lr"] * group["ortho"]
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue  # as torch skips it, and its decoupled weight decay with it
@@ -356,25 +380,20 @@ class OrthoMixin:
                         raise NotImplementedError(
                             f"{name}: ortho='auto' is not supported on FSDP2-sharded parameters; give ortho a number"
                         )
-                    sharded = buckets.setdefault("dtensor", distributed.ShardedBucket())
-                    sharded.add(p, layout, eta, group["ortho_smoothing"], group["ortho_penalty"])
+                    buckets.setdefault("dtensor", distributed.ShardedBucket()).add(p, layout, group)
                     continue
                 m, l, n = layout.stack_shape(p.shape)
-                key = (
-                    l,
-                    n,
-                    p.dtype,
-                    p.device,
-                    group["ortho_smoothing"],
-                    group["ortho_penalty"],
-                    group["ortho_nonfinite"],
-                    auto,
-                )
-                bucket = buckets.get(key)
-                if bucket is None:
-                    bucket = buckets[key] = _Bucket(*key[4:])
-                bucket.add(p, layout, m, eta, group["lr"], name)
-        return list(buckets.values())
+                options = (group["ortho_smoothing"], group["ortho_penalty"], group["ortho_nonfinite"], auto)
+                key = (l, n, p.dtype, p.device, *options)
+                if key not in buckets:
+                    buckets[key] = _Bucket(*options)
+                buckets[key].add(p, layout, m, group, name)
+        plan = list(buckets.values())
+        if workspaces:
+            for bucket in plan:
+                if isinstance(bucket, _Bucket):
+                    bucket.allocate()
+        return plan
 
     def _report_nonfinite(self, bucket: _Bucket, finite: torch.Tensor) -> None:
         bad = [name for name, ok in zip(bucket.names, finite.split(bucket.counts)) if not bool(ok.all())]
@@ -410,38 +429,84 @@ class OrthoMixin:
 
 
 class _Bucket:
-    """Matrices of one shape, dtype, device and penalty: one batched matmul."""
+    """Matrices of one shape, dtype, device and penalty options: one batched matmul.
+
+    :meth:`allocate` gives the bucket the workspaces of its step (residual, direction,
+    product, and the stack of several parameters), so that a cached bucket allocates
+    nothing of the parameters' size from its second step on.
+    """
 
     def __init__(self, smoothing: float, kind: str, nonfinite: str, auto: bool):
         self.smoothing = smoothing
         self.kind = kind
         self.nonfinite = nonfinite
         self.auto = auto
-        self.names: list[str] = []
         self.params: list[torch.Tensor] = []
         self.layouts: list[Layout] = []
         self.counts: list[int] = []
-        self.etas: list[Any] = []
-        self.lrs: list[Any] = []
+        self.groups: list[dict] = []
+        self.names: list[str] = []
+        self.views: list[torch.Tensor] | None = None
+        self.r = self.s = self.stack = self.delta = None
+        self.updates: list[torch.Tensor | None] | None = None
 
-    def add(self, p: torch.Tensor, layout: Layout, count: int, eta: Any, lr: Any, name: str) -> None:
-        self.lrs.append(lr)
-        self.names.append(name)
+    def add(self, p: torch.Tensor, layout: Layout, count: int, group: dict, name: str) -> None:
         self.params.append(p)
         self.layouts.append(layout)
         self.counts.append(count)
-        self.etas.append(eta)
+        self.groups.append(group)
+        self.names.append(name)
+
+    def allocate(self) -> None:
+        """Workspaces, and views of the parameters, for every later step."""
+        self.views = [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
+        first = self.views[0]
+        m, l, n = sum(self.counts), first.shape[1], first.shape[2]
+        wide = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
+        self.r = first.new_empty((m, n, n), dtype=wide)
+        self.s = torch.empty_like(self.r)
+        if len(self.params) == 1:
+            # The product goes straight into a parameter-shaped buffer, so that the update
+            # is one contiguous addition whatever the layout.
+            p, layout = self.params[0], self.layouts[0]
+            update = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            self.delta = layout.matrices(update)
+            self.updates = [update]
+        else:
+            self.stack = first.new_empty((m, l, n))
+            self.delta = torch.empty_like(self.stack)
+            chunks = self.delta.split(self.counts)
+            self.updates = [
+                _view_or_none(layout.from_matrices(chunk, p.shape), self.delta)
+                for p, layout, chunk in zip(self.params, self.layouts, chunks)
+            ]
+
+    def workspace_bytes(self) -> int:
+        held = [self.r, self.s, self.stack, self.updates[0] if self.stack is None else self.delta]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def matrices(self) -> torch.Tensor:
-        mats = [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
-        return mats[0] if len(mats) == 1 else torch.cat(mats)
+        mats = self.views or [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
+        return mats[0] if len(mats) == 1 else torch.cat(mats, out=self.stack)
+
+    def step(self, r: torch.Tensor, mats: torch.Tensor, eta: Any, finite: torch.Tensor) -> torch.Tensor:
+        return penalty.penalty_step(
+            r, mats, self.smoothing, self.kind, eta, s_out=self.s, out=self.delta, finite=finite
+        )
+
+    def lrs(self) -> list[Any]:
+        return [g["lr"] for g in self.groups]
 
     def eta(self, like: torch.Tensor) -> torch.Tensor | float:
         """``2γβ``: one number for the bucket, or one per matrix when its groups differ."""
-        first = self.etas[0]
-        if all(e is first or e == first for e in self.etas):
+        etas = [2 * g["lr"] * g["ortho"] for g in self.groups]
+        first = etas[0]
+        # Tensor learning rates are never compared: that would sync, and break torch.compile.
+        if all(g is self.groups[0] for g in self.groups):
             return first
-        return self.per_matrix(self.etas, like)
+        if _is_number(first) and all(_is_number(e) and e == first for e in etas):
+            return first
+        return self.per_matrix(etas, like)
 
     def per_matrix(self, values: list[Any], like: torch.Tensor) -> torch.Tensor:
         """One value per parameter, repeated for each of its matrices."""
@@ -449,13 +514,22 @@ class _Bucket:
             [torch.as_tensor(v, dtype=like.dtype, device=like.device).expand(c) for v, c in zip(values, self.counts)]
         )
 
+    def apply(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` to the parameters (through cached views where they exist)."""
+        cached = self.updates or [None] * len(self.params)
+        updates = [
+            layout.from_matrices(chunk, p.shape) if u is None else u
+            for u, p, layout, chunk in zip(cached, self.params, self.layouts, delta.split(self.counts))
+        ]
+        if len(updates) == 1:
+            self.params[0].add_(updates[0])  # a foreach call costs more than it saves on one tensor
+        else:
+            torch._foreach_add_(self.params, updates)
 
-def _apply(bucket: _Bucket, delta: torch.Tensor) -> None:
-    if isinstance(bucket, distributed.ShardedBucket):
-        return bucket.apply(delta)
-    chunks = delta.split(bucket.counts)
-    updates = [layout.from_matrices(chunk, p.shape) for p, layout, chunk in zip(bucket.params, bucket.layouts, chunks)]
-    torch._foreach_add_(bucket.params, updates)
+
+def _view_or_none(t: torch.Tensor, base: torch.Tensor) -> torch.Tensor | None:
+    """``t`` if it shares ``base``'s memory (a view that stays current), else None."""
+    return t if t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() else None
 
 
 # -- the classes ------------------------------------------------------------------------

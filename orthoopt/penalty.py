@@ -42,28 +42,40 @@ _HALF = (torch.float16, torch.bfloat16)
 MAX_MULTIPLIER_STEP = 0.25
 
 
-def residual(mats: torch.Tensor) -> torch.Tensor:
-    """``R_i = Φ_iᵀ Φ_i - I`` for a stack ``(m, l, n)``; float32 for half-precision stacks."""
+def residual(mats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``R_i = Φ_iᵀ Φ_i - I`` for a stack ``(m, l, n)``; float32 for half-precision stacks.
+
+    ``out``: an ``(m, n, n)`` workspace of the result's dtype (the optimizer reuses one).
+    """
     if mats.dtype in _HALF:
         if mats.is_cuda:
             # bf16/fp16 tensor-core matmul with a float32 output (fp32 accumulation).
-            gram = torch.bmm(mats.mT, mats, out_dtype=torch.float32)
+            gram = torch.bmm(mats.mT, mats, out_dtype=torch.float32, out=out)
         else:
             wide = mats.float()
-            gram = torch.bmm(wide.mT, wide)
+            gram = torch.bmm(wide.mT, wide, out=out)
     else:
-        gram = torch.bmm(mats.mT, mats)
+        gram = torch.bmm(mats.mT, mats, out=out)
     gram.diagonal(dim1=-2, dim2=-1).sub_(1)
     return gram
 
 
-def direction(r: torch.Tensor, smoothing: float | torch.Tensor = 0.0, penalty: str = "l1") -> torch.Tensor:
-    """``h'(R)`` in place of ``R``: sign, clamped ``R/δ`` (Huber), or ``2R`` (squared Frobenius)."""
+def direction(
+    r: torch.Tensor, smoothing: float | torch.Tensor = 0.0, penalty: str = "l1", *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``h'(R)``: sign, clamped ``R/δ`` (Huber), or ``2R`` (squared Frobenius); written into
+    ``out``, or into ``r`` itself when ``out`` is None."""
+    if out is None or out is r:  # in place: also what autograd can differentiate
+        if penalty == "frobenius":
+            return r.mul_(2)
+        if isinstance(smoothing, torch.Tensor) or smoothing > 0:
+            return r.div_(smoothing).clamp_(-1, 1)
+        return r.sign_()
     if penalty == "frobenius":
-        return r.mul_(2)
+        return torch.mul(r, 2, out=out)
     if isinstance(smoothing, torch.Tensor) or smoothing > 0:
-        return r.div_(smoothing).clamp_(-1, 1)
-    return r.sign_()
+        return torch.div(r, smoothing, out=out).clamp_(-1, 1)
+    return torch.sign(r, out=out)
 
 
 def huber(x: torch.Tensor, delta: float) -> torch.Tensor:
@@ -89,22 +101,47 @@ def safe_step_size(r: torch.Tensor, s: torch.Tensor, eta: torch.Tensor | float) 
     keeps the step from diverging for any ``lr·β``.  ``r`` and ``s`` are ``(m, n, n)``.
     """
     tiny = torch.finfo(r.dtype).tiny
-    no_overshoot = r.abs().amax((-2, -1)) / (2 * s.abs().amax((-2, -1))).clamp_min(tiny)
+    no_overshoot = _max_abs(r) / (2 * _max_abs(s)).clamp_min(tiny)
     bounded = MAX_MULTIPLIER_STEP / spectral_norm(s).clamp_min(tiny)
     return torch.minimum(no_overshoot, bounded).clamp_(max=eta).nan_to_num_(nan=0.0)
 
 
-def penalty_step(r: torch.Tensor, mats: torch.Tensor, smoothing: float, kind: str, eta: torch.Tensor | float):
+def _max_abs(x: torch.Tensor) -> torch.Tensor:
+    # vector_norm(inf) reduces without materialising |x|: no (m, n, n) temporary.
+    return torch.linalg.vector_norm(x, float("inf"), dim=(-2, -1))
+
+
+def penalty_step(
+    r: torch.Tensor,
+    mats: torch.Tensor,
+    smoothing: float,
+    kind: str,
+    eta: torch.Tensor | float,
+    *,
+    s_out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    finite: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``-η_i Φ_i S_i`` for a stack, with ``S = direction(R)`` and η_i from :func:`safe_step_size`.
 
     ``r`` is the residual of the *whole* matrices; ``mats`` may be row blocks of them (a
     shard): the step of each block is its rows of the whole step.  Matrices whose residual
-    is not finite get a zero step, so that a NaN stays where it is.
+    is not finite get a zero step, so that a NaN stays where it is (``finite``: the
+    caller's :func:`finite_matrices`).  ``s_out`` (like ``r``) and ``out`` (like ``mats``) are
+    optional workspaces.
     """
-    finite = torch.isfinite(r).all(-1).all(-1)
-    s = direction(r.clone(), smoothing, kind)
-    s.mul_(safe_step_size(r, s, eta).neg()[:, None, None])
-    return torch.where(finite[:, None, None], torch.bmm(mats, s.to(mats.dtype)), 0)
+    finite = finite_matrices(r) if finite is None else finite
+    s = direction(r, smoothing, kind, out=torch.empty_like(r) if s_out is None else s_out)
+    s.mul_(safe_step_size(r, s, eta).neg_()[:, None, None])
+    delta = torch.bmm(mats, s.to(mats.dtype), out=out)
+    return delta.masked_fill_(~finite[:, None, None], 0)
+
+
+def finite_matrices(r: torch.Tensor) -> torch.Tensor:
+    """Which matrices of ``(m, n, n)`` hold only finite values, without an ``(m, n, n)`` mask:
+    a NaN or Inf makes the sum non-finite (so does an overflowing sum, of entries near the
+    float's largest, which are no better)."""
+    return torch.isfinite(r.sum((-2, -1)))
 
 
 def spectral_norm(s: torch.Tensor, iters: int = 8) -> torch.Tensor:
@@ -116,13 +153,16 @@ def spectral_norm(s: torch.Tensor, iters: int = 8) -> torch.Tensor:
     cap ``√n/2`` times too tight on wide layers.
     """
     n = s.shape[-1]
+    tiny = torch.finfo(s.dtype).tiny
     # A fixed, well-spread start vector: deterministic, and no draw from the user's RNG.
     v = torch.cos(torch.arange(n, device=s.device, dtype=s.dtype) * 2.399963).expand(s.shape[:-1]).unsqueeze(-1)
+    v, w = v.clone(), torch.empty_like(v)
     for _ in range(iters):
-        v = torch.bmm(s, v)
-        v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
-    estimate = torch.bmm(s, v).norm(dim=(-2, -1))
-    return torch.minimum(1.1 * estimate, s.abs().sum(-1).amax(-1))
+        torch.bmm(s, v, out=w)
+        torch.div(w, torch.linalg.vector_norm(w, dim=-2, keepdim=True).clamp_min_(tiny), out=v)
+    estimate = torch.linalg.vector_norm(torch.bmm(s, v, out=w), dim=(-2, -1))
+    rowsum = torch.linalg.vector_norm(s, 1, dim=-1).amax(-1)
+    return torch.minimum(estimate.mul_(1.1), rowsum)
 
 
 def _check(phi: torch.Tensor, smoothing: float) -> None:
@@ -175,7 +215,7 @@ def frobenius_orthogonality_grad(phi: torch.Tensor, beta: float = 1.0, *, group_
 
 def _grad(phi, beta, group_dim, smoothing, penalty):
     mats = as_matrices(phi, group_dim)
-    s = direction(residual(mats), smoothing, penalty)
+    s = direction(residual(mats), smoothing, penalty)  # in place of R
     out = torch.bmm(mats, _cast_back(s, mats)).mul_(2 * beta)
     if group_dim is None:
         return out.squeeze(0)

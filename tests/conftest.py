@@ -23,3 +23,9 @@ def orthonormal(m: int, l: int, n: int, dtype=torch.float64, generator=None) -> 
     """A stack (m, l, n) with exactly orthonormal columns (QR of a Gaussian)."""
     q, _ = torch.linalg.qr(torch.randn(m, l, n, dtype=torch.float64, generator=generator))
     return q.to(dtype)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "compile: runs torch.compile (slow on a small CPU; deselect with -m 'not compile')"
+    )

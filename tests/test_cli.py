@@ -102,9 +102,3 @@ def test_bench_dispatch(monkeypatch, capsys):
     monkeypatch.setattr(orthoopt, "bench", fake, raising=False)
     assert cli.main(["bench", "--x", "1"]) == 0
     assert calls == [["--x", "1"]]
-
-
-def test_bench_missing(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "orthoopt.bench", None)  # import fails
-    assert cli.main(["bench"]) == 2
-    assert "orthoopt.bench" in capsys.readouterr().err

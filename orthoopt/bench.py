@@ -1,0 +1,637 @@
+r"""Benchmark of one optimizer step: orthoopt's soft step against its matmul floor.
+
+Every contender runs in one process, on one device, side by side: each round times one
+step of every contender in turn, so that a change of machine load hits all of them alike,
+and a contender's figure is the median over rounds after a warm-up.  At each shape
+``(m, l, n)`` (``m`` matrices ``Φ_i`` of ``l × n``):
+
+=============  ==========================================================================
+``floor``      the two bare batched matmuls of the soft step, :math:`\Phi^\top\Phi` and
+               :math:`\Phi S`, into preallocated buffers
+``base``       torch's AdamW step alone (fused where the device supports it, else foreach)
+``soft``       :class:`orthoopt.OrthoAdamW` with the penalty on; its overhead is
+               ``soft - base``
+``autograd``   ``base`` plus the penalty's gradient by autograd of
+               :func:`orthoopt.l1_orthogonality`, as one writes it by hand
+``hard``       ``ortho_mode='hard'`` (``n/a`` where this tree has no hard mode)
+``geoopt-E``   geoopt's RiemannianAdam on EuclideanStiefel (reference)
+``geoopt-C``   geoopt's RiemannianAdam on CanonicalStiefel (reference)
+=============  ==========================================================================
+
+The ``many`` case puts ``m`` separate ``(l, n)`` parameters in one optimizer and adds
+``soft-stacked`` and ``base-stacked``: one ``(m, l, n)`` parameter of the same size.
+
+Run ``python -m orthoopt bench --help`` (or ``experiments/bench_step.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import penalty
+from .optim import OrthoAdamW
+
+__all__ = ["main", "run", "Case", "TARGETS", "CPU_SHAPES", "CUDA_SHAPES", "MANY"]
+
+CPU_SHAPES = [(16, 256, 64), (256, 64, 16), (1, 1024, 512)]
+CUDA_SHAPES = [(1, 4096, 4096), (32, 4096, 128), (64, 512, 64), (1024, 64, 64)]
+MANY = (48, 512, 64)  # 48 parameters of shape (512, 64) against one (48, 512, 64)
+QUICK_SHAPES = [(4, 32, 8), (16, 16, 4)]
+QUICK_MANY = (6, 32, 8)
+
+# The issue's targets, from ratios measured side by side in one run.
+TARGETS = {
+    "overhead_over_floor": {"cpu": 1.3, "cuda": 1.15},  # (soft - base) / floor, at most
+    "autograd_over_soft": 1.5,  # (base + autograd penalty) / soft, at least
+    "many_over_stacked": 1.2,  # soft step, many parameters / one stacked, at most
+}
+
+LR = 1e-3
+WEIGHT_DECAY = 1e-2
+BETA = 1.0
+HARD = ("hard", "geoopt-E", "geoopt-C")
+CONTENDERS = ("floor", "base", "soft", "autograd", *HARD, "base-stacked", "soft-stacked")
+OPTIONAL = ("soft-compiled",)
+
+
+@dataclass(frozen=True)
+class Case:
+    """``m`` matrices of ``l × n``: one ``(m, l, n)`` parameter, or ``m`` of ``(l, n)``."""
+
+    m: int
+    l: int
+    n: int
+    many: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.m}x({self.l},{self.n}) params" if self.many else f"({self.m},{self.l},{self.n})"
+
+
+@dataclass
+class Contender:
+    """One timed step; ``prepare`` runs untimed before each step."""
+
+    name: str
+    step: Callable[[], object]
+    params: list[torch.Tensor]
+    prepare: Callable[[], None] | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    few: bool = False  # a slow reference, timed on fewer rounds
+    times: list[float] = field(default_factory=list)
+
+
+class NotAvailable(Exception):
+    """A contender this environment cannot run; the table shows it as n/a."""
+
+
+# -- parameters ------------------------------------------------------------------------
+def _start(case: Case, device: torch.device, dtype: torch.dtype, noise: float, seed: int) -> torch.Tensor:
+    """Orthonormal columns plus ``noise``: near the manifold, where training keeps them."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    a = torch.randn(case.m, case.l, case.n, generator=g)
+    q = torch.linalg.qr(a.to(device)).Q
+    if noise:
+        q = q + noise / math.sqrt(case.l) * torch.randn(case.m, case.l, case.n, generator=g).to(device)
+    return q.to(dtype).contiguous()  # QR returns column-major matrices; parameters are row-major
+
+
+def _params(case: Case, device, dtype, *, stacked: bool = False, noise: float = 0.01) -> list[torch.Tensor]:
+    """Leaf parameters with a fixed gradient; ``m`` separate ones in the many case."""
+    data = _start(case, device, dtype, noise, seed=0)
+    grad = (1e-3 * torch.randn(data.shape, generator=torch.Generator().manual_seed(1))).to(device, dtype)
+    pieces = [data] if stacked or not case.many else list(data.unbind(0))
+    grads = [grad] if stacked or not case.many else list(grad.unbind(0))
+    params = []
+    for x, gr in zip(pieces, grads):
+        p = torch.nn.Parameter(x.clone())
+        p.grad = gr.clone()
+        params.append(p)
+    return params
+
+
+def _layout(params: list[torch.Tensor]) -> str:
+    # A (l, n) parameter's n columns; a stack's matrices along axis 0.
+    return "columns" if params[0].dim() == 2 else "group_axis:0"
+
+
+def _adamw_flags(device: torch.device, dtype: torch.dtype) -> dict:
+    """``fused=True`` where torch has the fused kernel for this device and dtype, else foreach."""
+    probe = torch.nn.Parameter(torch.zeros(2, device=device, dtype=dtype))
+    probe.grad = torch.zeros_like(probe)
+    try:
+        torch.optim.AdamW([probe], fused=True).step()
+        return {"fused": True}
+    except (RuntimeError, TypeError, ValueError):
+        return {"foreach": True}
+
+
+# -- contenders ------------------------------------------------------------------------
+def _floor(case, device, dtype, flags) -> Contender:
+    x = _start(case, device, dtype, 0.01, seed=0)
+    half_cuda = dtype in penalty._HALF and x.is_cuda
+    # CUDA accumulates a half Gram in float32 (as orthoopt does); CPU has no such matmul.
+    gram = torch.empty(case.m, case.n, case.n, device=device, dtype=torch.float32 if half_cuda else dtype)
+    s = torch.randn(case.m, case.n, case.n, device=device).to(dtype)
+    prod = torch.empty_like(x)
+
+    def step():
+        if half_cuda:
+            torch.bmm(x.mT, x, out_dtype=torch.float32, out=gram)
+        else:
+            torch.bmm(x.mT, x, out=gram)
+        torch.bmm(x, s, out=prod)
+
+    return Contender("floor", step, [x])
+
+
+def _base(case, device, dtype, flags, *, stacked=False, name="base") -> Contender:
+    params = _params(case, device, dtype, stacked=stacked)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, **flags)
+    return Contender(name, opt.step, params, optimizer=opt)
+
+
+def _soft(case, device, dtype, flags, *, stacked=False, name="soft") -> Contender:
+    params = _params(case, device, dtype, stacked=stacked)
+    opt = OrthoAdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, ortho=BETA, ortho_layout=_layout(params), **flags)
+    return Contender(name, opt.step, params, optimizer=opt)
+
+
+def _autograd(case, device, dtype, flags) -> Contender:
+    from .penalty import l1_orthogonality
+
+    params = _params(case, device, dtype)
+    task_grads = [p.grad.clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, **flags)
+    group_dim = None if params[0].dim() == 2 else 0
+
+    def prepare():
+        # The task's gradient, as backward of the task loss would leave it.
+        for p, g in zip(params, task_grads):
+            p.grad.copy_(g)
+
+    def step():
+        loss = sum(l1_orthogonality(p, BETA, group_dim=group_dim) for p in params)
+        loss.backward()
+        opt.step()
+
+    return Contender("autograd", step, params, prepare=prepare, optimizer=opt)
+
+
+def _compiled(case, device, dtype, flags) -> Contender:
+    """The soft step under ``torch.compile``, as PyTorch documents it for its optimizers:
+    a tensor lr (so that a scheduler does not recompile) and torch's default kernels."""
+    params = _params(case, device, dtype)
+    opt = OrthoAdamW(params, lr=torch.tensor(LR), weight_decay=WEIGHT_DECAY, ortho=BETA, ortho_layout=_layout(params))
+
+    @torch.compile(fullgraph=False)
+    def step():
+        opt.step()
+
+    return Contender("soft-compiled", step, params, optimizer=opt)
+
+
+def _hard(case, device, dtype, flags) -> Contender:
+    _check_hard_mode(device, flags)
+    params = _params(case, device, dtype, noise=0.0)
+    try:
+        opt = OrthoAdamW(
+            params,
+            lr=LR,
+            weight_decay=WEIGHT_DECAY,
+            ortho=BETA,
+            ortho_mode="hard",
+            ortho_layout=_layout(params),
+            **flags,
+        )
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise NotAvailable(f"ortho_mode='hard': {e}") from None
+    return Contender("hard", opt.step, params, optimizer=opt, few=True)
+
+
+def _check_hard_mode(device, flags) -> None:
+    """Raise NotAvailable unless ``ortho_mode='hard'`` keeps a parameter on the manifold."""
+    p = torch.nn.Parameter(_start(Case(2, 16, 4), device, torch.float32, 0.0, seed=2))
+    p.grad = torch.randn_like(p)
+    try:
+        opt = OrthoAdamW([p], lr=0.1, ortho=1.0, ortho_mode="hard", ortho_layout="group_axis:0", **flags)
+        for _ in range(3):
+            opt.step()
+    except (TypeError, ValueError, NotImplementedError, RuntimeError) as e:
+        raise NotAvailable(f"ortho_mode='hard': {type(e).__name__}: {e}") from None
+    error = penalty.orthogonality_error(p.detach(), group_dim=0).max().item()
+    if not error < 1e-4:
+        raise NotAvailable(f"ortho_mode='hard' is not implemented in this tree (orthogonality error {error:.1e})")
+
+
+def _geoopt(case, device, dtype, flags, *, canonical: bool) -> Contender:
+    try:
+        import geoopt
+    except ImportError as e:
+        raise NotAvailable(f"geoopt is not installed ({e})") from None
+    manifold = geoopt.CanonicalStiefel() if canonical else geoopt.EuclideanStiefel()
+    params = []
+    for p in _params(case, device, dtype, noise=0.0):
+        q = geoopt.ManifoldParameter(p.detach().clone(), manifold=manifold)
+        q.grad = p.grad.clone()
+        params.append(q)
+    opt = geoopt.optim.RiemannianAdam(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    return Contender("geoopt-C" if canonical else "geoopt-E", opt.step, params, optimizer=opt, few=True)
+
+
+BUILDERS: dict[str, Callable[..., Contender]] = {
+    "floor": _floor,
+    "base": _base,
+    "soft": _soft,
+    "autograd": _autograd,
+    "hard": _hard,
+    "geoopt-E": lambda *a: _geoopt(*a, canonical=False),
+    "geoopt-C": lambda *a: _geoopt(*a, canonical=True),
+    "base-stacked": lambda *a: _base(*a, stacked=True, name="base-stacked"),
+    "soft-stacked": lambda *a: _soft(*a, stacked=True, name="soft-stacked"),
+    "soft-compiled": _compiled,  # opt-in: compiling takes a while
+}
+
+
+# -- timing ----------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_step(c: Contender, device: torch.device) -> float:
+    """Seconds of one step: CUDA events around it on an idle device, else perf_counter."""
+    if c.prepare is not None:
+        c.prepare()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        c.step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    c.step()
+    return time.perf_counter() - t0
+
+
+def _rounds(contenders: list[Contender], device, repeats: int, few: int, warmup: int) -> None:
+    for c in contenders:
+        # geoopt's TorchScript functions specialise over their first calls: 3 warm-up steps.
+        for _ in range(warmup if not c.few else min(warmup, 3)):
+            if c.prepare is not None:
+                c.prepare()
+            c.step()
+    _sync(device)
+    for r in range(repeats):
+        for c in contenders:
+            if c.few and r >= few:
+                continue
+            c.times.append(_time_step(c, device))
+
+
+# -- memory ----------------------------------------------------------------------------
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _workspace_bytes(opt: torch.optim.Optimizer | None) -> int:
+    """Bytes held by the soft step's cached workspaces."""
+    cache = getattr(opt, "_soft_cache", None)
+    return sum(bucket.workspace_bytes() for bucket in cache[1]) if cache else 0
+
+
+def _memory(c: Contender, device: torch.device) -> dict:
+    """Allocations and transient peak of one step after warm-up (as multiples of the params)."""
+    size = _nbytes(c.params)
+    if c.prepare is not None:
+        c.prepare()
+    if device.type == "cuda":
+        _sync(device)
+        stats = torch.cuda.memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        c.step()
+        _sync(device)
+        after = torch.cuda.memory_stats(device)
+        allocations = after["allocation.all.allocated"] - stats["allocation.all.allocated"]
+        allocated = after["allocated_bytes.all.allocated"] - stats["allocated_bytes.all.allocated"]
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        # No allocator statistics on CPU: the profiler attributes each allocation to an op.
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            c.step()
+        # An event's self memory nets what it allocated and freed; frees of temporaries
+        # land on the enclosing event, so count allocations at its start and frees at its end.
+        timeline = sorted(
+            (e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
+            for e in prof.events()
+            if e.self_cpu_memory_usage
+        )
+        allocations = sum(1 for _, d in timeline if d > 0)
+        allocated = sum(d for _, d in timeline if d > 0)
+        running, peak = 0, 0
+        for _, d in timeline:
+            running += d
+            peak = max(peak, running)
+    return {
+        "allocations_per_step": int(allocations),
+        "allocated_per_step_x_params": allocated / size,
+        "peak_extra_x_params": peak / size,
+        "workspace_x_params": _workspace_bytes(c.optimizer) / size,
+        "params_bytes": size,
+    }
+
+
+# -- one case --------------------------------------------------------------------------
+def _median_ms(c: Contender) -> float | None:
+    return statistics.median(c.times) * 1e3 if c.times else None
+
+
+def _ratios(ms: dict[str, float | None]) -> dict[str, float | None]:
+    def div(a, b):
+        return None if a is None or b is None or b <= 0 else a / b
+
+    overhead = None if ms.get("soft") is None or ms.get("base") is None else ms["soft"] - ms["base"]
+    out = {
+        "overhead_ms": overhead,
+        "overhead_over_floor": div(overhead, ms.get("floor")),
+        "autograd_over_soft": div(ms.get("autograd"), ms.get("soft")),
+    }
+    if "soft-stacked" in ms:
+        out["many_over_stacked"] = div(ms.get("soft"), ms.get("soft-stacked"))
+        stacked = (
+            None
+            if ms.get("soft-stacked") is None or ms.get("base-stacked") is None
+            else (ms["soft-stacked"] - ms["base-stacked"])
+        )
+        out["many_over_stacked_overhead"] = div(overhead, stacked)
+    return out
+
+
+def run_case(case: Case, device, dtype, cfg: argparse.Namespace) -> dict:
+    flags = _adamw_flags(device, dtype)
+    names = [n for n in cfg.contenders if case.many or not n.endswith("-stacked")]
+    contenders, missing = [], {}
+    for name in names:
+        try:
+            contenders.append(BUILDERS[name](case, device, dtype, flags))
+        except NotAvailable as e:
+            missing[name] = str(e)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+            missing[name] = f"{type(e).__name__}: {e}"
+    # A contender that fails on its first step is n/a, not the end of the run.
+    for c in list(contenders):
+        try:
+            if c.prepare is not None:
+                c.prepare()
+            c.step()
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+            missing[c.name] = f"{type(e).__name__}: {e}"
+            contenders.remove(c)
+    _rounds(contenders, device, cfg.repeats, cfg.hard_repeats, cfg.warmup)
+    ms = {c.name: _median_ms(c) for c in contenders}
+    memory = {c.name: _memory(c, device) for c in contenders if c.name in ("base", "soft", "autograd")}
+    return {
+        "case": case.name,
+        "shape": [case.m, case.l, case.n],
+        "many": case.many,
+        "dtype": str(dtype).removeprefix("torch."),
+        "adamw": flags,
+        "median_ms": {n: ms.get(n) for n in names},
+        "min_ms": {c.name: min(c.times) * 1e3 for c in contenders if c.times},
+        "rounds": {c.name: len(c.times) for c in contenders},
+        "n/a": missing,
+        "ratios": _ratios({n: ms.get(n) for n in names}),
+        "memory": memory,
+    }
+
+
+def _verdicts(results: list[dict], device: torch.device) -> dict:
+    """Each target, met or not, with the worst case that decides it."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    out = {}
+    specs = [
+        ("overhead_over_floor", TARGETS["overhead_over_floor"][kind], max),
+        ("autograd_over_soft", TARGETS["autograd_over_soft"], min),
+        ("many_over_stacked", TARGETS["many_over_stacked"], max),
+    ]
+    for key, bound, worst in specs:
+        values = {f"{r['case']} {r['dtype']}": r["ratios"].get(key) for r in results}
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            out[key] = {"bound": bound, "met": None}
+            continue
+        decider = worst(values, key=values.get)
+        met = values[decider] <= bound if worst is max else values[decider] >= bound
+        out[key] = {"bound": bound, "worst": values[decider], "worst_case": decider, "met": bool(met)}
+    soft_alloc = [r["memory"]["soft"]["allocated_per_step_x_params"] for r in results if "soft" in r["memory"]]
+    if soft_alloc:
+        out["soft_allocated_per_step_x_params"] = {"worst": max(soft_alloc)}
+    return out
+
+
+# -- the table -------------------------------------------------------------------------
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def format_table(report: dict) -> str:
+    names = [n for n in (*CONTENDERS, *OPTIONAL) if any(n in r["median_ms"] for r in report["results"])]
+    head = ["case", "dtype", *names, "ovh/floor", "autograd/soft", "many/stacked", "soft alloc/step"]
+    rows = []
+    for r in report["results"]:
+        ratios = r["ratios"]
+        mem = r["memory"].get("soft", {})
+        rows.append(
+            [
+                r["case"],
+                r["dtype"],
+                *[_fmt(r["median_ms"].get(n)) if n in r["median_ms"] else "" for n in names],
+                _fmt(ratios.get("overhead_over_floor"), ".2f"),
+                _fmt(ratios.get("autograd_over_soft"), ".2f"),
+                _fmt(ratios.get("many_over_stacked"), ".2f") if r["many"] else "",
+                _fmt(mem.get("allocated_per_step_x_params"), ".3f") + "x" if mem else "",
+            ]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    meta = report["meta"]
+    out = [
+        f"median ms per step over {meta['repeats']} rounds ({meta['hard_repeats']} for hard/geoopt), "
+        f"{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads",
+        *lines,
+        "",
+    ]
+    for key, v in report["targets"].items():
+        if "bound" in v:
+            state = "n/a" if v["met"] is None else ("met" if v["met"] else "NOT met")
+            worst = "" if v["met"] is None else f": worst {v['worst']:.2f} at {v['worst_case']}"
+            out.append(f"target {key} {'>=' if key == 'autograd_over_soft' else '<='} {v['bound']}: {state}{worst}")
+    for r in report["results"]:
+        for name, why in r["n/a"].items():
+            out.append(f"n/a {name} at {r['case']} {r['dtype']}: {why}")
+    return "\n".join(out)
+
+
+# -- entry points ----------------------------------------------------------------------
+def _shapes(text: str | None, device: torch.device, quick: bool) -> list[Case]:
+    if text is None:
+        shapes = QUICK_SHAPES if quick else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
+        many = QUICK_MANY if quick else MANY
+        return [Case(*s) for s in shapes] + [Case(*many, many=True)]
+    cases = []
+    for item in text.split(","):
+        item = item.strip()
+        many = item.startswith("many")
+        dims = item.removeprefix("many").strip(":") or "x".join(map(str, QUICK_MANY if quick else MANY))
+        try:
+            m, l, n = (int(x) for x in dims.split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: cannot read {item!r}; write MxLxN (e.g. 16x256x64) or many[:MxLxN]") from None
+        if n > l:
+            raise SystemExit(f"--shapes: {item!r} has n={n} > l={l}; n orthonormal columns need l >= n")
+        cases.append(Case(m, l, n, many=many))
+    return cases
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="orthoopt bench",
+        description="Time one optimizer step: the soft step against its matmul floor, torch's AdamW, "
+        "the autograd penalty, the hard mode and geoopt, side by side in one process.",
+    )
+    ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    ap.add_argument(
+        "--shapes", default=None, help="comma-separated MxLxN, 'many' or 'many:MxLxN' (default: the device's set)"
+    )
+    ap.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or both comma-separated (default: float32; on CUDA both)"
+    )
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and few rounds (a smoke test, not a measurement)")
+    ap.add_argument("--out", default=None, help="JSON file to write (default: bench_step_<device>.json)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds per contender (default 50 on CPU, 100 on CUDA)"
+    )
+    ap.add_argument(
+        "--hard-repeats", type=int, default=None, help="rounds for hard/geoopt (default repeats/5, at least 3)"
+    )
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per contender first (default 5)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
+    ap.add_argument(
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"comma-separated, from {', '.join(CONTENDERS + OPTIONAL)} (default: all but {', '.join(OPTIONAL)})",
+    )
+    return ap
+
+
+def _config(argv: Sequence[str] | None) -> argparse.Namespace:
+    cfg = parser().parse_args(argv)
+    cfg.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available; use --device cpu")
+    if cfg.repeats is None:
+        cfg.repeats = 3 if cfg.quick else (100 if cfg.device.type == "cuda" else 50)
+    if cfg.hard_repeats is None:
+        cfg.hard_repeats = 2 if cfg.quick else max(3, cfg.repeats // 5)
+    if cfg.warmup is None:
+        cfg.warmup = 1 if cfg.quick else 5
+    if cfg.repeats < 1 or cfg.hard_repeats < 1 or cfg.warmup < 0:
+        raise SystemExit("--repeats and --hard-repeats must be >= 1, --warmup >= 0")
+    dtypes = cfg.dtype or ("float32,bfloat16" if cfg.device.type == "cuda" and not cfg.quick else "float32")
+    cfg.dtypes = []
+    for name in dtypes.split(","):
+        dt = getattr(torch, name.strip(), None)
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+            raise SystemExit(f"--dtype: {name!r} is not a torch floating dtype; use float32 or bfloat16")
+        cfg.dtypes.append(dt)
+    cfg.contenders = [c.strip() for c in cfg.contenders.split(",") if c.strip()]
+    unknown = [c for c in cfg.contenders if c not in BUILDERS]
+    if unknown:
+        raise SystemExit(f"--contenders: unknown {unknown}; choose from {', '.join(CONTENDERS + OPTIONAL)}")
+    cfg.cases = _shapes(cfg.shapes, cfg.device, cfg.quick)
+    cfg.out = cfg.out or f"bench_step_{cfg.device.type}.json"
+    return cfg
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run(cfg: argparse.Namespace) -> dict:
+    """Every case and dtype of ``cfg``; returns the report written as JSON."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = cfg.device
+    results = []
+    for dtype in cfg.dtypes:
+        for case in cfg.cases:
+            results.append(run_case(case, device, dtype, cfg))
+            print(f"  done {case.name} {dtype}", file=sys.stderr, flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {
+        "meta": {
+            "command": " ".join(sys.argv),
+            "git_commit": _git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(device),
+            "device_name": name,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "repeats": cfg.repeats,
+            "hard_repeats": cfg.hard_repeats,
+            "warmup": cfg.warmup,
+            "quick": cfg.quick,
+            "lr": LR,
+            "weight_decay": WEIGHT_DECAY,
+            "ortho": BETA,
+        },
+        "targets": _verdicts(results, device),
+        "results": results,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m orthoopt bench [flags]``: print the table and write the JSON."""
+    cfg = _config(argv)
+    report = run(cfg)
+    with open(cfg.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(format_table(report))
+    print(f"wrote {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
