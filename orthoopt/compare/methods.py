@@ -4,6 +4,7 @@
 ``none``        the base optimizer alone (plain ``torch.optim.SGD`` or ``AdamW``)
 ``soft``        ``OrthoSGD``/``OrthoAdamW``, the decoupled L1 step (``ortho=β``)
 ``soft-huber``  the same with Huber smoothing (``ortho_smoothing=δ``)
+``soft-auto``   the same with ``ortho='auto'``: β from the running multiplier estimate, no tuning
 ``frobenius``   the same step on ``β‖ΦᵀΦ - I‖²_F`` (``ortho_penalty='frobenius'``)
 ``landing``     the landing update (:mod:`orthoopt.compare.landing`) on the constrained
                 parameters, the base optimizer on the others
@@ -23,7 +24,7 @@ from .landing import Landing
 
 __all__ = ["METHODS", "Settings", "build_optimizers"]
 
-METHODS = ("none", "soft", "soft-huber", "frobenius", "landing", "hard")
+METHODS = ("none", "soft", "soft-huber", "soft-auto", "frobenius", "landing", "hard")
 
 
 @dataclass
@@ -63,7 +64,8 @@ def build_optimizers(method: str, model: torch.nn.Module, problem, s: Settings) 
         options["ortho_penalty"] = "frobenius"
     elif method == "hard":
         options["ortho_mode"] = "hard"
-    groups = ortho_optim.param_groups(model, ortho=s.beta, include=problem.include, exclude=problem.exclude, **options)
+    beta = "auto" if method == "soft-auto" else s.beta
+    groups = ortho_optim.param_groups(model, ortho=beta, include=problem.include, exclude=problem.exclude, **options)
     if method == "landing":
         on = [g for g in groups if g["ortho"]]
         off = [g for g in groups if not g["ortho"]]

@@ -16,6 +16,7 @@ COLORS = {
     "none": "#7f7f7f",
     "soft": "#d62728",
     "soft-huber": "#ff7f0e",
+    "soft-auto": "#8c564b",
     "frobenius": "#2ca02c",
     "landing": "#9467bd",
     "hard": "#1f77b4",
