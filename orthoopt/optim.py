@@ -279,8 +279,11 @@ class OrthoMixin:
             mats = bucket.matrices()
             r = penalty.residual(mats, out=bucket.r)
             finite = penalty.finite_matrices(r)
-            if bucket.nonfinite != "skip" and not bool(finite.all()):
-                self._report_nonfinite(bucket, finite)
+            if bucket.nonfinite != "skip":  # a host sync, which "skip" saves
+                if bool(finite.all()):
+                    finite = True
+                else:
+                    self._report_nonfinite(bucket, finite)
             if bucket.auto:  # β comes from this step's base update: finish after it
                 staged.append((bucket, mats.clone(), r, finite))
             else:
@@ -489,7 +492,7 @@ class _Bucket:
         mats = self.views or [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
         return mats[0] if len(mats) == 1 else torch.cat(mats, out=self.stack)
 
-    def step(self, r: torch.Tensor, mats: torch.Tensor, eta: Any, finite: torch.Tensor) -> torch.Tensor:
+    def step(self, r: torch.Tensor, mats: torch.Tensor, eta: Any, finite: torch.Tensor | bool) -> torch.Tensor:
         return penalty.penalty_step(
             r, mats, self.smoothing, self.kind, eta, s_out=self.s, out=self.delta, finite=finite
         )

@@ -123,21 +123,23 @@ def penalty_step(
     *,
     s_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    finite: torch.Tensor | None = None,
+    finite: torch.Tensor | bool | None = None,
 ) -> torch.Tensor:
     """``-η_i Φ_i S_i`` for a stack, with ``S = direction(R)`` and η_i from :func:`safe_step_size`.
 
     ``r`` is the residual of the *whole* matrices; ``mats`` may be row blocks of them (a
     shard): the step of each block is its rows of the whole step.  Matrices whose residual
     is not finite get a zero step, so that a NaN stays where it is (``finite``: the
-    caller's :func:`finite_matrices`).  ``s_out`` (like ``r``) and ``out`` (like ``mats``) are
+    caller's :func:`finite_matrices`, or True when it has checked them all).  ``s_out`` (like ``r``) and ``out`` (like ``mats``) are
     optional workspaces; with ``s_out`` given, ``r`` is spent as scratch.
     """
     finite = finite_matrices(r) if finite is None else finite
     s = direction(r, smoothing, kind, out=torch.empty_like(r) if s_out is None else s_out)
     s.mul_(safe_step_size(r, s, eta, scratch=r if s_out is not None else None).neg_()[:, None, None])
     delta = torch.bmm(mats, s.to(mats.dtype), out=out)
-    return delta.masked_fill_(~finite[:, None, None], 0)
+    if finite is not True:  # True: the caller has checked that every matrix is finite
+        delta.masked_fill_(~finite[:, None, None], 0)
+    return delta
 
 
 def finite_matrices(r: torch.Tensor) -> torch.Tensor:
