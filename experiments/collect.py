@@ -11,12 +11,12 @@ HERE = Path(__file__).resolve().parent
 ORDER = [
     ("pca_target", "1. Class-wise PCA: the soft target, soft vs hard (k=8, 20,000 steps)"),
     ("pca_beta_sweep_k8", "1. Class-wise PCA: β across the exactness threshold"),
-    ("soft_cap_ablation/pca", "1. Why soft misses: the step cap (PCA)"),
+    ("soft_cap_ablation/pca", "1. Ablation of the step cap (PCA)"),
     ("pca", "1. Class-wise PCA, every method, k in {4, 8, 16}"),
     ("procrustes", "2. Batched orthogonal Procrustes, m in {1, 64, 512}"),
-    ("soft_cap_ablation/procrustes_m64", "2. Why soft misses: the step cap (Procrustes m=64)"),
+    ("soft_cap_ablation/procrustes_m64", "2. Ablation of the step cap (Procrustes m=64)"),
     ("classifiers", "3. Digit classifiers (MLP, CNN)"),
-    ("soft_cap_ablation/mlp", "3. Why soft misses: the step cap (MLP)"),
+    ("soft_cap_ablation/mlp", "3. Ablation of the step cap (MLP)"),
 ]
 
 

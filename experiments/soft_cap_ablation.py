@@ -29,18 +29,18 @@ def _tiny(r):
     return torch.finfo(r.dtype).tiny
 
 
-def projection(r, s, eta):
+def projection(r, s, eta, scratch=None):
     along = (r * s).sum((-2, -1)) / (2 * (s * s).sum((-2, -1))).clamp_min(_tiny(r))
     rowsum = penalty.MAX_MULTIPLIER_STEP / s.abs().sum(-1).amax(-1).clamp_min(_tiny(r))
     return torch.minimum(along, rowsum).clamp_(max=eta).nan_to_num_(nan=0.0)
 
 
-def spectral_only(r, s, eta):
+def spectral_only(r, s, eta, scratch=None):
     bound = penalty.MAX_MULTIPLIER_STEP / penalty.spectral_norm(s).clamp_min(_tiny(r))
     return bound.clamp_(max=eta).nan_to_num_(nan=0.0)
 
 
-def uncapped(r, s, eta):
+def uncapped(r, s, eta, scratch=None):
     return torch.as_tensor(eta, dtype=r.dtype, device=r.device).expand(r.shape[0]).clone()
 
 

@@ -7,18 +7,21 @@ parameter, with :math:`\Phi_i` its matrices (:mod:`orthoopt.layout`), step :math
 .. math::
     \begin{aligned}
     &\Phi^{-} \leftarrow \theta_{t-1}                                     && \text{(value before the step)}\\
-    &\theta_t \leftarrow \textsc{BaseStep}(\theta_{t-1}, g_t)              && \text{(torch's own update, untouched)}\\
-    &R_i = \Phi_i^{-\top}\Phi_i^{-} - I,\quad S_i = h'(R_i)               && \text{(sign, or clamp}(R_i/\delta)\text{)}\\
-    &\eta_i = \min\big(2\gamma\beta,\ \langle R_i,S_i\rangle / 2\|S_i\|_F^2,\ \tfrac14/\|S_i\|_\infty\big)\\
+    &\theta_t \leftarrow \textsc{BaseStep}(\theta_{t-1}, g_t)              && \text{(torch's own update)}\\
+    &R_i = \Phi_i^{-\top}\Phi_i^{-} - I,\qquad \eta = 2\gamma\beta\\
+    &S_i = \operatorname{clamp}\big(R_i / \max(\delta, 2\eta), -1, 1\big)   && \text{(sign}(R_i)\text{ where } |R_i| \ge 2\eta)\\
+    &\eta_i = \min\big(\eta,\ \max|R_i| / 2\max|S_i|,\ \tfrac14/\|S_i\|_2\big)\\
     &\Phi_i(\theta_t) \mathrel{+}= -\eta_i\, \Phi_i^{-} S_i
     \end{aligned}
 
-with :math:`\gamma` the group's (scheduled) learning rate and :math:`\beta` its ``ortho``.
-As AdamW decouples weight decay, the base optimizer's moments never see the penalty.
-Without the two caps the step is exactly :math:`-\gamma\,\partial\mathcal{L}/\partial\Phi`;
-the caps keep it from overshooting the manifold (see
-:func:`orthoopt.penalty.safe_step_size`).  With ``ortho = 0`` everywhere the optimizer is
-bitwise the base class.
+with :math:`\gamma` the group's (scheduled) learning rate, :math:`\beta` its ``ortho`` and
+:math:`\delta` its ``ortho_smoothing``.  As AdamW decouples weight decay, the base
+optimizer's moments never see the penalty.  Where every entry of :math:`R_i` is at least
+:math:`2\eta` and the caps are inactive, the step is exactly
+:math:`-\gamma\,\partial\mathcal{L}/\partial\Phi`; smaller entries are moved to zero instead
+of across it (the linearised proximal step of :math:`|\cdot|`), and the caps keep the step
+from overshooting or diverging (:func:`orthoopt.penalty.safe_step_size`).  With
+``ortho = 0`` everywhere the optimizer is bitwise the base class.
 """
 
 from __future__ import annotations

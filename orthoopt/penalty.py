@@ -134,12 +134,24 @@ def penalty_step(
     optional workspaces; with ``s_out`` given, ``r`` is spent as scratch.
     """
     finite = finite_matrices(r) if finite is None else finite
-    s = direction(r, smoothing, kind, out=torch.empty_like(r) if s_out is None else s_out)
+    s = direction(r, _no_crossing(smoothing, kind, eta), kind, out=torch.empty_like(r) if s_out is None else s_out)
     s.mul_(safe_step_size(r, s, eta, scratch=r if s_out is not None else None).neg_()[:, None, None])
     delta = torch.bmm(mats, s.to(mats.dtype), out=out)
     if finite is not True:  # True: the caller has checked that every matrix is finite
         delta.masked_fill_(~finite[:, None, None], 0)
     return delta
+
+
+def _no_crossing(smoothing: float, kind: str, eta: torch.Tensor | float) -> torch.Tensor | float:
+    # The L1 step uses clamp(R / max(δ, 2η)) instead of sign(R): an entry smaller than 2η
+    # moves to zero instead of across it (the linearised proximal step of |·|), so no entry
+    # of R changes sign to first order and the sign step does not chatter at amplitude 2η.
+    # Entries of at least 2η still get the full sign, which is what keeps the penalty exact.
+    if kind != "l1":
+        return smoothing
+    if isinstance(eta, torch.Tensor):
+        return (2 * eta).clamp(min=smoothing).reshape(-1, 1, 1) if eta.dim() else (2 * eta).clamp(min=smoothing)
+    return max(smoothing, 2 * eta)
 
 
 def finite_matrices(r: torch.Tensor) -> torch.Tensor:

@@ -107,8 +107,9 @@ def test_penalty_is_decoupled_from_the_moments():
 @pytest.mark.parametrize("smoothing", [0.0, 1e-2])
 def test_bounded_step_is_stable_at_any_beta_and_lr(beta, lr, smoothing):
     # Penalty alone from matrices with singular values in [0.3, 2]: the error never exceeds
-    # where it started (a single step at a chattering point may grow it a little: the cap
-    # is exact only in the linearisation), it falls, and it stays finite.
+    # where it started, a single step grows it by at most a few percent (the step is exact
+    # only in the linearisation; measured worst 1.04x), and it converges, to rounding once
+    # lr·β is not tiny.
     torch.manual_seed(1)
     u, _ = torch.linalg.qr(torch.randn(8, 48, 24, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(8, 24, 24, dtype=torch.float64))
@@ -119,12 +120,14 @@ def test_bounded_step_is_stable_at_any_beta_and_lr(beta, lr, smoothing):
     for _ in range(100):
         w.grad = torch.zeros_like(w)
         opt.step()
-        err = orthoopt.orthogonality_error(w.detach(), group_dim=0)
-        assert torch.all(err <= start)
+        new = orthoopt.orthogonality_error(w.detach(), group_dim=0)
+        assert torch.all(new <= start)
+        assert torch.all((new <= 1.1 * err) | (err < 1e-10))
+        err = new
     assert torch.isfinite(w).all()
     assert torch.all(err < 0.9 * start)
-    if lr * beta >= 0.1:
-        assert torch.all(err < 0.1)
+    if lr * beta >= 0.01:
+        assert torch.all(err < 1e-12)
 
 
 def test_unbounded_sign_step_would_diverge():
