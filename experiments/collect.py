@@ -9,6 +9,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
+    ("seed_tensor", "0. The seed's (32, 8, 16) tensor, penalty alone"),
+    ("mlp_swap", "0. The one-line swap on a small MLP"),
     ("pca_target", "1. Class-wise PCA: the soft target, soft vs hard (k=8, 20,000 steps)"),
     ("pca_beta_sweep_k8", "1. Class-wise PCA: β across the exactness threshold"),
     ("soft_cap_ablation/pca", "1. Ablation of the step cap (PCA)"),
