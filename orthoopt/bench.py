@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -626,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m orthoopt bench [flags]``: print the table and write the JSON."""
     cfg = _config(argv)
     report = run(cfg)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     with open(cfg.out, "w") as f:
         json.dump(report, f, indent=2)
     print(format_table(report))
