@@ -43,3 +43,22 @@ def write_md(out: Path, sections: list[str]) -> None:
     (out / "README.md").write_text("\n\n".join(sections) + "\n")
     print("\n\n".join(sections))
     print(f"\nwrote {out}")
+
+
+def sweep(script: str, doc: str, tasks: dict[str, tuple[str, str]], default_steps: int, argv=None) -> None:
+    """Every method on each task (folder -> (task spec, title)), one README section per task."""
+    p = parser(doc.splitlines()[0])
+    p.add_argument("--steps", type=int, default=default_steps)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--lr", type=float, default=None)
+    args = p.parse_args(argv)
+    out = setup(args, script)
+    steps = 40 if args.quick else args.steps
+    sections = []
+    for folder, (spec, title) in tasks.items():
+        comp = compare.run(
+            spec, seeds=1 if args.quick else args.seeds, steps=steps, lr=args.lr, record_every=5, progress=True
+        )
+        cmd = f"python experiments/{script}.py --steps {steps} --seeds {args.seeds}"
+        sections.append(save(comp, out / folder, title=title, command=cmd))
+    write_md(out, sections)
