@@ -295,13 +295,16 @@ class OrthoMixin:
             super().step()
         stiefel.step_(self, hard)
         for bucket, before, r, finite in staged:
-            eta = 2 * bucket.per_matrix(bucket.lrs(), r) * self._auto_beta(bucket, before, finite)
+            lr = bucket.per_matrix(bucket.lrs(), r)
+            eta = 2 * lr * self._auto_beta(bucket, before, finite, lr)
             deltas.append((bucket, bucket.step(r, before, eta, finite)))
         for bucket, delta in deltas:
             bucket.apply(delta)
         return loss
 
-    def _auto_beta(self, bucket: _Bucket, before: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    def _auto_beta(
+        self, bucket: _Bucket, before: torch.Tensor, finite: torch.Tensor | bool, lr: torch.Tensor
+    ) -> torch.Tensor:
         r"""β for ``ortho='auto'``: ``AUTO_SAFETY`` times a running max of the multipliers.
 
         The exact-penalty threshold of the decoupled step is :math:`\max|\Lambda|/2` with
@@ -311,7 +314,7 @@ class OrthoMixin:
         multipliers that shrink as training settles.
         """
         wide = torch.float32 if before.dtype in (torch.float16, torch.bfloat16) else before.dtype
-        lr = bucket.per_matrix(bucket.lrs(), before).to(wide)
+        lr = lr.to(wide)
         u = (bucket.matrices().to(wide) - before.to(wide)) / lr.clamp_min(torch.finfo(wide).tiny)[:, None, None]
         lam = torch.bmm(before.to(wide).mT, u)
         lam = (lam + lam.mT).abs().amax((-2, -1)) / 4  # half the largest entry of sym(Φᵀu)
