@@ -30,18 +30,18 @@ def _tiny(r):
     return torch.finfo(r.dtype).tiny
 
 
-def projection(r, s, eta, scratch=None):
+def projection(r, s, eta, scratch=None, **_):
     along = (r * s).sum((-2, -1)) / (2 * (s * s).sum((-2, -1))).clamp_min(_tiny(r))
     rowsum = penalty.MAX_MULTIPLIER_STEP / s.abs().sum(-1).amax(-1).clamp_min(_tiny(r))
     return torch.minimum(along, rowsum).clamp_(max=eta).nan_to_num_(nan=0.0)
 
 
-def spectral_only(r, s, eta, scratch=None):
+def spectral_only(r, s, eta, scratch=None, **_):
     bound = penalty.MAX_MULTIPLIER_STEP / penalty.spectral_norm(s).clamp_min(_tiny(r))
     return bound.clamp_(max=eta).nan_to_num_(nan=0.0)
 
 
-def uncapped(r, s, eta, scratch=None):
+def uncapped(r, s, eta, scratch=None, **_):
     return torch.as_tensor(eta, dtype=r.dtype, device=r.device).expand(r.shape[0]).clone()
 
 

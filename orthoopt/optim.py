@@ -281,23 +281,24 @@ class OrthoMixin:
                 continue
             mats = bucket.matrices()
             r = penalty.residual(mats, out=bucket.r)
-            finite = penalty.finite_matrices(r)
+            r_max = penalty.max_abs(r)  # the step needs it; NaN or Inf where a matrix is not finite
+            finite = torch.isfinite(r_max)
             if bucket.nonfinite != "skip":  # a host sync, which "skip" saves
                 if bool(finite.all()):
                     finite = True
                 else:
                     self._report_nonfinite(bucket, finite)
             if bucket.auto:  # β comes from this step's base update: finish after it
-                staged.append((bucket, mats.clone(), r, finite))
+                staged.append((bucket, mats.clone(), r, r_max, finite))
             else:
-                deltas.append((bucket, bucket.step(r, mats, bucket.eta(r), finite)))
+                deltas.append((bucket, bucket.step(r, mats, bucket.eta(r), finite, r_max)))
         with stiefel.grads_hidden(hard):
             super().step()
         stiefel.step_(self, hard)
-        for bucket, before, r, finite in staged:
+        for bucket, before, r, r_max, finite in staged:
             lr = bucket.per_matrix(bucket.lrs(), r)
             eta = 2 * lr * self._auto_beta(bucket, before, finite, lr)
-            deltas.append((bucket, bucket.step(r, before, eta, finite)))
+            deltas.append((bucket, bucket.step(r, before, eta, finite, r_max)))
         for bucket, delta in deltas:
             bucket.apply(delta)
         return loss
@@ -498,9 +499,11 @@ class _Bucket:
         mats = self.views or [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
         return mats[0] if len(mats) == 1 else torch.cat(mats, out=self.stack)
 
-    def step(self, r: torch.Tensor, mats: torch.Tensor, eta: Any, finite: torch.Tensor | bool) -> torch.Tensor:
+    def step(
+        self, r: torch.Tensor, mats: torch.Tensor, eta: Any, finite: torch.Tensor | bool, r_max: torch.Tensor
+    ) -> torch.Tensor:
         return penalty.penalty_step(
-            r, mats, self.smoothing, self.kind, eta, s_out=self.s, out=self.delta, finite=finite
+            r, mats, self.smoothing, self.kind, eta, s_out=self.s, out=self.delta, finite=finite, r_max=r_max
         )
 
     def lrs(self) -> list[Any]:

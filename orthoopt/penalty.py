@@ -34,12 +34,15 @@ __all__ = [
     "huber",
     "safe_step_size",
     "penalty_step",
+    "max_abs",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
 # Largest relative change of Φ that one penalty step may make: Φ ← Φ (I - ηS) with
 # ‖ηS‖₂ ≤ 1/4 keeps every singular value within a factor [3/4, 5/4] of its old value.
 MAX_MULTIPLIER_STEP = 0.25
+# The CPU skip of the cap asks for this much room below it, more than the rounding of a row sum.
+_CAP_MARGIN = 1 - 1e-3
 
 
 def residual(mats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,7 +88,13 @@ def huber(x: torch.Tensor, delta: float) -> torch.Tensor:
 
 
 def safe_step_size(
-    r: torch.Tensor, s: torch.Tensor, eta: torch.Tensor | float, scratch: torch.Tensor | None = None
+    r: torch.Tensor,
+    s: torch.Tensor,
+    eta: torch.Tensor | float,
+    scratch: torch.Tensor | None = None,
+    *,
+    r_max: torch.Tensor | None = None,
+    s_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-matrix step :math:`\eta_i` for :math:`\Phi_i \leftarrow \Phi_i (I - \eta_i S_i)`.
 
@@ -102,23 +111,29 @@ def safe_step_size(
     value stays within a factor [3/4, 5/4], up to the estimate of :func:`spectral_norm`),
     which bounds what the linearisation leaves out and keeps the step from diverging for
     any ``lr·β``.  ``r`` and ``s`` are ``(m, n, n)``; ``scratch``, like them, is overwritten.
+    ``r_max`` and ``s_max``: :func:`max_abs` of ``r`` and ``s``, if the caller has them.
     """
     tiny = torch.finfo(r.dtype).tiny
-    no_overshoot = _max_abs(r) / (2 * _max_abs(s)).clamp_min(tiny)
-    rowsum = torch.abs(s, out=scratch).sum(-1).amax(-1)  # an upper bound of ‖S‖₂
-    if (
-        s.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and bool((rowsum * eta <= MAX_MULTIPLIER_STEP).all())
-    ):
-        norm = rowsum  # the cap cannot bind: skip the power iteration (a host check, free on CPU)
+    r_max = max_abs(r) if r_max is None else r_max
+    s_max = max_abs(s) if s_max is None else s_max
+    no_overshoot = r_max / (2 * s_max).clamp_min(tiny)
+    if s.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Host checks, free on CPU, that skip the cap's work where it cannot bind, with the
+        # same result: ‖S‖₂ <= max row sum <= n·max|S| (a margin covers the sums' rounding).
+        n = s.shape[-1]
+        if bool((s_max * eta * n <= _CAP_MARGIN * MAX_MULTIPLIER_STEP).all()):
+            return no_overshoot.clamp_(max=eta).nan_to_num_(nan=0.0)
+        rowsum = torch.abs(s, out=scratch).sum(-1).amax(-1)
+        if bool((rowsum * eta <= _CAP_MARGIN * MAX_MULTIPLIER_STEP).all()):
+            return no_overshoot.clamp_(max=eta).nan_to_num_(nan=0.0)
     else:
-        norm = spectral_norm(s, rowsum=rowsum)
-    bounded = MAX_MULTIPLIER_STEP / norm.clamp_min(tiny)
+        rowsum = torch.abs(s, out=scratch).sum(-1).amax(-1)  # an upper bound of ‖S‖₂
+    bounded = MAX_MULTIPLIER_STEP / spectral_norm(s, rowsum=rowsum).clamp_min(tiny)
     return torch.minimum(no_overshoot, bounded).clamp_(max=eta).nan_to_num_(nan=0.0)
 
 
-def _max_abs(x: torch.Tensor) -> torch.Tensor:
+def max_abs(x: torch.Tensor) -> torch.Tensor:
+    """``max_jk |x_jk|`` per matrix of an ``(m, n, n)`` stack; NaN where a matrix holds one."""
     # max(amax, -amin): no (m, n, n) temporary for |x|, and far faster than vector_norm(inf)
     return torch.maximum(x.amax((-2, -1)), x.amin((-2, -1)).neg_())
 
@@ -133,22 +148,40 @@ def penalty_step(
     s_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     finite: torch.Tensor | bool | None = None,
+    r_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``-η_i Φ_i S_i`` for a stack, with ``S = direction(R)`` and η_i from :func:`safe_step_size`.
 
     ``r`` is the residual of the *whole* matrices; ``mats`` may be row blocks of them (a
     shard): the step of each block is its rows of the whole step.  Matrices whose residual
-    is not finite get a zero step, so that a NaN stays where it is (``finite``: the
-    caller's :func:`finite_matrices`, or True when it has checked them all).  ``s_out`` (like ``r``) and ``out`` (like ``mats``) are
-    optional workspaces; with ``s_out`` given, ``r`` is spent as scratch.
+    is not finite get a zero step, so that a NaN stays where it is (``finite``: which are, or
+    True when the caller has checked them all).  ``r_max``: :func:`max_abs` of ``r``, if the
+    caller has it.  ``s_out`` (like ``r``) and ``out`` (like ``mats``) are optional
+    workspaces; with ``s_out`` given, ``r`` is spent as scratch.
     """
-    finite = finite_matrices(r) if finite is None else finite
-    s = direction(r, _no_crossing(smoothing, kind, eta), kind, out=torch.empty_like(r) if s_out is None else s_out)
-    s.mul_(safe_step_size(r, s, eta, scratch=r if s_out is not None else None).neg_()[:, None, None])
+    r_max = max_abs(r) if r_max is None else r_max
+    finite = torch.isfinite(r_max) if finite is None else finite
+    cutoff = _no_crossing(smoothing, kind, eta)
+    s = direction(r, cutoff, kind, out=torch.empty_like(r) if s_out is None else s_out)
+    eta_i = safe_step_size(
+        r, s, eta, scratch=r if s_out is not None else None, r_max=r_max, s_max=_direction_max(r_max, cutoff, kind)
+    )
+    s.mul_(eta_i.neg_()[:, None, None])
     delta = torch.bmm(mats, s.to(mats.dtype), out=out)
     if finite is not True:  # True: the caller has checked that every matrix is finite
         delta.masked_fill_(~finite[:, None, None], 0)
     return delta
+
+
+def _direction_max(r_max: torch.Tensor, cutoff: torch.Tensor | float, kind: str) -> torch.Tensor:
+    # max|h'(R)| from max|R|, exactly: h' is odd and monotone, and so is its rounding.
+    if kind == "frobenius":
+        return r_max * 2
+    if isinstance(cutoff, torch.Tensor):
+        return (r_max / cutoff.reshape(-1)).clamp_(max=1)
+    if cutoff > 0:
+        return (r_max / cutoff).clamp_(max=1)
+    return torch.sign(r_max)  # of sign(R): 1, or 0 for R = 0
 
 
 def _no_crossing(smoothing: float, kind: str, eta: torch.Tensor | float) -> torch.Tensor | float:
@@ -161,13 +194,6 @@ def _no_crossing(smoothing: float, kind: str, eta: torch.Tensor | float) -> torc
     if isinstance(eta, torch.Tensor):
         return (2 * eta).clamp(min=smoothing).reshape(-1, 1, 1) if eta.dim() else (2 * eta).clamp(min=smoothing)
     return max(smoothing, 2 * eta)
-
-
-def finite_matrices(r: torch.Tensor) -> torch.Tensor:
-    """Which matrices of ``(m, n, n)`` hold only finite values, without an ``(m, n, n)`` mask:
-    a NaN or Inf makes the sum non-finite (so does an overflowing sum, of entries near the
-    float's largest, which are no better)."""
-    return torch.isfinite(r.sum((-2, -1)))
 
 
 def spectral_norm(s: torch.Tensor, iters: int = 4, rowsum: torch.Tensor | None = None) -> torch.Tensor:

@@ -197,3 +197,30 @@ def test_spectral_norm_estimate():
     est = penalty.spectral_norm(s)
     exact = torch.linalg.matrix_norm(s, 2)
     assert torch.all(est >= 0.85 * exact) and torch.all(est <= s.abs().sum(-1).amax(-1))
+
+
+@pytest.mark.parametrize("kind, smoothing", [("l1", 0.0), ("l1", 0.05), ("frobenius", 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_direction_max_is_max_abs_of_the_direction_exactly(kind, smoothing, dtype):
+    """The step reads max|S| off max|R| instead of a pass over S: the two are bitwise equal."""
+    r = torch.randn(40, 7, 7, dtype=dtype) * torch.logspace(-8, 0, 40, dtype=dtype)[:, None, None]
+    r[0] = 0  # sign's max is 0 there
+    r = r + r.mT
+    for eta in (0.0, 1e-6, 1e-3, torch.logspace(-6, -1, 40, dtype=dtype)):
+        cutoff = penalty._no_crossing(smoothing, kind, eta)
+        s = penalty.direction(r.clone(), cutoff, kind)
+        assert torch.equal(penalty._direction_max(penalty.max_abs(r), cutoff, kind), penalty.max_abs(s))
+
+
+@pytest.mark.parametrize("eta", [1e-4, 1e-2, 0.05, 0.3, 10.0])
+def test_safe_step_size_cpu_skips_only_where_the_cap_cannot_bind(eta):
+    """Skipping the cap's work on CPU (where n·max|S| or the row sums are small) changes nothing."""
+    r = torch.randn(30, 9, 9, dtype=torch.float64) * torch.logspace(-6, 0, 30, dtype=torch.float64)[:, None, None]
+    r = r + r.mT
+    for s in (r.sign(), penalty.direction(r.clone(), 0.1)):
+        tiny = torch.finfo(r.dtype).tiny
+        no_overshoot = penalty.max_abs(r) / (2 * penalty.max_abs(s)).clamp_min(tiny)
+        rowsum = s.abs().sum(-1).amax(-1)
+        capped = penalty.MAX_MULTIPLIER_STEP / penalty.spectral_norm(s, rowsum=rowsum).clamp_min(tiny)
+        expected = torch.minimum(no_overshoot, capped).clamp_(max=eta)
+        assert torch.equal(penalty.safe_step_size(r, s, eta), expected)
