@@ -53,6 +53,7 @@ __all__ = [
     "ShardedBucket",
     "communication_per_step",
     "max_error",
+    "project_",
     "refuse_hard",
 ]
 
@@ -198,11 +199,7 @@ class ShardedBucket:
         full = p.full_tensor()
         mats = e.layout.matrices(full)
         stack = penalty.penalty_step(penalty.residual(mats), mats, e.smoothing, e.kind, e.eta)
-        whole = e.layout.from_matrices(stack, full.shape)
-        # Replicate -> any placement is a local slice, with no communication; the clone lets
-        # the whole delta go now rather than after the base step.
-        replicated = DTensor.from_local(whole, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
-        return replicated.redistribute(p.device_mesh, p.placements).to_local().clone()
+        return _local_part(p, e.layout.from_matrices(stack, full.shape))
 
     @torch.no_grad()
     def apply(self, deltas: list[torch.Tensor | None]) -> None:
@@ -213,6 +210,25 @@ class ShardedBucket:
             if e.path != "gather":
                 d = e.layout.from_matrices(d, local.shape)
             local.add_(d)
+
+
+def _local_part(p: Any, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``whole`` (shaped like the global ``p``, the same on every rank)."""
+    # Replicate -> any placement is a local slice, with no communication; the clone lets
+    # ``whole`` go now.
+    replicated = DTensor.from_local(whole, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+    return replicated.redistribute(p.device_mesh, p.placements).to_local().clone()
+
+
+@torch.no_grad()
+def project_(p: Any, layout: Layout) -> None:
+    """Snap a DTensor parameter to the polar factor of its whole matrices (a collective).
+
+    Every rank gathers the parameter and takes the same SVD (the same input on the same
+    library: the same bits), then keeps its own part.
+    """
+    full = p.full_tensor()
+    p.to_local().copy_(_local_part(p, layout.from_matrices(penalty.polar(layout.matrices(full)), full.shape)))
 
 
 @torch.no_grad()

@@ -658,19 +658,13 @@ def _constrained(model: nn.Module, layout: str, **kwargs: Any) -> list[tuple[str
     return out
 
 
-def polar(mats: torch.Tensor) -> torch.Tensor:
-    """The nearest matrices with orthonormal columns, ``U Vᵀ`` from the thin SVD."""
-    wide = mats.float() if mats.dtype in (torch.float16, torch.bfloat16) else mats
-    u, _, vh = torch.linalg.svd(wide, full_matrices=False)
-    return (u @ vh).to(mats.dtype)
-
-
 @torch.no_grad()
 def project_(target: torch.optim.Optimizer | nn.Module | Iterable[torch.Tensor], layout: str = "auto") -> None:
     """Snap each constrained parameter to its nearest orthonormal point (the polar factor).
 
     ``target`` is an ortho optimizer (its groups' layouts, penalized groups only), a model
     (the parameters :func:`param_groups` would penalize, with ``layout``), or parameters.
+    On FSDP2-sharded parameters it is a collective: every rank must call it.
     """
     if isinstance(target, OrthoMixin):
         items = [
@@ -684,8 +678,12 @@ def project_(target: torch.optim.Optimizer | nn.Module | Iterable[torch.Tensor],
     else:
         items = [(p, resolve_layout(layout, p.shape, f"parameter {i}")) for i, p in enumerate(target)]
     for p, lay in items:
-        if lay is not None:
-            p.copy_(lay.from_matrices(polar(lay.matrices(p)), p.shape))
+        if lay is None:
+            continue
+        if distributed.is_dtensor(p):  # FSDP2: the SVD needs whole matrices
+            distributed.project_(p, lay)
+        else:
+            p.copy_(lay.from_matrices(penalty.polar(lay.matrices(p)), p.shape))
 
 
 def named_orthogonality_errors(model: nn.Module, layout: str = "auto", **kwargs: Any) -> dict[str, float]:

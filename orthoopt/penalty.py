@@ -35,6 +35,7 @@ __all__ = [
     "safe_step_size",
     "penalty_step",
     "max_abs",
+    "polar",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -218,6 +219,13 @@ def spectral_norm(s: torch.Tensor, iters: int = 4, rowsum: torch.Tensor | None =
     if rowsum is None:
         rowsum = s.abs().sum(-1).amax(-1)
     return torch.minimum(estimate.mul_(1.1), rowsum)
+
+
+def polar(mats: torch.Tensor) -> torch.Tensor:
+    """The nearest matrices with orthonormal columns, ``U Vᵀ`` from the thin SVD."""
+    wide = mats.float() if mats.dtype in (torch.float16, torch.bfloat16) else mats
+    u, _, vh = torch.linalg.svd(wide, full_matrices=False)
+    return (u @ vh).to(mats.dtype)
 
 
 def _check(phi: torch.Tensor, smoothing: float) -> None:

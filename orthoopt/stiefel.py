@@ -47,7 +47,7 @@ Choices and known traps (geoopt 0.5.1):
   would pull the matrices off the manifold, so it is **ignored** for hard parameters (it
   still applies to every other parameter of the optimizer).
 * **Initial projection.** A hard parameter is projected onto the manifold (the polar
-  factor, :func:`orthoopt.optim.polar`) at its first hard step, and a warning names every
+  factor, :func:`orthoopt.penalty.polar`) at its first hard step, and a warning names every
   parameter whose error :math:`\max|X^\top X - I|` was above ``PROJECTION_TOL`` (or, in half
   precision, above twice its error after projection) with its error before projection.
   Call :func:`orthoopt.project_` on the optimizer before training to start on it.
@@ -108,6 +108,7 @@ from typing import Any
 import geoopt
 import torch
 
+from . import penalty
 from .layout import Layout
 
 __all__ = [
@@ -396,13 +397,13 @@ def _widen_state(state: dict[str, Any], dtype: torch.dtype) -> None:
 
 def _project_new(optimizer: torch.optim.Optimizer, items: list[HardItem]) -> None:
     """Snap parameters that start hard mode onto the manifold; warn about those that moved."""
-    from .optim import _max_error, polar  # optim imports this module
+    from .optim import _max_error  # optim imports this module
 
     moved = []
     for item in items:
         p, layout = item.param, item.layout
         before = _max_error(layout, p)
-        p.copy_(layout.from_matrices(polar(layout.matrices(p)), p.shape))
+        p.copy_(layout.from_matrices(penalty.polar(layout.matrices(p)), p.shape))
         # A half parameter is only as orthonormal as its rounding: judge it against that.
         if not before <= max(PROJECTION_TOL, 2 * _max_error(layout, p)):
             moved.append(f"{item.name} (max |XᵀX - I| = {before:.3g})")

@@ -228,6 +228,14 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
             "comm": odist.communication_per_step(opt),
         }
         results["hard"] = _try_hard_step()
+        model = _Net()
+        fully_shard(model)
+        opt = _fsdp_optimizer(model)
+        orthoopt.project_(opt)
+        results["project"] = {
+            "params": {n: p.full_tensor() for n, p in model.named_parameters()},
+            "errors": opt.orthogonality_errors(),
+        }
         torch.save(results, os.path.join(out, f"fsdp-{rank}.pt"))
     finally:
         _shutdown()
@@ -328,3 +336,19 @@ def test_sharded_axis_is_where_dim0_lands():
         axis = odist.sharded_axis(layout)
         varying = [a for a, name in enumerate("mln") if mats.shape[a] > 1 and not (mats == mats.narrow(a, 0, 1)).all()]
         assert varying == ["mln".index(axis)], (spec, axis, varying)
+
+
+def test_project_on_sharded_parameters_is_the_unsharded_projection(fsdp_runs):
+    """``project_`` after ``fully_shard``: each rank keeps its part of the whole matrices' polar factor."""
+    model = _Net()
+    opt = _fsdp_optimizer(model)
+    orthoopt.project_(opt)
+    assert max(opt.orthogonality_errors().values()) < 1e-12
+    for r in range(WORLD):
+        projected = fsdp_runs[r]["project"]
+        for name, ref in model.named_parameters():
+            torch.testing.assert_close(projected["params"][name], ref.detach(), rtol=0, atol=1e-12, msg=name)
+        assert projected["errors"].keys() == opt.orthogonality_errors().keys()
+        assert max(projected["errors"].values()) < 1e-12
+    # The projection moved the weights: the comparison above is not of untouched parameters.
+    assert (dict(_Net().named_parameters())["up.weight"] - model.up.weight).abs().max() > 1e-2

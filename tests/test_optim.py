@@ -311,7 +311,7 @@ def test_auto_beta_estimates_the_exact_penalty_threshold():
     cov = a @ a.mT / l
     evals = torch.linalg.eigvalsh(cov)
     fstar = -0.5 * evals[:, -k:].sum()
-    phi = nn.Parameter(orthoopt.optim.polar(torch.randn(m, l, k, dtype=torch.float64)))
+    phi = nn.Parameter(orthoopt.penalty.polar(torch.randn(m, l, k, dtype=torch.float64)))
     opt = orthoopt.OrthoSGD([phi], lr=0.02, ortho="auto", ortho_layout="group_axis:0")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 2000)
     for _ in range(2000):

@@ -13,7 +13,8 @@ from torch import nn
 
 import orthoopt
 from orthoopt import stiefel
-from orthoopt.optim import param_groups, polar
+from orthoopt.optim import param_groups
+from orthoopt.penalty import polar
 
 HARD = {"ortho": 1.0, "ortho_mode": "hard"}
 
