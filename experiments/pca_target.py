@@ -18,7 +18,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", default="soft,hard,frobenius,landing")
+    p.add_argument("--methods", default="soft,soft-auto,hard,frobenius,landing")
     args = p.parse_args(argv)
     out = setup(args, "pca_target")
     steps = 200 if args.quick else args.steps
