@@ -140,6 +140,8 @@ def run_pair(make_ours, make_geoopt, manifold: str, steps: int = 30, seed_buffer
         opt.step()
         ref.step()
         torch.testing.assert_close(ours.detach(), theirs.detach(), atol=2e-6, rtol=0, msg=f"step {t}")
+    # Both moved well beyond the tolerance: the agreement is not that of two idle optimizers.
+    assert (ours.detach() - x0).abs().max() > 1e-2
     return ours, theirs
 
 
@@ -385,9 +387,12 @@ def test_no_warning_when_already_on_the_manifold():
     opt = orthoopt.OrthoAdamW(param_groups(lin, ortho=1.0, ortho_mode="hard"), lr=1e-2)
     orthoopt.project_(opt)
     lin.weight.grad = torch.randn(4, 12)
+    before = lin.weight.detach().clone()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()
+    assert not torch.equal(lin.weight, before)  # it stepped, silently
+    assert max(opt.orthogonality_errors().values()) < 1e-5
 
 
 # -- the traps -------------------------------------------------------------------------------
