@@ -28,6 +28,10 @@ same on every rank: each rank updates its own rows and nothing else is sent.  Th
 math itself is :func:`orthoopt.penalty.residual`, :func:`~orthoopt.penalty.direction` and
 :func:`~orthoopt.penalty.safe_step_size`, as for unsharded parameters.
 
+With ``ortho='auto'`` (:mod:`orthoopt.auto`) β comes from the base update: after the base
+step, each rank forms :math:`\Phi^{(r)\top} u^{(r)}` of its rows and the same all-reduce sums
+it (the gather path gathers the old and new values instead; the local path needs nothing).
+
 The optimizer routes every DTensor parameter here (:class:`ShardedBucket`), in the same
 order on every rank, so that the collectives match.  Replicated mesh dimensions (HSDP) are
 not reduced over; any placement other than ``Shard(0)`` and ``Replicate`` takes the gather
@@ -42,7 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import penalty
+from . import auto, penalty
 from .layout import Layout
 
 __all__ = [
@@ -96,15 +100,23 @@ def _local_matrices(layout: Layout, local: torch.Tensor) -> torch.Tensor:
     return layout.matrices(local)
 
 
-def _all_reduce_residuals(mesh: Any, dims: tuple[int, ...], residuals: list[torch.Tensor]) -> None:
-    """``R_i ← Σ_ranks (Φ_i^{(r)ᵀ}Φ_i^{(r)} - I) + (W-1) I`` in place: one all-reduce per mesh dim."""
-    flat = torch.cat([r.reshape(-1) for r in residuals])
+def _all_reduce_sums(mesh: Any, dims: tuple[int, ...], parts: list[torch.Tensor]) -> int:
+    """Sum each tensor over the ranks of the mesh dims, in place, in one all-reduce per mesh
+    dim; returns how many ranks were summed over."""
+    flat = torch.cat([t.reshape(-1) for t in parts])
     world = 1
     for d in dims:
         dist.all_reduce(flat, group=mesh.get_group(d))
         world *= mesh.size(d)
-    for r, part in zip(residuals, flat.split([r.numel() for r in residuals])):
-        r.copy_(part.view_as(r))
+    for t, part in zip(parts, flat.split([t.numel() for t in parts])):
+        t.copy_(part.view_as(t))
+    return world
+
+
+def _all_reduce_residuals(mesh: Any, dims: tuple[int, ...], residuals: list[torch.Tensor]) -> None:
+    """``R_i ← Σ_ranks (Φ_i^{(r)ᵀ}Φ_i^{(r)} - I) + (W-1) I`` in place: one all-reduce per mesh dim."""
+    world = _all_reduce_sums(mesh, dims, residuals)
+    for r in residuals:
         # Every rank subtracted I once; the whole residual subtracts it once.
         r.diagonal(dim1=-2, dim2=-1).add_(world - 1)
 
@@ -152,6 +164,34 @@ class _Entry:
     def path(self) -> str:
         return path(self.param, self.layout)
 
+    @property
+    def auto(self) -> bool:
+        return self.group["ortho"] == "auto"
+
+    def matrices(self, local: torch.Tensor | None = None) -> torch.Tensor:
+        """What this rank steps, of the parameter or of an earlier copy of its shard
+        (``local``): the whole matrices (gathered) on the gather path, else its own row
+        blocks or whole groups, as views of the shard."""
+        p = self.param
+        if self.path == "gather":
+            whole = p if local is None else _with_shard(p, local)
+            return self.layout.matrices(whole.full_tensor())
+        return _local_matrices(self.layout, p.to_local() if local is None else local)
+
+
+def _with_shard(p: Any, local: torch.Tensor) -> Any:
+    """The DTensor laid out like ``p`` whose shard on this rank is ``local``."""
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+@dataclass
+class _Staged:
+    """An ``ortho='auto'`` entry between the residual and the base step (β needs its update).
+    It keeps this rank's shard, not gathered matrices, so that nothing whole outlives its use."""
+
+    r: torch.Tensor  # the whole matrices' residual
+    shard: torch.Tensor  # a copy of the local shard before the step
+
 
 class ShardedBucket:
     """The soft step of every DTensor parameter of one optimizer step.
@@ -169,37 +209,52 @@ class ShardedBucket:
         self.entries.append(_Entry(p, layout, group))
 
     @torch.no_grad()
-    def delta(self) -> list[torch.Tensor | None]:
-        deltas: list[torch.Tensor | None] = [None] * len(self.entries)
+    def delta(self) -> list[Any]:
+        """Before the base step: each entry's delta, or for ``ortho='auto'`` what
+        :meth:`finish` needs to compute it after the step.  Gathered matrices are used and
+        dropped one parameter at a time."""
+        deltas: list[Any] = [None] * len(self.entries)
         reduced: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         for k, e in enumerate(self.entries):
-            how = e.path
-            if how == "gather":
-                deltas[k] = self._gathered_delta(e)
-                continue
-            mats = _local_matrices(e.layout, e.param.to_local())
+            mats = e.matrices()
             r = penalty.residual(mats)
-            if how == "local":
-                deltas[k] = penalty.penalty_step(r, mats, e.smoothing, e.kind, e.eta)
+            if e.path == "all_reduce":
+                reduced.setdefault((id(e.param.device_mesh), shard_dims(e.param), r.dtype), []).append((k, r, mats))
             else:
-                key = (id(e.param.device_mesh), shard_dims(e.param), r.dtype)
-                reduced.setdefault(key, []).append((k, mats, r))
+                deltas[k] = self._before_step(e, r, mats)
         for items in reduced.values():
-            first = self.entries[items[0][0]]
-            _all_reduce_residuals(first.param.device_mesh, shard_dims(first.param), [r for _, _, r in items])
-            for k, mats, r in items:
-                e = self.entries[k]
-                deltas[k] = penalty.penalty_step(r, mats, e.smoothing, e.kind, e.eta)
+            p = self.entries[items[0][0]].param
+            _all_reduce_residuals(p.device_mesh, shard_dims(p), [r for _, r, _ in items])
+            for k, r, mats in items:
+                deltas[k] = self._before_step(self.entries[k], r, mats)
         return deltas
 
+    def _before_step(self, e: _Entry, r: torch.Tensor, mats: torch.Tensor) -> Any:
+        return _Staged(r, e.param.to_local().clone()) if e.auto else self._step(e, r, mats, e.eta)
+
+    @torch.no_grad()
+    def finish(self, deltas: list[Any], state: Any) -> None:
+        """After the base step: β of the ``'auto'`` entries from their update, and their deltas
+        (``state``: the optimizer's, for the running estimate)."""
+        for k, (e, staged) in enumerate(zip(self.entries, deltas)):
+            if not isinstance(staged, _Staged):
+                continue
+            before = e.matrices(staged.shard)
+            lr = torch.as_tensor(e.group["lr"], dtype=staged.r.dtype, device=before.device).expand(before.shape[0])
+            products = auto.update_products(before, e.matrices(), lr)
+            if e.path == "all_reduce":  # a sum over rows, like the Gram
+                _all_reduce_sums(e.param.device_mesh, shard_dims(e.param), [products])
+            lam = auto.threshold(products, torch.isfinite(penalty.max_abs(staged.r)) & (lr > 0))
+            beta = auto.AUTO_SAFETY * auto.remember(state[e.param], lam)
+            deltas[k] = self._step(e, staged.r, before, 2 * lr * beta)
+
     @staticmethod
-    def _gathered_delta(e: _Entry) -> torch.Tensor:
-        """The whole parameter's delta, computed on every rank from an all-gather; the local slice."""
-        p = e.param
-        full = p.full_tensor()
-        mats = e.layout.matrices(full)
-        stack = penalty.penalty_step(penalty.residual(mats), mats, e.smoothing, e.kind, e.eta)
-        return _local_part(p, e.layout.from_matrices(stack, full.shape))
+    def _step(e: _Entry, r: torch.Tensor, mats: torch.Tensor, eta: Any) -> torch.Tensor:
+        """The penalty step of this rank's matrices; on the gather path, its part of the whole."""
+        stack = penalty.penalty_step(r, mats, e.smoothing, e.kind, eta)
+        if e.path != "gather":
+            return stack
+        return _local_part(e.param, e.layout.from_matrices(stack, e.param.shape))
 
     @torch.no_grad()
     def apply(self, deltas: list[torch.Tensor | None]) -> None:
@@ -256,8 +311,10 @@ def communication_per_step(optimizer: torch.optim.Optimizer) -> dict[str, tuple[
 
     ``all_reduce``: the residuals, ``m·n·n`` elements in the Gram's dtype (fp32 for half
     parameters), per mesh dim that shards dim 0.  ``gather``: the whole parameter
-    (``numel·itemsize``), gathered on every rank.  ``local``: 0.  (A ring all-reduce moves
-    about twice its payload per rank, an all-gather ``(W-1)/W`` of it.)
+    (``numel·itemsize``), gathered on every rank.  ``local``: 0.  With ``ortho='auto'`` the
+    update's products ``Φᵀu`` travel too: twice the all-reduce, and on the gather path the
+    parameter is gathered three times (before the step, then its old and new values after).
+    (A ring all-reduce moves about twice its payload per rank, an all-gather ``(W-1)/W`` of it.)
     """
     from .optim import _param_name, _penalized, param_key  # optim imports this module
 
@@ -280,5 +337,7 @@ def communication_per_step(optimizer: torch.optim.Optimizer) -> dict[str, tuple[
                 nbytes = p.numel() * p.dtype.itemsize
             else:
                 nbytes = 0
+            if group["ortho"] == "auto":
+                nbytes *= 2 if how == "all_reduce" else 3
             out[param_key(group, i, gi)] = (how, nbytes)
     return out

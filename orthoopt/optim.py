@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed, penalty, stiefel
+from . import auto, distributed, penalty, stiefel
 from .layout import Layout, canonical_layout, resolve_layout
 
 __all__ = [
@@ -62,10 +62,6 @@ ORTHO_DEFAULTS: dict[str, Any] = {
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
 NONFINITE = ("warn", "skip", "raise")
-# ortho='auto': β is this factor times the estimated exact-penalty threshold (twice it, as
-# the experiments use), and the running max of the estimate decays by AUTO_DECAY per step.
-AUTO_SAFETY = 2.0
-AUTO_DECAY = 0.99
 MANIFOLDS = tuple(stiefel.MANIFOLDS)
 
 
@@ -295,6 +291,9 @@ class OrthoMixin:
         with stiefel.grads_hidden(hard):
             super().step()
         stiefel.step_(self, hard)
+        for bucket, delta in deltas:
+            if isinstance(bucket, distributed.ShardedBucket):
+                bucket.finish(delta, self.state)  # its 'auto' entries, which need the update
         for bucket, before, r, r_max, finite in staged:
             lr = bucket.per_matrix(bucket.lrs(), r)
             eta = 2 * lr * self._auto_beta(bucket, before, finite, lr)
@@ -306,28 +305,10 @@ class OrthoMixin:
     def _auto_beta(
         self, bucket: _Bucket, before: torch.Tensor, finite: torch.Tensor | bool, lr: torch.Tensor
     ) -> torch.Tensor:
-        r"""β for ``ortho='auto'``: ``AUTO_SAFETY`` times a running max of the multipliers.
-
-        The exact-penalty threshold of the decoupled step is :math:`\max|\Lambda|/2` with
-        :math:`\Lambda = \operatorname{sym}(\Phi^\top u)` and :math:`u` the base update per unit
-        lr; it is estimated from this step's update and kept per matrix in the state as
-        ``ortho_multiplier``, decaying by ``AUTO_DECAY`` per step so that it can follow
-        multipliers that shrink as training settles.
-        """
-        wide = torch.float32 if before.dtype in (torch.float16, torch.bfloat16) else before.dtype
-        lr = lr.to(wide)
-        u = (bucket.matrices().to(wide) - before.to(wide)) / lr.clamp_min(torch.finfo(wide).tiny)[:, None, None]
-        lam = torch.bmm(before.to(wide).mT, u)
-        lam = (lam + lam.mT).abs().amax((-2, -1)) / 4  # half the largest entry of sym(Φᵀu)
-        lam = torch.where(finite & (lr > 0), lam, 0)
-        estimates = []
-        for p, new in zip(bucket.params, lam.split(bucket.counts)):
-            state = self.state[p]
-            old = state.get("ortho_multiplier")
-            est = new if old is None else torch.maximum(new, AUTO_DECAY * old.to(new))
-            state["ortho_multiplier"] = est
-            estimates.append(est)
-        return AUTO_SAFETY * torch.cat(estimates)
+        """β per matrix for ``ortho='auto'`` (:mod:`orthoopt.auto`), from this step's base update."""
+        lam = auto.threshold(auto.update_products(before, bucket.matrices(), lr), finite & (lr > 0))
+        estimates = [auto.remember(self.state[p], new) for p, new in zip(bucket.params, lam.split(bucket.counts))]
+        return auto.AUTO_SAFETY * torch.cat(estimates)
 
     def _hard_plan(self) -> list[stiefel.HardItem]:
         """The parameters that take a Riemannian step instead of the base update (checked)."""
@@ -386,10 +367,6 @@ class OrthoMixin:
                 if layout is None:
                     continue
                 if distributed.is_dtensor(p):  # FSDP2: the Gram needs the other ranks' shards
-                    if auto:
-                        raise NotImplementedError(
-                            f"{name}: ortho='auto' is not supported on FSDP2-sharded parameters; give ortho a number"
-                        )
                     buckets.setdefault("dtensor", distributed.ShardedBucket()).add(p, layout, group)
                     continue
                 m, l, n = layout.stack_shape(p.shape)

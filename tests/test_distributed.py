@@ -179,8 +179,8 @@ class _Net(nn.Module):
         return self.head(z)
 
 
-def _fsdp_optimizer(model: nn.Module, mode: str = "soft", smoothing: float = 0.0):
-    common = {"ortho": 0.5, "ortho_mode": mode, "ortho_smoothing": smoothing}
+def _fsdp_optimizer(model: nn.Module, mode: str = "soft", smoothing: float = 0.0, ortho: float | str = 0.5):
+    common = {"ortho": ortho, "ortho_mode": mode, "ortho_smoothing": smoothing}
     named = dict(model.named_parameters())
 
     def pick(*names):
@@ -228,6 +228,12 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
             "comm": odist.communication_per_step(opt),
         }
         results["hard"] = _try_hard_step()
+        model = _Net()
+        fully_shard(model)
+        opt = _fsdp_optimizer(model, ortho="auto")
+        _train(model, opt, FSDP_STEPS, 3, rank)
+        results["auto"] = {n: p.full_tensor() for n, p in model.named_parameters()}
+        results["auto_comm"] = odist.communication_per_step(opt)
         model = _Net()
         fully_shard(model)
         opt = _fsdp_optimizer(model)
@@ -352,3 +358,27 @@ def test_project_on_sharded_parameters_is_the_unsharded_projection(fsdp_runs):
         assert max(projected["errors"].values()) < 1e-12
     # The projection moved the weights: the comparison above is not of untouched parameters.
     assert (dict(_Net().named_parameters())["up.weight"] - model.up.weight).abs().max() > 1e-2
+
+
+def test_fsdp2_auto_beta_matches_unsharded(fsdp_runs):
+    """ortho='auto' on every sharding path: β from the update, its products summed or gathered."""
+    model = _Net()
+    opt = _fsdp_optimizer(model, ortho="auto")
+    _train(model, opt, FSDP_STEPS, 3)
+    assert all("ortho_multiplier" in opt.state[p] for p in opt.param_groups[0]["params"])
+    free = _Net()
+    _train(free, _plain(free), FSDP_STEPS, 3)
+    for r in range(WORLD):
+        for name, ref in model.named_parameters():
+            torch.testing.assert_close(fsdp_runs[r]["auto"][name], ref.detach(), rtol=0, atol=1e-5, msg=name)
+    for name in ("up.weight", "down.weight", "head.weight", "mix", "heads"):
+        moved = (dict(model.named_parameters())[name] - dict(free.named_parameters())[name]).abs().max()
+        assert moved > 1e-3, name
+    # The update's products travel with the residuals: twice the all-reduce, three gathers.
+    assert fsdp_runs[0]["auto_comm"] == {
+        "up.weight": ("all_reduce", 2 * 3 * 3 * 8),
+        "down.weight": ("gather", 3 * 3 * 7 * 8),
+        "head.weight": ("gather", 3 * 1 * 2 * 8),
+        "mix": ("local", 0),
+        "heads": ("all_reduce", 2 * 2 * 2 * 2 * 8),
+    }

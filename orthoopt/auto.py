@@ -1,0 +1,56 @@
+r"""``ortho='auto'``: β from a running estimate of the exact-penalty threshold.
+
+The decoupled L1 step is exact (its fixed points on the manifold are the constrained
+stationary points) once :math:`\beta > \max|\Lambda|/2`, with
+:math:`\Lambda = \operatorname{sym}(\Phi^\top u)` and :math:`u` the base optimizer's update
+per unit learning rate.  Each step estimates that threshold per matrix from its own update,
+
+.. math::
+    \lambda_i = \tfrac12 \max_{jk} \big|\operatorname{sym}(\Phi_i^{-\top} u_i)\big|_{jk},
+    \qquad u_i = (\Phi_i^{+} - \Phi_i^{-}) / \gamma,
+
+keeps a running max that decays by ``AUTO_DECAY`` per step (so that it can follow
+multipliers that shrink as training settles) in the optimizer state as
+``ortho_multiplier``, and uses ``β_i = AUTO_SAFETY`` times it.  The functions are split at
+the sum over rows of :math:`\Phi_i^\top u_i`, so that a sharded parameter can all-reduce
+it in between (:mod:`orthoopt.distributed`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["AUTO_SAFETY", "AUTO_DECAY", "update_products", "threshold", "remember"]
+
+# β is this factor times the estimated threshold (twice it, as the experiments use).
+AUTO_SAFETY = 2.0
+AUTO_DECAY = 0.99
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def update_products(before: torch.Tensor, after: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """``Φ⁻ᵀ u`` per matrix, ``(m, n, n)``, with ``u = (Φ⁺ - Φ⁻) / lr`` (``lr``: one per matrix);
+    a sum over the rows of ``Φ``, so row blocks of the matrices give partial sums."""
+    wide = _wide(before.dtype)
+    lr = lr.to(wide).clamp_min(torch.finfo(wide).tiny)[:, None, None]
+    u = (after.to(wide) - before.to(wide)) / lr
+    return torch.bmm(before.to(wide).mT, u)
+
+
+def threshold(products: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``max|sym(Φᵀu)|/2`` per matrix from :func:`update_products`; 0 where ``ok`` is False
+    (a non-finite matrix, or a zero learning rate that says nothing about the update)."""
+    lam = (products + products.mT).abs().amax((-2, -1)) / 4
+    return torch.where(ok, lam, 0)
+
+
+def remember(state: dict, lam: torch.Tensor) -> torch.Tensor:
+    """The running estimate for one parameter's matrices: ``max(λ, AUTO_DECAY · previous)``,
+    kept in ``state['ortho_multiplier']``."""
+    old = state.get("ortho_multiplier")
+    est = lam if old is None else torch.maximum(lam, AUTO_DECAY * old.to(lam))
+    state["ortho_multiplier"] = est
+    return est
