@@ -26,6 +26,7 @@ from overshooting or diverging (:func:`orthoopt.penalty.safe_step_size`).  With
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import warnings
@@ -288,9 +289,10 @@ class OrthoMixin:
                 staged.append((bucket, mats.clone(), r, r_max, finite))
             else:
                 deltas.append((bucket, bucket.step(r, mats, bucket.eta(r), finite, r_max)))
-        with stiefel.grads_hidden(hard):
+        with stiefel.grads_hidden(hard) if hard else contextlib.nullcontext():
             super().step()
-        stiefel.step_(self, hard)
+        if hard:
+            stiefel.step_(self, hard)
         for bucket, delta in deltas:
             if isinstance(bucket, distributed.ShardedBucket):
                 bucket.finish(delta, self.state)  # its 'auto' entries, which need the update
@@ -505,11 +507,13 @@ class _Bucket:
 
     def apply(self, delta: torch.Tensor) -> None:
         """Add ``delta`` to the parameters (through cached views where they exist)."""
-        cached = self.updates or [None] * len(self.params)
-        updates = [
-            layout.from_matrices(chunk, p.shape) if u is None else u
-            for u, p, layout, chunk in zip(cached, self.params, self.layouts, delta.split(self.counts))
-        ]
+        updates = self.updates
+        if updates is None or any(u is None for u in updates):
+            cached = updates or [None] * len(self.params)
+            updates = [
+                layout.from_matrices(chunk, p.shape) if u is None else u
+                for u, p, layout, chunk in zip(cached, self.params, self.layouts, delta.split(self.counts))
+            ]
         if len(updates) == 1:
             self.params[0].add_(updates[0])  # a foreach call costs more than it saves on one tensor
         else:
