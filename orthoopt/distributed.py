@@ -197,7 +197,8 @@ class ShardedBucket:
     """The soft step of every DTensor parameter of one optimizer step.
 
     :meth:`delta` runs before the base optimizer's step (the penalty is taken at the
-    pre-step value) and returns the local deltas; :meth:`apply` adds them after it.
+    pre-step value) and returns the local deltas; :meth:`finish` computes those of the
+    ``ortho='auto'`` parameters after it, from the update, and :meth:`apply` adds them all.
     The Gram matrices of all ``all_reduce`` parameters on the same mesh dims and dtype
     travel in one all-reduce.
     """
