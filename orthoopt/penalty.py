@@ -190,10 +190,13 @@ def _no_crossing(smoothing: float, kind: str, eta: torch.Tensor | float) -> torc
     # moves to zero instead of across it (the linearised proximal step of |·|), so no entry
     # of R changes sign to first order and the sign step does not chatter at amplitude 2η.
     # Entries of at least 2η still get the full sign, which is what keeps the penalty exact.
+    # A tensor η (a tensor lr, as under torch.compile) cannot branch to sign() at η = 0: its
+    # cutoff stays at least the float's tiny, where clamp(R / cutoff) is sign(R), zeros included.
     if kind != "l1":
         return smoothing
     if isinstance(eta, torch.Tensor):
-        return (2 * eta).clamp(min=smoothing).reshape(-1, 1, 1) if eta.dim() else (2 * eta).clamp(min=smoothing)
+        cutoff = (2 * eta).clamp(min=max(smoothing, torch.finfo(eta.dtype).tiny))
+        return cutoff.reshape(-1, 1, 1) if eta.dim() else cutoff
     return max(smoothing, 2 * eta)
 
 

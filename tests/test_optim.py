@@ -328,3 +328,18 @@ def test_auto_beta_estimates_the_exact_penalty_threshold():
     assert abs(f.item() - fstar.item()) < 1e-4 * abs(fstar.item())
     # the estimate is part of the checkpoint
     assert "ortho_multiplier" in opt.state_dict()["state"][0]
+
+
+@pytest.mark.parametrize("lr", [0.0, torch.tensor(0.0)], ids=["float", "tensor"])
+def test_zero_lr_leaves_weights_unchanged_even_at_exact_zeros_of_r(lr):
+    """A warm-up from lr 0 (a tensor lr under torch.compile) at a point where R has exact
+    zeros: the step is 0, not 0/0 (which turned every weight NaN once)."""
+    w = nn.Parameter(torch.zeros(6, 3))
+    with torch.no_grad():
+        w[:3] = torch.eye(3)
+        w[0, 0] = 1.5  # R = diag(1.25, 0, 0): exact zeros everywhere else
+    before = w.detach().clone()
+    opt = orthoopt.OrthoAdamW([w], lr=lr, ortho=1.0, ortho_layout="columns")
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    assert torch.equal(w.detach(), before)
