@@ -448,8 +448,11 @@ class _Bucket:
 
     def allocate(self) -> None:
         """Workspaces, and views of the parameters, for every later step."""
-        self.views = [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
-        first = self.views[0]
+        mats = [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
+        # A layout of a parameter in an unusual memory format (a channels_last conv weight)
+        # gives a copy, not a view: a cached copy would go stale, so that one is re-read.
+        self.views = [_view_or_none(m, p) for m, p in zip(mats, self.params)]
+        first = mats[0]
         m, l, n = sum(self.counts), first.shape[1], first.shape[2]
         wide = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
         self.r = first.new_empty((m, n, n), dtype=wide)
@@ -475,7 +478,8 @@ class _Bucket:
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def matrices(self) -> torch.Tensor:
-        mats = self.views or [layout.matrices(p) for p, layout in zip(self.params, self.layouts)]
+        views = self.views or [None] * len(self.params)
+        mats = [layout.matrices(p) if v is None else v for v, p, layout in zip(views, self.params, self.layouts)]
         return mats[0] if len(mats) == 1 else torch.cat(mats, out=self.stack)
 
     def step(
