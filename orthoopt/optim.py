@@ -293,14 +293,13 @@ class OrthoMixin:
             super().step()
         if hard:
             stiefel.step_(self, hard)
-        for bucket, delta in deltas:
-            if isinstance(bucket, distributed.ShardedBucket):
-                bucket.finish(delta, self.state)  # its 'auto' entries, which need the update
         for bucket, before, r, r_max, finite in staged:
             lr = bucket.per_matrix(bucket.lrs(), r)
             eta = 2 * lr * self._auto_beta(bucket, before, finite, lr)
             deltas.append((bucket, bucket.step(r, before, eta, finite, r_max)))
         for bucket, delta in deltas:
+            if isinstance(bucket, distributed.ShardedBucket):
+                bucket.finish(delta, self.state)  # its 'auto' entries, which need the update
             bucket.apply(delta)
         return loss
 
