@@ -47,7 +47,8 @@ import torch
 import torch.distributed as dist
 
 from . import auto, penalty
-from .layout import Layout
+from .layout import Layout, resolve_layout
+from .options import param_key, param_name, penalized
 
 __all__ = [
     "is_dtensor",
@@ -317,16 +318,14 @@ def communication_per_step(optimizer: torch.optim.Optimizer) -> dict[str, tuple[
     parameter is gathered three times (before the step, then its old and new values after).
     (A ring all-reduce moves about twice its payload per rank, an all-gather ``(W-1)/W`` of it.)
     """
-    from .optim import _param_name, _penalized, param_key  # optim imports this module
-
     out = {}
     for gi, group in enumerate(optimizer.param_groups):
-        if not _penalized(group) or group.get("ortho_mode") != "soft":
+        if not penalized(group) or group.get("ortho_mode") != "soft":
             continue
         for i, p in enumerate(group["params"]):
             if not is_dtensor(p):
                 continue
-            layout = optimizer._resolve(group, p, _param_name(group, i, gi))
+            layout = resolve_layout(group["ortho_layout"], p.shape, param_name(group, i, gi))
             if layout is None:
                 continue
             how = path(p, layout)

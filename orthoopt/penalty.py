@@ -35,6 +35,7 @@ __all__ = [
     "safe_step_size",
     "penalty_step",
     "max_abs",
+    "max_error",
     "polar",
 ]
 
@@ -222,6 +223,11 @@ def spectral_norm(s: torch.Tensor, iters: int = 4, rowsum: torch.Tensor | None =
     if rowsum is None:
         rowsum = s.abs().sum(-1).amax(-1)
     return torch.minimum(estimate.mul_(1.1), rowsum)
+
+
+def max_error(mats: torch.Tensor) -> float:
+    """``max |Φ_iᵀΦ_i - I|`` over a whole stack, as a Python float (a host sync)."""
+    return residual(mats).abs().max().item()
 
 
 def polar(mats: torch.Tensor) -> torch.Tensor:
