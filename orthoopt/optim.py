@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import auto, distributed, penalty, soft, stiefel
+from . import auto, distributed, penalty, soft, stiefel, wrappers
 from .layout import Layout, resolve_layout
 from .options import ORTHO_DEFAULTS, check_options, param_key, param_name, penalized, same_layout
 from .selection import constrained, param_groups
@@ -335,13 +335,18 @@ def _max_error(layout: Layout, p: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def project_(target: torch.optim.Optimizer | nn.Module | Iterable[torch.Tensor], layout: str = "auto") -> None:
+def project_(target: torch.optim.Optimizer | nn.Module | Iterable[torch.Tensor], layout: str | None = None) -> None:
     """Snap each constrained parameter to its nearest orthonormal point (the polar factor).
 
-    ``target`` is an ortho optimizer (its groups' layouts, penalized groups only), a model
-    (the parameters :func:`param_groups` would penalize, with ``layout``), or parameters.
-    On FSDP2-sharded parameters it is a collective: every rank must call it.
+    ``target`` is an ortho optimizer (its groups' layouts, penalized groups only), also inside
+    a framework's wrapper (:mod:`orthoopt.wrappers`), a model (the parameters
+    :func:`param_groups` would penalize, with their layouts, or all with ``layout``), or
+    parameters (``layout``, default 'auto').  On FSDP2-sharded parameters it is a collective:
+    every rank must call it.
     """
+    target = wrappers.unwrap(target)
+    if isinstance(target, torch.optim.Optimizer) and not isinstance(target, OrthoMixin):
+        raise TypeError(_not_ortho(target, "project_"))
     if isinstance(target, OrthoMixin):
         items = [
             (p, target._resolve(g, p, param_name(g, i, gi)))
@@ -352,7 +357,7 @@ def project_(target: torch.optim.Optimizer | nn.Module | Iterable[torch.Tensor],
     elif isinstance(target, nn.Module):
         items = [(p, lay) for _, p, lay in constrained(target, layout)]
     else:
-        items = [(p, resolve_layout(layout, p.shape, f"parameter {i}")) for i, p in enumerate(target)]
+        items = [(p, resolve_layout(layout or "auto", p.shape, f"parameter {i}")) for i, p in enumerate(target)]
     for p, lay in items:
         if lay is None:
             continue
@@ -362,6 +367,22 @@ def project_(target: torch.optim.Optimizer | nn.Module | Iterable[torch.Tensor],
             p.copy_(lay.from_matrices(penalty.polar(lay.matrices(p)), p.shape))
 
 
-def named_orthogonality_errors(model: nn.Module, layout: str = "auto", **kwargs: Any) -> dict[str, float]:
-    """``{name: max error}`` for every parameter :func:`param_groups` would penalize."""
-    return {n: _max_error(lay, p) for n, p, lay in constrained(model, layout, **kwargs)}
+def named_orthogonality_errors(
+    target: nn.Module | torch.optim.Optimizer, layout: str | None = None, **kwargs: Any
+) -> dict[str, float]:
+    """``{name: max error}``: of every parameter :func:`param_groups` would penalize in a model
+    (``layout`` and ``kwargs`` as for it), or of an ortho optimizer's constrained parameters,
+    also inside a framework's wrapper (:mod:`orthoopt.wrappers`)."""
+    target = wrappers.unwrap(target)
+    if isinstance(target, OrthoMixin):
+        return target.orthogonality_errors()
+    if isinstance(target, torch.optim.Optimizer):
+        raise TypeError(_not_ortho(target, "named_orthogonality_errors"))
+    return {n: _max_error(lay, p) for n, p, lay in constrained(target, layout, **kwargs)}
+
+
+def _not_ortho(optimizer: torch.optim.Optimizer, what: str) -> str:
+    return (
+        f"{what} got a plain {type(optimizer).__name__}, which constrains nothing: turn it into an orthoopt "
+        "optimizer first with orthoopt.constrain_(optimizer, model, ortho=...)"
+    )

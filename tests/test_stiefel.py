@@ -106,7 +106,10 @@ def test_canonical_layouts_stay_on_the_manifold_with_the_default_stabilize():
     model, x, layout, pname = make_case("group_axis:1")
     target = torch.randn(64, 3)
     opt = orthoopt.OrthoAdam(
-        param_groups(model, ortho=1.0, ortho_layout=layout, ortho_mode="hard", ortho_manifold="canonical"), lr=1e-2
+        param_groups(
+            model, ortho=1.0, include=[pname], ortho_layout=layout, ortho_mode="hard", ortho_manifold="canonical"
+        ),
+        lr=1e-2,
     )
     orthoopt.project_(opt)
     for _ in range(300):
