@@ -74,7 +74,7 @@ def bare_name(name: str) -> str:
 def _patterns(value: str | Iterable[str] | None, option: str) -> list[str] | None:
     if value is None:
         return None
-    patterns = [value] if isinstance(value, str) else list(value)
+    patterns = [value] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else [value]
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
             raise TypeError(
@@ -126,7 +126,8 @@ class _Names:
         close = difflib.get_close_matches(pattern, modules + names, n=3, cutoff=0.5)
         top = list(dict.fromkeys(bare_name(n).split(".")[0] for n in names))
         shown = top if len(top) <= 12 else top[:8] + ["..."] + top[-3:]
-        sample = names if len(names) <= 6 else names[:3] + ["..."] + names[-3:]
+        quoted = [repr(n) for n in names]
+        sample = quoted if len(names) <= 6 else quoted[:3] + ["..."] + quoted[-3:]
         hint = f" (closest: {', '.join(map(repr, close))})" if close else ""
         return (
             f"{option} pattern {pattern!r} matches no parameter of {type(self.model).__name__}{hint}; "
@@ -187,7 +188,7 @@ def _left_out(names: _Names, pid: int, shared: set[int]) -> str:
     if isinstance(p, nn.parameter.UninitializedParameter) or p.dim() < 2:
         return "fewer than 2 dimensions"
     if pid in shared:
-        return "shared with an embedding or norm layer"
+        return "of an embedding or norm layer"
     return "not a weight of Linear, Conv, RNN/LSTM/GRU or MultiheadAttention"
 
 
