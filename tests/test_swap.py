@@ -267,7 +267,7 @@ class _LitModel:
         return LitModel()
 
 
-def _lightning_fit(pl, callbacks=(), logger=False, steps=20, swap=True):
+def _lightning_fit(pl, callbacks=(), logger=False, steps=20, swap=True, **trainer_options):
     module = _LitModel.make(pl, swap)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(40) % 10), batch_size=8)
     trainer = pl.Trainer(
@@ -279,6 +279,7 @@ def _lightning_fit(pl, callbacks=(), logger=False, steps=20, swap=True):
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=5,
+        **trainer_options,
     )
     trainer.fit(module, data)
     return module, trainer

@@ -48,8 +48,8 @@ class OrthoCallback(pl.Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.every_n_steps or trainer.log_every_n_steps
         step = trainer.global_step
-        if not trainer.loggers or not every or step % every or step == self._last_step:
-            return  # (several batches share a step under gradient accumulation)
+        if not trainer.loggers or not every or not step or step % every or step == self._last_step:
+            return  # (several batches share a step under gradient accumulation; step 0 has not stepped)
         self._last_step = step
         ortho = [opt for opt in trainer.optimizers if isinstance(unwrap(opt), OrthoMixin)]
         metrics: dict[str, float] = {}
