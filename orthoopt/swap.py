@@ -27,11 +27,14 @@ from torch.optim.optimizer import required
 
 from . import wrappers
 from .layout import resolve_layout
-from .optim import OrthoMixin, orthogonalize
+from .optim import OrthoAdam, OrthoAdamW, OrthoMixin, OrthoSGD, orthogonalize
 from .options import ORTHO_DEFAULTS, check_options, penalized
 from .selection import Choice, select
 
 __all__ = ["constrain_"]
+
+# The named classes, which pickle and print as orthoopt's; any other base gets orthogonalize's.
+_NAMED = {torch.optim.SGD: OrthoSGD, torch.optim.Adam: OrthoAdam, torch.optim.AdamW: OrthoAdamW}
 
 
 def constrain_(
@@ -172,8 +175,9 @@ def _become_ortho(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]
     every check (nothing is changed when one fails) and gives the attributes the ortho class
     sets up, which ``optimizer`` then takes, keeping its own state, hooks and defaults.
     """
-    cls = orthogonalize(type(optimizer))
-    signature = inspect.signature(type(optimizer).__init__).parameters
+    base = type(optimizer)
+    cls = _NAMED.get(base) or orthogonalize(base)
+    signature = inspect.signature(base.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
     defaults = {
         k: v
