@@ -168,9 +168,14 @@ def _weights_of(module: nn.Module, attr: str, parent: nn.Module | None) -> list[
     return []
 
 
+def _shared(model: nn.Module) -> set[int]:
+    """Ids of the parameters of embeddings and norm layers (also where another module shares them)."""
+    return {id(p) for m in model.modules() if isinstance(m, _SHARED_SKIP) for p in m.parameters(recurse=False)}
+
+
 def default_layouts(model: nn.Module) -> dict[int, str]:
     """``{id(parameter): layout}`` of every parameter the default rule constrains."""
-    shared = {id(p) for m in model.modules() if isinstance(m, _SHARED_SKIP) for p in m.parameters(recurse=False)}
+    shared = _shared(model)
     parents = {id(child): (attr, parent) for parent in model.modules() for attr, child in parent.named_children()}
     out: dict[int, str] = {}
     for module in model.modules():
@@ -182,10 +187,14 @@ def default_layouts(model: nn.Module) -> dict[int, str]:
     return out
 
 
+def _lazy(p: torch.Tensor) -> bool:
+    return isinstance(p, nn.parameter.UninitializedParameter)
+
+
 def _left_out(names: _Names, pid: int, shared: set[int]) -> str:
     """Why the default rule leaves a parameter out, for messages."""
     p = names.params[pid]
-    if isinstance(p, nn.parameter.UninitializedParameter) or p.dim() < 2:
+    if not _lazy(p) and p.dim() < 2:
         return "fewer than 2 dimensions"
     if pid in shared:
         return "of an embedding or norm layer"
@@ -227,28 +236,13 @@ def select(
     for pid, p in names.params.items():
         if among is not None and pid not in among:
             continue
-        name = names.name(pid)
         if include is None:
-            wanted = pid in defaults
+            name = names.name(pid) if pid in defaults else None
         else:
-            wanted = False
-            for pattern in include:
-                how = _match(pattern, names.keys[pid])
-                if how is None or (how == "module" and pid not in defaults):
-                    continue
-                if isinstance(p, nn.parameter.UninitializedParameter) or p.dim() < 2:
-                    if how == "exact":
-                        raise ValueError(
-                            f"{where}: include names parameter '{name}' of shape {tuple(p.shape)}, which has fewer "
-                            "than 2 dimensions and cannot be orthonormal; drop it from include"
-                        )
-                    continue
-                wanted = picked[pattern] = True
-                if how == "exact":
-                    name = names.exact_alias(pid, pattern)
-        if not wanted or any(_match(pattern, names.keys[pid]) for pattern in exclude):
+            name = _included(names, pid, include, defaults, picked, where)
+        if name is None or any(_match(pattern, names.keys[pid]) for pattern in exclude):
             continue
-        if isinstance(p, nn.parameter.UninitializedParameter):
+        if _lazy(p):
             raise ValueError(
                 f"{where}: parameter '{name}' is not initialized yet (a lazy module): run one forward pass "
                 "before building the optimizer"
@@ -257,6 +251,29 @@ def select(
         chosen.append((name, p, spec))
     _check_selected(names, picked, layouts, chosen, among, where)
     return chosen
+
+
+def _included(
+    names: _Names, pid: int, include: list[str], defaults: dict[int, str], picked: dict[str, bool], where: str
+) -> str | None:
+    """The name under which ``include`` selects parameter ``pid``, or None (``picked`` records
+    which patterns selected something)."""
+    p, name = names.params[pid], None
+    for pattern in include:
+        how = _match(pattern, names.keys[pid])
+        if how is None or (how == "module" and pid not in defaults):
+            continue  # a module name selects only the default rule's matrices inside it
+        if not _lazy(p) and p.dim() < 2:
+            if how == "exact":
+                raise ValueError(
+                    f"{where}: include names parameter '{names.name(pid)}' of shape {tuple(p.shape)}, which has "
+                    "fewer than 2 dimensions and cannot be orthonormal; drop it from include"
+                )
+            continue  # a glob passes over vectors
+        picked[pattern] = True
+        if name is None or how == "exact":
+            name = names.exact_alias(pid, pattern) if how == "exact" else names.name(pid)
+    return name
 
 
 def _check_selected(
@@ -269,7 +286,7 @@ def _check_selected(
 ) -> None:
     """Every include pattern selected something, every layouts pattern fits a chosen parameter,
     and something is chosen."""
-    shared = {id(p) for m in names.model.modules() if isinstance(m, _SHARED_SKIP) for p in m.parameters(recurse=False)}
+    shared = _shared(names.model)
     for pattern, ok in picked.items():
         if ok:
             continue
