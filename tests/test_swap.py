@@ -400,3 +400,19 @@ def test_timm_create_optimizer_v2_keeps_its_groups():
     errors, plain_errors = opt.orthogonality_errors(), orthoopt.named_orthogonality_errors(control, exclude=["head"])
     # measured: 0.083 (blocks.9.mlp.fc2) against 0.59 without the penalty, at this lr and weight decay
     _assert_held(errors, plain_errors, bound=0.1, factor=5)
+
+
+def test_names_given_to_the_optimizer_are_kept_and_foreign_parameters_left_alone():
+    model = _model()
+    temperature = nn.Parameter(torch.ones(2, 2))  # not the model's: unconstrained, named by position
+    opt = torch.optim.AdamW([{"params": list(model.parameters())}, {"params": [temperature]}], lr=1e-2)
+    orthoopt.constrain_(opt, model, ortho=1.0, exclude=["head"])
+    assert opt.param_groups[-1]["param_names"] == ["group1.param0"] and opt.param_groups[-1]["ortho"] == 0.0
+    named = [("w." + n, p) for n, p in model.named_parameters()]  # the script's own names
+    opt = torch.optim.AdamW([{"params": named}, {"params": [("temperature", temperature)]}], lr=1e-2)
+    orthoopt.constrain_(opt, model, ortho=1.0, exclude=["head"])
+    assert [g["param_names"] for g in opt.param_groups if g["ortho"]] == [
+        ["w.body.weight"],
+        ["w.gates.weight_ih", "w.gates.weight_hh"],
+    ]
+    assert set(opt.orthogonality_errors()) == {"w.body.weight", "w.gates.weight_ih", "w.gates.weight_hh"}
