@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["AUTO_SAFETY", "AUTO_DECAY", "update_products", "threshold", "remember"]
+__all__ = ["AUTO_SAFETY", "AUTO_DECAY", "STATE", "update_products", "threshold", "remember"]
 
 # β is this factor times the estimated threshold (twice it, as the experiments use).
 AUTO_SAFETY = 2.0
 AUTO_DECAY = 0.99
+# The optimizer-state key of the running estimate.
+STATE = "ortho_multiplier"
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -50,7 +52,7 @@ def threshold(products: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
 def remember(state: dict, lam: torch.Tensor) -> torch.Tensor:
     """The running estimate for one parameter's matrices: ``max(λ, AUTO_DECAY · previous)``,
     kept in ``state['ortho_multiplier']``."""
-    old = state.get("ortho_multiplier")
+    old = state.get(STATE)
     est = lam if old is None else torch.maximum(lam, AUTO_DECAY * old.to(lam))
-    state["ortho_multiplier"] = est
+    state[STATE] = est
     return est

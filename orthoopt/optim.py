@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import auto, distributed, penalty, soft, stiefel, wrappers
+from . import auto, distributed, guard, penalty, soft, stiefel, wrappers
 from .layout import Layout, resolve_layout
 from .options import ORTHO_DEFAULTS, check_options, param_key, param_name, penalized, same_layout
 from .selection import constrained, param_groups
@@ -67,6 +67,7 @@ class OrthoMixin:
         ortho_nonfinite: str = "warn",
         ortho_manifold: str = "euclidean",
         ortho_stabilize: int | str | None = "auto",
+        ortho_init: str = "warn",
         **kwargs,
     ):
         self._ortho_defaults = check_options(
@@ -79,6 +80,7 @@ class OrthoMixin:
                 "ortho_nonfinite": ortho_nonfinite,
                 "ortho_manifold": ortho_manifold,
                 "ortho_stabilize": ortho_stabilize,
+                "ortho_init": ortho_init,
             },
             "optimizer defaults",
         )
@@ -215,6 +217,11 @@ class OrthoMixin:
             if isinstance(bucket, distributed.ShardedBucket):
                 bucket.finish(delta, self.state)  # its 'auto' entries, which need the update
             bucket.apply(delta)
+        if plan and not torch.compiler.is_compiling():
+            self._ortho_steps = getattr(self, "_ortho_steps", 0) + 1
+            guard.after_step(
+                self.param_groups, self.state, self.__dict__.setdefault("_ortho_memory", {}), self._ortho_steps
+            )
         return loss
 
     def _auto_beta(
@@ -299,6 +306,9 @@ _CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orth
     ortho_manifold (str): hard mode's geoopt manifold, 'euclidean' (QR) or 'canonical' (Cayley).
     ortho_stabilize (int, None or 'auto'): hard mode re-projects every that many steps
         (:mod:`orthoopt.stiefel`); 'auto' is every 10 for 'canonical', never for 'euclidean'.
+    ortho_init (str): a soft parameter that starts far from orthonormal is reported at its first
+        step ('warn'), snapped to its polar factor after it ('project'), or left alone ('keep')
+        (:mod:`orthoopt.guard`).
 """
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "MODES",
     "PENALTIES",
     "NONFINITE",
+    "STARTS",
     "MANIFOLDS",
     "is_number",
     "check_options",
@@ -38,10 +39,13 @@ ORTHO_DEFAULTS: dict[str, Any] = {
     "ortho_nonfinite": "warn",
     "ortho_manifold": "euclidean",
     "ortho_stabilize": "auto",
+    "ortho_init": "warn",
 }
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
 NONFINITE = ("warn", "skip", "raise")
+# What the soft step does with a parameter that starts far from the manifold (orthoopt.guard).
+STARTS = ("warn", "project", "keep")
 # Hard mode's geoopt manifolds (orthoopt.stiefel maps each name to its class).
 MANIFOLDS = ("euclidean", "canonical")
 
@@ -74,6 +78,12 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     policy = out.get("ortho_nonfinite", "warn")
     if policy not in NONFINITE:
         raise ValueError(f"{where}: ortho_nonfinite must be one of {NONFINITE}, got {policy!r}")
+    start = out.get("ortho_init", "warn")
+    if start not in STARTS:
+        raise ValueError(
+            f"{where}: ortho_init must be one of {STARTS} (what the soft step does with a parameter that starts "
+            f"far from orthonormal), got {start!r}"
+        )
     manifold = out.get("ortho_manifold", "euclidean")
     if manifold not in MANIFOLDS:
         raise ValueError(

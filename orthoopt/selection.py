@@ -338,9 +338,12 @@ def param_groups(
     ``options`` (e.g. ``ortho_smoothing``, ``ortho_mode``, ``lr``) go into the penalized
     groups; an ``ortho_layout`` among them replaces every default layout, ``layouts``
     (``{pattern: layout}``) some of them.  Groups carry ``param_names`` so that errors and
-    logs name parameters.
+    logs name parameters.  ``ortho_init`` defaults to ``"project"`` here (the optimizer's own
+    default is ``"warn"``): the constrained weights start on the manifold after the first step
+    (:mod:`orthoopt.guard`).
     """
-    options = check_options({"ortho": ortho, **options}, "param_groups")
+    # The one-line swap starts on the manifold: the soft pull from a typical init can outlast the run.
+    options = check_options({"ortho": ortho, "ortho_init": "project", **options}, "param_groups")
     options.pop("ortho")
     chosen = select(
         model,

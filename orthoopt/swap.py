@@ -55,12 +55,14 @@ def constrain_(
     ``include``, ``exclude``, ``layouts`` and ``options`` (``ortho_smoothing``,
     ``ortho_mode``, ..., or base options such as ``weight_decay`` for the constrained parts
     only) are those of :func:`orthoopt.param_groups`.  Every part of a split group keeps the
-    group's other options; the unconstrained parts step bitwise as before.
+    group's other options; the unconstrained parts step bitwise as before.  As in
+    :func:`orthoopt.param_groups`, ``ortho_init`` defaults to ``"project"``.
 
     Call it right after the optimizer is built and before a learning-rate scheduler is built
     on it (the scheduler keeps one value per group).  Nothing is changed when it raises.
     """
-    options = check_options({"ortho": ortho, **options}, "constrain_")
+    # The one-line swap starts on the manifold: the soft pull from a typical init can outlast the run.
+    options = check_options({"ortho": ortho, "ortho_init": "project", **options}, "constrain_")
     options.pop("ortho")
     layout = options.pop("ortho_layout", None)
     optimizer = wrappers.unwrap(target)
