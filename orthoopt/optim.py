@@ -215,11 +215,10 @@ class OrthoMixin:
                     "to resume, or start from a fresh optimizer state"
                 )
         saved_ids = [i for g in saved_groups for i in g["params"]]
+        total = sum(p.numel() for p in params)
         for index, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(index, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape and key != "step":
-                    if value.numel() == p.numel() or key.startswith(("ortho", "stiefel")):
-                        continue  # a stacked view of the same parameter, or orthoopt's own per-matrix state
+                if isinstance(value, torch.Tensor) and key != "step" and not _fits(key, value, p, total):
                     raise ValueError(
                         f"the checkpoint's state {key!r} for parameter {index} has shape {tuple(value.shape)}, "
                         f"but the parameter has shape {tuple(p.shape)}: it belongs to another model"
@@ -366,6 +365,20 @@ class OrthoMixin:
                 if layout is not None:
                     errors[param_key(group, i, gi)] = _max_error(layout, p)
         return errors
+
+
+def _fits(key: str, value: torch.Tensor, p: torch.Tensor, total: int) -> bool:
+    """Whether a saved state tensor can belong to ``p``.  torch's optimizers keep state of the
+    parameter's shape, of a shape that broadcasts to it (Adafactor's factored row and column
+    variances), scalars, or, LBFGS, vectors over all the parameters at once; orthoopt keeps
+    stacked views of the parameter and per-matrix state (``ortho_*``, ``stiefel_*``)."""
+    if value.dim() == 0 or value.shape == p.shape or value.numel() == p.numel():
+        return True
+    if key.startswith(("ortho", "stiefel")):
+        return True
+    if value.dim() == p.dim() and all(v in (1, s) for v, s in zip(value.shape, p.shape)):
+        return True
+    return value.dim() == 1 and value.numel() == total
 
 
 class _Reevaluate:
