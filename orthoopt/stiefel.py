@@ -92,8 +92,15 @@ State: ``optimizer.state[p]`` holds ``"step"`` (torch's float32 scalar tensor) a
 through ``state_dict`` and ``torch.load(weights_only=True)`` bitwise.  A parameter's mode is
 meant to stay fixed during a run: the two modes' states are not converted into each other.
 
-Other options of the base optimizers: ``maximize`` is honoured; ``foreach``, ``fused``,
-``capturable`` and ``differentiable`` concern torch's kernels and do not change the hard step.
+Other options of the base optimizers: ``maximize`` is honoured; ``foreach``, ``fused`` and
+``capturable`` concern torch's kernels and do not change the hard step; ``differentiable=True``
+is refused for a hard group (the step is taken under ``no_grad``).
+
+Non-finite values follow the group's ``ortho_nonfinite``, as in soft mode: :func:`check`
+finds, before anything changes, the matrices whose point or gradient holds NaN or Inf, and
+raises (``"raise"``), warns once per parameter (``"warn"``) or says nothing (``"skip"``);
+:func:`step_` then moves only the finite matrices, with their rows of the state, exactly as
+a parameter made of them alone would move.
 """
 
 from __future__ import annotations
