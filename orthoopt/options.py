@@ -59,26 +59,27 @@ def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def real_number(x: Any) -> int | float | None:
-    """``x`` as a Python int or float if it is a real number, else None.
+def real_number(x: Any) -> float | None:
+    """``x`` as a Python float if it is a real number, else None.
 
-    Any :class:`numbers.Real` (``np.float32``, ``np.int64``, ``fractions.Fraction``) and any
-    0-d real tensor count, as torch accepts them for ``lr``; bools do not.  The options keep
-    the Python number: a NumPy scalar or a tensor in a param group would not survive
-    ``torch.load(weights_only=True)`` of the state_dict, and a tensor β would be read with a
-    host sync at every step.
+    Any :class:`numbers.Real` (``int``, ``np.float32``, ``np.int64``, ``fractions.Fraction``)
+    and any 0-d real tensor count, as torch accepts them for ``lr``; bools do not.  The
+    options keep the Python float: a NumPy scalar or a tensor in a param group would not
+    survive ``torch.load(weights_only=True)`` of the state_dict, and a tensor β would be
+    read with a host sync at every step.  A number too large for a float is inf.
     """
     if isinstance(x, bool):
         return None
     if isinstance(x, torch.Tensor):
         if x.dim() != 0 or x.dtype == torch.bool or x.is_complex():
             return None
-        return x.item()  # an int for integer dtypes, else a float
-    if isinstance(x, numbers.Integral):
-        return int(x)
-    if isinstance(x, numbers.Real):
+        x = x.item()
+    elif not isinstance(x, numbers.Real):  # np.bool_ is not one
+        return None
+    try:
         return float(x)
-    return None
+    except OverflowError:  # an int beyond the float range
+        return math.inf
 
 
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:

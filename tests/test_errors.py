@@ -428,3 +428,10 @@ def test_any_real_number_is_an_ortho(value, tmp_path):
 def test_non_real_ortho_is_refused(value):
     with pytest.raises(TypeError, match="ortho must be a number"):
         orthoopt.OrthoSGD([nn.Parameter(torch.randn(8, 3))], lr=0.1, ortho=value)
+
+
+def test_an_ortho_beyond_the_float_range_is_refused_as_not_finite():
+    with pytest.raises(ValueError, match="ortho must be a finite number"):
+        orthoopt.OrthoSGD([nn.Parameter(torch.randn(8, 3))], lr=0.1, ortho=10**400)
+    with pytest.raises(ValueError, match="2·lr·ortho = inf"):
+        orthoopt.OrthoSGD([("w", nn.Parameter(torch.randn(8, 3)))], lr=10**300, ortho=10**300)
