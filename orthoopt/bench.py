@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from . import penalty
+from . import argtypes, penalty
 from .optim import OrthoAdamW
 
 __all__ = ["main", "run", "Case", "TARGETS", "CPU_SHAPES", "CUDA_SHAPES", "MANY"]
@@ -518,7 +518,9 @@ def parser() -> argparse.ArgumentParser:
         description="Time one optimizer step: the soft step against its matmul floor, torch's AdamW, "
         "the autograd penalty, the hard mode and geoopt, side by side in one process.",
     )
-    ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    ap.add_argument(
+        "--device", type=argtypes.device, default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)"
+    )
     ap.add_argument(
         "--shapes", default=None, help="comma-separated MxLxN, 'many' or 'many:MxLxN' (default: the device's set)"
     )
@@ -526,15 +528,27 @@ def parser() -> argparse.ArgumentParser:
         "--dtype", default=None, help="float32, bfloat16 or both comma-separated (default: float32; on CUDA both)"
     )
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few rounds (a smoke test, not a measurement)")
-    ap.add_argument("--out", default=None, help="JSON file to write (default: bench_step_<device>.json)")
     ap.add_argument(
-        "--repeats", type=int, default=None, help="timed rounds per contender (default 50 on CPU, 100 on CUDA)"
+        "--out", type=argtypes.out_file, default=None, help="JSON file to write (default: bench_step_<device>.json)"
     )
     ap.add_argument(
-        "--hard-repeats", type=int, default=None, help="rounds for hard/geoopt (default repeats/5, at least 3)"
+        "--repeats",
+        type=argtypes.whole(1),
+        default=None,
+        help="timed rounds per contender (default 50 on CPU, 100 on CUDA)",
     )
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per contender first (default 5)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
+    ap.add_argument(
+        "--hard-repeats",
+        type=argtypes.whole(1),
+        default=None,
+        help="rounds for hard/geoopt (default repeats/5, at least 3)",
+    )
+    ap.add_argument(
+        "--warmup", type=argtypes.whole(0), default=None, help="untimed steps per contender first (default 5)"
+    )
+    ap.add_argument(
+        "--threads", type=argtypes.whole(1), default=None, help="torch.set_num_threads on CPU (default: torch's)"
+    )
     ap.add_argument(
         "--contenders",
         default=",".join(CONTENDERS),
@@ -544,31 +558,42 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _config(argv: Sequence[str] | None) -> argparse.Namespace:
-    cfg = parser().parse_args(argv)
+    """The checked configuration: a bad argument stops here, before any work, with
+    argparse's exit code 2 and a line that says what is allowed."""
+    ap = parser()
+    cfg = ap.parse_args(argv)
     cfg.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available; use --device cpu")
     if cfg.repeats is None:
         cfg.repeats = 3 if cfg.quick else (100 if cfg.device.type == "cuda" else 50)
     if cfg.hard_repeats is None:
         cfg.hard_repeats = 2 if cfg.quick else max(3, cfg.repeats // 5)
     if cfg.warmup is None:
         cfg.warmup = 1 if cfg.quick else 5
-    if cfg.repeats < 1 or cfg.hard_repeats < 1 or cfg.warmup < 0:
-        raise SystemExit("--repeats and --hard-repeats must be >= 1, --warmup >= 0")
     dtypes = cfg.dtype or ("float32,bfloat16" if cfg.device.type == "cuda" and not cfg.quick else "float32")
     cfg.dtypes = []
     for name in dtypes.split(","):
         dt = getattr(torch, name.strip(), None)
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-            raise SystemExit(f"--dtype: {name!r} is not a torch floating dtype; use float32 or bfloat16")
+            ap.error(f"argument --dtype: {name!r} is not a torch floating dtype; use float32 or bfloat16")
         cfg.dtypes.append(dt)
     cfg.contenders = [c.strip() for c in cfg.contenders.split(",") if c.strip()]
     unknown = [c for c in cfg.contenders if c not in BUILDERS]
-    if unknown:
-        raise SystemExit(f"--contenders: unknown {unknown}; choose from {', '.join(CONTENDERS + OPTIONAL)}")
-    cfg.cases = _shapes(cfg.shapes, cfg.device, cfg.quick)
-    cfg.out = cfg.out or f"bench_step_{cfg.device.type}.json"
+    if unknown or not cfg.contenders:
+        what = f"unknown {unknown}" if unknown else "none given"
+        ap.error(f"argument --contenders: {what}; choose from {', '.join(CONTENDERS + OPTIONAL)}")
+    try:
+        cfg.cases = _shapes(cfg.shapes, cfg.device, cfg.quick)
+    except SystemExit as e:  # _shapes says what it cannot read
+        ap.error(f"argument {e.code}")
+    empty = [c.name for c in cfg.cases if min(c.m, c.l, c.n) < 1]
+    if empty:
+        ap.error(f"argument --shapes: {empty[0]} has a dimension < 1; every M, L and N must be >= 1")
+    if cfg.out is None:
+        cfg.out = f"bench_step_{cfg.device.type}.json"
+        try:
+            argtypes.out_file(cfg.out)
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"the default --out: {e}")
     return cfg
 
 

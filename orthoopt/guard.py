@@ -28,7 +28,6 @@ hard mode projects at its first step itself (:mod:`orthoopt.stiefel`).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ import torch
 from . import auto, penalty
 from .distributed import is_dtensor
 from .layout import Layout, resolve_layout
-from .options import param_key, param_name, penalized
+from .options import param_key, param_name, penalized, warn_at_caller
 
 __all__ = ["OrthogonalityWarning", "WATCH_EVERY", "FAR", "FAR_STEPS", "after_step"]
 
@@ -56,13 +55,7 @@ class OrthogonalityWarning(UserWarning):
 
 
 def _warn(message: str) -> None:
-    # At the caller of optimizer.step(), past orthoopt's and torch's frames.
-    import sys
-
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("orthoopt", "torch"):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, OrthogonalityWarning, stacklevel=level)
+    warn_at_caller(message, OrthogonalityWarning)
 
 
 def _beta(group: dict, state: dict) -> float:

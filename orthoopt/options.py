@@ -3,12 +3,18 @@
 Every other module reads a group's options through this one: the optimizer glue
 (:mod:`orthoopt.optim`), the soft step (:mod:`orthoopt.soft`), hard mode
 (:mod:`orthoopt.stiefel`) and the sharded step (:mod:`orthoopt.distributed`).  It imports
-nothing of orthoopt's but the layouts, so that the imports run one way.
+nothing of orthoopt's but the layouts, so that the imports run one way.  What the
+``ortho_nonfinite`` policy does when a matrix is not finite (:func:`report_nonfinite`) is
+here too, so that the soft and the hard step report it in the same words.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import sys
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,7 +29,10 @@ __all__ = [
     "STARTS",
     "MANIFOLDS",
     "is_number",
+    "real_number",
     "check_options",
+    "report_nonfinite",
+    "warn_at_caller",
     "param_key",
     "param_name",
     "same_layout",
@@ -54,21 +63,51 @@ def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def real_number(x: Any) -> float | None:
+    """``x`` as a Python float if it is a real number, else None.
+
+    Any :class:`numbers.Real` (``int``, ``np.float32``, ``np.int64``, ``fractions.Fraction``)
+    and any 0-d real tensor count, as torch accepts them for ``lr``; bools do not.  The
+    options keep the Python float: a NumPy scalar or a tensor in a param group would not
+    survive ``torch.load(weights_only=True)`` of the state_dict, and a tensor β would be
+    read with a host sync at every step.  A number too large for a float is inf.
+    """
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0 or x.dtype == torch.bool or x.is_complex():
+            return None
+        x = x.item()
+    elif not isinstance(x, numbers.Real):  # np.bool_ is not one
+        return None
+    try:
+        return float(x)
+    except OverflowError:  # an int beyond the float range
+        return math.inf
+
+
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate the ortho options of a group (or the defaults); return them canonicalised."""
     out = dict(options)
     ortho = out.get("ortho", 0.0)
-    if not (is_number(ortho) or ortho == "auto"):
-        raise TypeError(f"{where}: ortho must be a number >= 0 (the penalty weight β) or 'auto', got {ortho!r}")
-    if is_number(ortho) and not (ortho >= 0 and math.isfinite(ortho)):
-        raise ValueError(f"{where}: ortho must be a finite number >= 0 (0 switches the penalty off), got {ortho!r}")
-    smoothing = out.get("ortho_smoothing", 0.0)
-    if not is_number(smoothing):
-        raise TypeError(f"{where}: ortho_smoothing must be a number >= 0 (the Huber threshold δ), got {smoothing!r}")
+    if not (isinstance(ortho, str) and ortho == "auto"):
+        number = real_number(ortho)
+        if number is None:
+            raise TypeError(f"{where}: ortho must be a number >= 0 (the penalty weight β) or 'auto', got {ortho!r}")
+        if not (number >= 0 and math.isfinite(number)):
+            raise ValueError(f"{where}: ortho must be a finite number >= 0 (0 switches the penalty off), got {ortho!r}")
+        out["ortho"] = number
+    smoothing = real_number(out.get("ortho_smoothing", 0.0))
+    if smoothing is None:
+        raise TypeError(
+            f"{where}: ortho_smoothing must be a number >= 0 (the Huber threshold δ), got {out['ortho_smoothing']!r}"
+        )
     if not (smoothing >= 0 and math.isfinite(smoothing)):
         raise ValueError(
             f"{where}: ortho_smoothing must be a finite number >= 0 (0 means exact sign()), got {smoothing!r}"
         )
+    if "ortho_smoothing" in out:
+        out["ortho_smoothing"] = smoothing
     mode = out.get("ortho_mode", "soft")
     if mode not in MODES:
         raise ValueError(f"{where}: ortho_mode must be one of {MODES}, got {mode!r}")
@@ -126,3 +165,35 @@ def same_layout(a: str, b: str, shape: torch.Size) -> bool:
 def penalized(group: dict) -> bool:
     """Whether the group's parameters are under a constraint (soft or hard)."""
     return group["ortho"] == "auto" or group["ortho"] > 0
+
+
+def report_nonfinite(optimizer: Any, names: Sequence[str], policy: str, what: str) -> None:
+    """Apply the ``ortho_nonfinite`` policy to parameters with a non-finite matrix.
+
+    ``what`` says what the step does with them.  ``"raise"`` raises FloatingPointError (the
+    callers check before anything changes); ``"warn"`` warns once per parameter, at the
+    user's ``step()`` line; ``"skip"`` says nothing.
+    """
+    message = (
+        f"{', '.join(names)} holds NaN or Inf: {what} (other matrices and parameters are unaffected). "
+        "Lower the learning rate, or clip gradients"
+    )
+    if policy == "raise":
+        raise FloatingPointError(message + "; nothing was changed by this step")
+    if policy != "warn":
+        return
+    # Kept on the instance, not in its state: a copy or an unpickled optimizer warns afresh.
+    warned = optimizer.__dict__.setdefault("_ortho_warned", set())
+    fresh = [n for n in names if n not in warned]
+    if fresh:
+        warned.update(fresh)
+        warn_at_caller(message + " (warned once per parameter; ortho_nonfinite='raise' to stop instead)")
+
+
+def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """Warn at the caller of ``optimizer.step()``, past orthoopt's and torch's wrappers
+    (``torch.no_grad``, the step-hook wrapper), whose depth a fixed stacklevel cannot know."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("orthoopt", "torch"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
