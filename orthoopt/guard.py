@@ -28,6 +28,7 @@ hard mode projects at its first step itself (:mod:`orthoopt.stiefel`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from .distributed import is_dtensor
 from .layout import Layout, resolve_layout
 from .options import param_key, param_name, penalized, warn_at_caller
 
-__all__ = ["OrthogonalityWarning", "WATCH_EVERY", "FAR", "FAR_STEPS", "after_step"]
+__all__ = ["OrthogonalityWarning", "WATCH_EVERY", "FAR", "FAR_STEPS", "before_step", "after_step"]
 
 # Every how many optimizer steps the errors are read again (one Gram per parameter).
 WATCH_EVERY = 100
@@ -65,61 +66,85 @@ def _beta(group: dict, state: dict) -> float:
     return auto.AUTO_SAFETY * float(estimate.max()) if estimate is not None else 0.0
 
 
-@torch.no_grad()
-def after_step(param_groups: list[dict], state: Any, memory: dict[str, float | None], steps: int) -> None:
-    """The checks above, after optimizer step number ``steps`` (1 for the first).
-
-    ``memory``: the last error read per parameter, None once it was warned about (kept by the
-    optimizer between calls; losing it, as a pickle does, only repeats a warning).
-    """
-    watch = steps % WATCH_EVERY == 0
+def _soft_parameters(param_groups: list[dict]) -> Iterator[tuple[dict, torch.Tensor, Layout, str, str]]:
+    """(group, parameter, layout, name for messages, key) of every parameter the soft step moves."""
     for gi, group in enumerate(param_groups):
         if not penalized(group) or group["ortho_mode"] != "soft":
             continue
         for i, p in enumerate(group["params"]):
             if p.grad is None or is_dtensor(p) or p.device.type == "meta":
                 continue
-            fresh = STARTED not in state[p]
-            if not (fresh or watch):
-                continue
             name = param_name(group, i, gi)
             layout = resolve_layout(group["ortho_layout"], p.shape, name)
-            if layout is None:
-                continue
-            error = penalty.max_error(layout.matrices(p))
-            key = param_key(group, i, gi)
-            if fresh:
+            if layout is not None:
+                yield group, p, layout, name, param_key(group, i, gi)
+
+
+@torch.no_grad()
+def before_step(param_groups: list[dict], state: Any, memory: dict[str, float | None]) -> None:
+    """The error of each parameter before its first soft step: the start that ortho_init judges.
+
+    Called when the optimizer's plan of parameters may have changed (its first step, a new
+    group, a gradient that appeared); ``memory`` is :func:`after_step`'s.
+    """
+    for _, p, layout, _, key in _soft_parameters(param_groups):
+        if STARTED not in state[p]:
+            memory[key] = penalty.max_error(layout.matrices(p))
+
+
+@torch.no_grad()
+def after_step(
+    param_groups: list[dict], state: Any, memory: dict[str, float | None], *, starting: bool, watching: bool
+) -> None:
+    """ortho_init for the parameters that took their first soft step (``starting``: when
+    :func:`before_step` ran before this step), and the drift check (``watching``).
+
+    ``memory``: the start error, then the last error read per parameter, None once it was
+    warned about (kept by the optimizer between calls; losing it, as a pickle does, only
+    repeats a warning).
+    """
+    if not (starting or watching):
+        return
+    for group, p, layout, name, key in _soft_parameters(param_groups):
+        if STARTED not in state[p]:
+            if starting:
                 state[p][STARTED] = True
-                memory[key] = _start(group, state[p], p, layout, error, name)
-                continue
-            last = memory.get(key)
-            if last is not None and error > FAR and error > last:
-                _warn(
-                    f"{name} is moving away from orthonormality: max |ΦᵀΦ - I| rose from {last:.3g} to "
-                    f"{error:.3g} over the last {WATCH_EVERY} steps. The base optimizer's updates move it faster "
-                    "than the soft step pulls it back: use ortho='auto' (or a larger ortho), a lower learning "
-                    "rate, or ortho_mode='hard'"
-                )
-                memory[key] = None  # warned: once per parameter
-            elif key not in memory or last is not None:
-                memory[key] = error
+                memory[key] = _start(group, state[p], p, layout, memory.get(key), name)
+            continue
+        if not watching:
+            continue
+        error = penalty.max_error(layout.matrices(p))
+        last = memory.get(key)
+        if last is not None and error > FAR and error > last:
+            _warn(
+                f"{name} is moving away from orthonormality: max |ΦᵀΦ - I| rose from {last:.3g} to "
+                f"{error:.3g} over the last {WATCH_EVERY} steps. The base optimizer's updates move it faster "
+                "than the soft step pulls it back: use ortho='auto' (or a larger ortho), a lower learning "
+                "rate, or ortho_mode='hard'"
+            )
+            memory[key] = None  # warned: once per parameter
+        elif key not in memory or last is not None:
+            memory[key] = error
 
 
-def _start(group: dict, state: dict, p: torch.Tensor, layout: Layout, error: float, name: str) -> float:
-    """ortho_init at a parameter's first soft step; returns its error after it."""
+def _start(group: dict, state: dict, p: torch.Tensor, layout: Layout, before: float | None, name: str) -> float:
+    """ortho_init after a parameter's first soft step, judged by its error ``before`` it;
+    returns its error now."""
+    error = penalty.max_error(layout.matrices(p))
     policy = group["ortho_init"]
+    if before is None or not before > (PROJECT_TOL if policy == "project" else FAR):
+        return error  # started on the manifold (or no start was read): nothing to do
     if policy == "project":
-        if math.isfinite(error) and error > PROJECT_TOL:
+        if math.isfinite(error):
             p.copy_(layout.from_matrices(penalty.polar(layout.matrices(p)), p.shape))
-            return penalty.max_error(layout.matrices(p))
-        return error
-    if policy != "warn" or not error > FAR:
+        return penalty.max_error(layout.matrices(p))
+    if policy != "warn":
         return error
     pull = 4 * float(group["lr"]) * _beta(group, state)  # the most an entry of R moves per step
-    needed = error / pull if pull > 0 else math.inf
+    needed = before / pull if pull > 0 else math.inf
     if needed > FAR_STEPS:
         _warn(
-            f"{name} starts far from orthonormal (max |ΦᵀΦ - I| = {error:.3g}): at this step's lr·ortho = "
+            f"{name} starts far from orthonormal (max |ΦᵀΦ - I| = {before:.3g}): at this step's lr·ortho = "
             f"{pull / 4:.3g} the soft step moves each entry of ΦᵀΦ - I by at most {pull:.3g} per step, so it needs "
             f"at least {needed:.3g} steps to get there, more while the learning rate is warming up or decaying. "
             "Start on the manifold with ortho_init='project' (or orthoopt.project_(optimizer) before training), "

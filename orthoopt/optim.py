@@ -257,6 +257,11 @@ class OrthoMixin:
         self._refuse_differentiable_groups()
         hard = self._hard_plan()
         plan = self._soft_plan()
+        # A new plan may hold parameters at their first soft step: read where they start.
+        starting = self.__dict__.pop("_ortho_new_plan", False)
+        memory = self.__dict__.setdefault("_ortho_memory", {})
+        if starting:
+            guard.before_step(self.param_groups, self.state, memory)
         deltas, staged = [], []
         for bucket in plan:
             if isinstance(bucket, distributed.ShardedBucket):
@@ -293,9 +298,8 @@ class OrthoMixin:
             bucket.apply(delta)
         if plan and not torch.compiler.is_compiling():
             self._ortho_steps = getattr(self, "_ortho_steps", 0) + 1
-            guard.after_step(
-                self.param_groups, self.state, self.__dict__.setdefault("_ortho_memory", {}), self._ortho_steps
-            )
+            watching = self._ortho_steps % guard.WATCH_EVERY == 0
+            guard.after_step(self.param_groups, self.state, memory, starting=starting, watching=watching)
         return loss if closure is None else base_loss
 
     def _base_step(self, closure: Callable[[], Any] | None) -> Any:
@@ -352,6 +356,7 @@ class OrthoMixin:
         cache = getattr(self, "_soft_cache", None)
         if cache is None or cache[0] != key:
             cache = self._soft_cache = (key, soft.build_plan(self.param_groups, workspaces=True))
+            self._ortho_new_plan = True
         return cache[1]
 
     def _report_nonfinite(self, bucket: soft.Bucket, finite: torch.Tensor) -> None:

@@ -159,3 +159,30 @@ def test_no_drift_report_where_the_constraint_holds():
 def test_bad_ortho_init_is_refused():
     with pytest.raises(ValueError, match="ortho_init must be one of"):
         orthoopt.OrthoAdamW([_far()], ortho=1.0, ortho_init="snap")
+
+
+def test_project_judges_the_start_not_the_first_step():
+    # On the manifold at the start: the first step moves it off (error ~1e-2), and 'project' must
+    # leave that step alone, as 'keep' does; only a start off the manifold is snapped.
+    def first_step(policy: str) -> torch.Tensor:
+        q, _ = torch.linalg.qr(torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+        w = torch.nn.Parameter(q)
+        opt = orthoopt.OrthoAdamW([w], lr=1e-2, ortho=1e-3, ortho_init=policy)
+        w.grad = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        opt.step()
+        return w.detach()
+
+    projected, kept = first_step("project"), first_step("keep")
+    assert _error(kept) > 1e-3
+    assert torch.equal(projected, kept)
+
+
+def test_a_parameter_that_gets_its_first_gradient_later_is_judged_then():
+    far, later = _far(0), _far(1)
+    opt = orthoopt.OrthoSGD([far, later], lr=1e-3, ortho=1.0, ortho_init="project")
+    far.grad = torch.zeros_like(far)
+    opt.step()  # `later` has no gradient yet: torch skips it, and so does the constraint
+    assert _error(far) < 1e-12 and _error(later) > 0.9
+    later.grad = torch.zeros_like(later)
+    opt.step()
+    assert _error(later) < 1e-12
