@@ -88,7 +88,7 @@ def before_step(param_groups: list[dict], state: Any, memory: dict[str, float | 
     group, a gradient that appeared); ``memory`` is :func:`after_step`'s.
     """
     for _, p, layout, _, key in _soft_parameters(param_groups):
-        if STARTED not in state[p]:
+        if STARTED not in state.get(p, ()):  # .get: the state is a defaultdict, and this step may yet raise
             memory[key] = penalty.max_error(layout.matrices(p))
 
 
@@ -106,7 +106,7 @@ def after_step(
     if not (starting or watching):
         return
     for group, p, layout, name, key in _soft_parameters(param_groups):
-        if STARTED not in state[p]:
+        if STARTED not in state.get(p, ()):
             if starting:
                 state[p][STARTED] = True
                 memory[key] = _start(group, state[p], p, layout, memory.get(key), name)

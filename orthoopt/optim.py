@@ -78,6 +78,7 @@ class OrthoMixin:
         ortho_manifold: str = "euclidean",
         ortho_stabilize: int | str | None = "auto",
         ortho_init: str = "warn",
+        ortho_second_moment: str = "mean",
         **kwargs,
     ):
         options = check_options(
@@ -91,6 +92,7 @@ class OrthoMixin:
                 "ortho_manifold": ortho_manifold,
                 "ortho_stabilize": ortho_stabilize,
                 "ortho_init": ortho_init,
+                "ortho_second_moment": ortho_second_moment,
             },
             "optimizer defaults",
         )
@@ -459,6 +461,8 @@ _CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orth
     ortho_init (str): a soft parameter that starts far from orthonormal is reported at its first
         step ('warn'), snapped to its polar factor after it ('project'), or left alone ('keep')
         (:mod:`orthoopt.guard`).
+    ortho_second_moment (str): hard mode's Adam second moment per matrix, the 'mean' over its
+        entries (Adam's step size at the same lr) or geoopt's 'sum' (:mod:`orthoopt.stiefel`).
 """
 
 # One class per base class, so that orthogonalize(X) is orthogonalize(X) (isinstance works,

@@ -27,6 +27,7 @@ __all__ = [
     "PENALTIES",
     "NONFINITE",
     "STARTS",
+    "SECOND_MOMENTS",
     "MANIFOLDS",
     "is_number",
     "real_number",
@@ -49,12 +50,16 @@ ORTHO_DEFAULTS: dict[str, Any] = {
     "ortho_manifold": "euclidean",
     "ortho_stabilize": "auto",
     "ortho_init": "warn",
+    "ortho_second_moment": "mean",
 }
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
 NONFINITE = ("warn", "skip", "raise")
 # What the soft step does with a parameter that starts far from the manifold (orthoopt.guard).
 STARTS = ("warn", "project", "keep")
+# Hard mode's Adam second moment per matrix: the mean over its entries (Adam's step size), or
+# geoopt's sum (orthoopt.stiefel).
+SECOND_MOMENTS = ("mean", "sum")
 # Hard mode's geoopt manifolds (orthoopt.stiefel maps each name to its class).
 MANIFOLDS = ("euclidean", "canonical")
 
@@ -122,6 +127,12 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
         raise ValueError(
             f"{where}: ortho_init must be one of {STARTS} (what the soft step does with a parameter that starts "
             f"far from orthonormal), got {start!r}"
+        )
+    moment = out.get("ortho_second_moment", "mean")
+    if moment not in SECOND_MOMENTS:
+        raise ValueError(
+            f"{where}: ortho_second_moment must be one of {SECOND_MOMENTS} (hard mode's Adam second moment per "
+            f"matrix: the mean over its entries, or geoopt's sum), got {moment!r}"
         )
     manifold = out.get("ortho_manifold", "euclidean")
     if manifold not in MANIFOLDS:

@@ -23,8 +23,8 @@ once per parameter on its whole stack.  With :math:`\pi_X` the tangent projectio
     &\quad \xi_t \leftarrow \pi_{X_{t-1}}\big(g_t + \lambda X_{t-1}\big)
           \quad (\lambda = 0 \text{ for AdamW, see below})\\
     &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1)\,\xi_t\\
-    &\quad v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2)\,\langle \xi_t, \xi_t\rangle_{X_{t-1}}
-          \quad \text{(one scalar per matrix)}\\
+    &\quad v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2)\,\langle \xi_t, \xi_t\rangle_{X_{t-1}} / N
+          \quad \text{(one scalar per matrix; } N = l\,n \text{, or 1 as geoopt)}\\
     &\quad \hat v_t \leftarrow \max(\hat v_{t-1}, v_t) \text{ (amsgrad) else } v_t\\
     &\quad d_t \leftarrow \frac{m_t / (1-\beta_1^t)}{\sqrt{\hat v_t / (1-\beta_2^t)} + \epsilon}\\
     &\quad (X_t, m_t) \leftarrow \big(R_{X_{t-1}}(-\gamma d_t),\
@@ -34,8 +34,18 @@ once per parameter on its whole stack.  With :math:`\pi_X` the tangent projectio
 Choices and known traps (geoopt 0.5.1):
 
 * **Second moment.** As in geoopt, RiemannianAdam keeps *one* second moment per matrix,
-  :math:`\langle\xi,\xi\rangle_X` (``component_inner``), not one per entry: the step is
-  Adam's only in its scalar normalisation per matrix, and all entries of a matrix share it.
+  not one per entry: all entries of a matrix share its normalisation.  geoopt's is the sum
+  :math:`\langle\xi,\xi\rangle_X` (``component_inner``) over the matrix's :math:`N = l n`
+  entries, so its direction has a Frobenius norm of about 1 per matrix, where Adam's has
+  entries of about 1: at the same learning rate geoopt moves a matrix :math:`\sqrt N` times
+  less far than the Adam step it stands in for (192 times less on a ViT-tiny block weight).
+  With ``ortho_second_moment="mean"`` (the default) the sum is divided by :math:`N`, so that
+  ``ortho_mode="hard"`` takes steps of Adam's size at the script's own learning rate; this is
+  geoopt's rule at :math:`\sqrt N` times the learning rate (up to :math:`\epsilon`).
+  Measured on tests/integration's timm ViT (depth 2, digits, AdamW lr 1e-3, warmup +
+  cosine): held-out loss 0.437 and top-1 90.0% with geoopt's sum, 0.162 and 97.2% with the
+  mean, against 0.20 and 96.1% for plain AdamW.  ``"sum"`` is geoopt's RiemannianAdam exactly
+  (tested step by step against it).
 * **First momentum step.** geoopt's RiemannianSGD starts its buffer at the raw Euclidean
   gradient and then applies ``mul(μ).add(ξ)`` to it, so its first step is
   :math:`\mu g_1 + (1-\tau)\xi_1`, which is not even tangent.  We follow
@@ -248,12 +258,16 @@ def riemannian_adam(
     weight_decay: float,
     maximize: bool,
     name: str,
+    second_moment: str = "mean",
 ) -> torch.Tensor:
     """geoopt's RiemannianAdam step on a stack ``x`` (one second moment per matrix); returns
-    the new point and updates ``state`` in place."""
+    the new point and updates ``state`` in place.  ``second_moment="sum"`` is geoopt's
+    ``<ξ, ξ>_X``; ``"mean"`` divides it by the matrix's ``l·n`` entries."""
     beta1, beta2 = (float(b) for b in betas)
     rgrad = stiefel.egrad2rgrad(x, _euclidean_grad(x, grad, weight_decay, maximize))
     sq = stiefel.component_inner(x, rgrad)
+    if second_moment == "mean":
+        sq = sq.div_(x.shape[-2] * x.shape[-1])
     if EXP_AVG not in state:
         state[EXP_AVG] = torch.zeros_like(x)
         state[EXP_AVG_SQ] = torch.zeros_like(sq)
@@ -420,6 +434,7 @@ def _step_stack(rule: str, item: HardItem, x: torch.Tensor, grad: torch.Tensor, 
             weight_decay=0.0 if group.get("decoupled_weight_decay", False) else group["weight_decay"],
             maximize=group.get("maximize", False),
             name=item.name,
+            second_moment=group["ortho_second_moment"],
         )
     period = stabilize_period(group, item.param.dtype)
     if period and int(state[STEP].item()) % period == 0:
