@@ -20,6 +20,7 @@ COLORS = {
     "frobenius": "#2ca02c",
     "landing": "#9467bd",
     "hard": "#1f77b4",
+    "geotorch": "#17becf",
 }
 
 
@@ -67,6 +68,10 @@ def _plot(comp, out: Path, name: str, key: str, xkey: str, ylabel: str, xlabel: 
         if np.any(hi > lo):
             ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
         drawn = True
+    if key == "loss":
+        for (text, level), style in zip(comp.config.get("reference", {}).items(), ("--", ":", "-.")):
+            ax.axhline(level, color="k", ls=style, lw=0.8, label=text)
+            drawn = True
     if log:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
