@@ -87,7 +87,7 @@ def compare_parser() -> argparse.ArgumentParser:
         "--schedule",
         choices=("cosine", "constant"),
         default=None,
-        help="lr schedule (default: the task's; cosine to 0, constant for copying and mppca)",
+        help="lr schedule (default: the task's; cosine to 0, constant for copying)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")

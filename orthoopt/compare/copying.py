@@ -137,9 +137,12 @@ def problem_fields(
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         logits = model(x_test)
+        sigma = torch.linalg.svdvals(model.recurrent.weight.double())  # σ_max^L: what L steps can amplify
         return {
             "test_acc": recall(logits, y_test, K),
             "test_loss": criterion(logits.flatten(0, 1), y_test.flatten()).item(),
+            "sigma_max": sigma.max().item(),
+            "sigma_min": sigma.min().item(),
         }
 
     base = baseline_loss(L, K)
@@ -167,7 +170,7 @@ TASK_SETTINGS: dict[str, Any] = {
     "smoothing": 1e-3,
     "steps": 4000,
     "quick_steps": 5,
-    "metrics": {"test_acc": ("recall acc %", 100.0), "test_loss": ("test loss", 1.0)},
+    "metrics": {"test_acc": ("recall acc %", 100.0), "test_loss": ("test loss", 1.0), "sigma_max": ("σ_max(W)", 1.0)},
     "params": {"L": 200},
     "methods": ("none", "soft", "soft-auto", "hard", "geotorch"),
 }
