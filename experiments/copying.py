@@ -5,10 +5,12 @@ lr 1e-3 and 2e-4 on the recurrent W, constant), W orthogonal at init (torus), th
 weights, batches and budget for every method.  Per method: the first iteration whose training loss
 is below 1% of the memoryless baseline 10 log 8/(L + 20), ms per iteration, W's orthogonality error
 (final and the worst over the run), σ_max(W) and σ_max(W)^L, the recall accuracy on a held-out set.
-Then soft's variants (fixed β, Huber δ, 'auto') on seed 0, to find what, if anything, holds W.
+Then variants on seed 0: soft's fixed β, Huber δ and 'auto', to find what, if anything, holds W; and
+hard with a larger lr on W (its Riemannian Adam keeps one second moment per matrix, so at the same lr
+it moves W by about lr in Frobenius norm per step where Adam moves every entry by about lr).
 
     python experiments/copying.py [--quick] [--L 100] [--hidden 128] [--steps 4000] [--seeds 3]
-        [--variants soft:0.1,soft:1,soft:10,soft-huber:1:0.01,soft-auto] [--variant-steps 2000]
+        [--variants soft:beta=1,soft-huber:beta=1:delta=0.01,soft-auto,hard:wlr=128] [--variant-steps 2000]
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--beta", type=float, default=None, help="soft's β in the main table (default: the task's)")
     p.add_argument("--methods", default="none,soft,soft-auto,hard,geotorch")
-    p.add_argument("--variants", default="soft:0.1,soft:1,soft:10,soft-huber:1:0.01,soft-huber:10:0.1,soft-auto")
+    p.add_argument(
+        "--variants",
+        default="soft:beta=0.1,soft:beta=1,soft:beta=10,soft-huber:beta=1:delta=0.01,soft-auto,hard:wlr=16,hard:wlr=128",
+    )
     p.add_argument("--variant-steps", type=int, default=2000)
     p.add_argument("--record-every", type=int, default=10)
     args = p.parse_args(argv)
@@ -91,16 +96,21 @@ def _worst(r) -> float:
     return max([v for v in r.history["orth_max"] if v == v] + [r.final["orth_max"]])
 
 
+KEYS = {"beta": ("beta", "β"), "delta": ("smoothing", "δ"), "wlr": ("constrained_lr_scale", "W lr ×")}
+
+
 def _variant(text: str) -> tuple[str, str, dict]:
-    """``soft:10`` (β), ``soft-huber:10:0.01`` (β, δ), ``soft-auto``: (label, method, run kwargs)."""
+    """``soft:beta=10``, ``soft-huber:beta=1:delta=0.01``, ``hard:wlr=128`` (W's lr × 128): (label, method, kwargs)."""
     method, *rest = text.split(":")
-    kwargs = {}
-    if rest:
-        kwargs["beta"] = float(rest[0])
-    if len(rest) > 1:
-        kwargs["smoothing"] = float(rest[1])
-    label = method + "".join(f" {k[0] if k == 'beta' else 'δ'}={v:g}" for k, v in kwargs.items())
-    return label.replace("b=", "β="), method, kwargs
+    kwargs, label = {}, method
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key not in KEYS:
+            raise SystemExit(f"--variants: unknown key {key!r} in {text!r}; use {', '.join(KEYS)}")
+        name, symbol = KEYS[key]
+        kwargs[name] = float(value) * (0.2 if key == "wlr" else 1.0)  # the task trains W at 0.2 × lr
+        label += f" {symbol}{'' if key == 'wlr' else '='}{float(value):g}"
+    return label, method, kwargs
 
 
 def _variants(args, spec: str, out, steps: int) -> str:
@@ -123,6 +133,7 @@ def _variants(args, spec: str, out, steps: int) -> str:
                 "variant": label,
                 "beta": comp.config["beta"] if method != "soft-auto" else "auto",
                 "smoothing": comp.config["smoothing"] if method == "soft-huber" else None,
+                "w_lr": comp.config["lr"] * comp.config["constrained_lr_scale"],
                 "status": "ok" if r.ok else (r.error or f"diverged at {r.diverged_at}"),
                 "first_below_1pct": r.step_to_target,
                 "final_loss": f.get("loss"),

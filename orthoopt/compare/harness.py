@@ -319,6 +319,7 @@ def run(
     progress: bool = False,
     beta_relative: bool | None = None,
     threads: int | None = None,
+    constrained_lr_scale: float | None = None,
 ) -> Comparison:
     """Run ``task`` under each of ``methods`` for every seed; return runs and a summary.
 
@@ -326,7 +327,8 @@ def run(
     β* (:func:`multiplier_threshold`).  Settings left ``None`` take the task's defaults
     (methods: the task's, else every method of ``METHODS``; schedule: the task's, mostly cosine).
     ``threads`` sets ``torch.set_num_threads`` for the run (timings on a loaded machine
-    are steadier with one thread).
+    are steadier with one thread).  ``constrained_lr_scale``: the constrained parameters'
+    lr as a multiple of ``lr`` (default: the task's).
     """
     task = get_task(task)
     if beta_relative is None:
@@ -350,7 +352,7 @@ def run(
         smoothing=smoothing if smoothing is not None else task.smoothing,
         landing_lr=landing_lr if landing_lr is not None else task.landing_lr,
         betas=task.betas,
-        constrained_lr_scale=task.constrained_lr_scale,
+        constrained_lr_scale=constrained_lr_scale if constrained_lr_scale is not None else task.constrained_lr_scale,
     )
     bar = None
     if progress:
