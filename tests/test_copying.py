@@ -146,3 +146,20 @@ def test_bad_parameters_are_refused():
         task = compare.get_task(spec)
         with pytest.raises(ValueError, match=f"task copying: {name}"):
             task.build(seed=0, **task.params)
+
+
+@pytest.mark.parametrize("method", ["none", "soft", "soft-auto", "hard", "geotorch"])
+def test_every_method_trains_w_at_a_fifth_of_the_lr(method):
+    if method == "geotorch":
+        pytest.importorskip("geotorch")
+    task = compare.get_task(QUICK)
+    problem = task.build(seed=0, **task.params)
+    settings = methods.Settings(base="adam", lr=1e-3, betas=(0.9, 0.99), constrained_lr_scale=0.2)
+    with methods.prepared(method, problem.model, problem):
+        (opt,) = methods.build_optimizers(method, problem.model, problem, settings)
+        rec = problem.model.recurrent
+        w = rec.parametrizations.weight.original if method == "geotorch" else rec.weight
+        lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        assert lrs.pop(id(w)) == pytest.approx(2e-4)
+        assert set(lrs.values()) == {1e-3} and len(lrs) == len(list(problem.model.parameters())) - 1
+        assert all(g["betas"] == (0.9, 0.99) for g in opt.param_groups)
