@@ -9,9 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .harness import Comparison
+from .harness import Comparison, RunResult
 
-__all__ = ["table", "write", "fmt"]
+__all__ = ["table", "write", "load", "fmt"]
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -118,6 +118,13 @@ def _clean(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     return x
+
+
+def load(path: str | Path) -> Comparison:
+    """The comparison saved by :func:`write` in ``results.json`` (histories as thinned there), e.g. to re-plot."""
+    data = json.loads(Path(path).read_text())
+    runs = [RunResult(**r) for r in data["runs"]]
+    return Comparison(data["config"]["task"], data["config"], runs, data["summary"])
 
 
 def write(comp: Comparison, out: str | Path, *, plots: bool = True, history_points: int = 1000) -> dict[str, Path]:
