@@ -16,6 +16,8 @@ it moves W by about lr in Frobenius norm per step where Adam moves every entry b
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 
 from _common import compare, parser, save, setup, write_md
 
@@ -38,7 +40,11 @@ def main(argv=None):
     )
     p.add_argument("--variant-steps", type=int, default=1000)
     p.add_argument("--record-every", type=int, default=10)
+    p.add_argument(
+        "--time-rounds", type=int, default=0, help="also time one iteration per method, round-robin, N rounds"
+    )
     args = p.parse_args(argv)
+    args.command = shlex.join(["python", "experiments/copying.py", *(sys.argv[1:] if argv is None else argv)])
     if args.quick:  # a smoke run of seconds: a short sequence and a small cell
         args.L, args.hidden = 10, 16
     setting = f"L{args.L}_h{args.hidden}"
@@ -46,7 +52,6 @@ def main(argv=None):
     spec = f"copying:L={args.L},hidden={args.hidden}"
     steps = 4 if args.quick else args.steps
     seeds = [0] if args.quick else list(range(args.seeds))
-    sections = []
     if args.methods:
         comp = compare.run(
             spec,
@@ -57,13 +62,68 @@ def main(argv=None):
             record_every=1 if args.quick else args.record_every,
             progress=True,
         )
-        cmd = f"python experiments/copying.py --L {args.L} --hidden {args.hidden} --steps {steps} --seeds {len(seeds)}"
-        sections.append(
-            save(comp, out / "methods", title=f"Copying problem, {setting}", command=cmd, extra=_notes(comp, args.L))
+        text = save(
+            comp, out / "methods", title=f"Copying problem, {setting}", command=args.command, extra=_notes(comp, args.L)
         )
+        (out / "methods" / "section.md").write_text(text)
     if args.variants:
-        sections.append(_variants(args, spec, out, 3 if args.quick else args.variant_steps))
-    write_md(out, sections)
+        (out / "soft_variants").mkdir(parents=True, exist_ok=True)
+        (out / "soft_variants" / "section.md").write_text(
+            _variants(args, spec, out, 3 if args.quick else args.variant_steps)
+        )
+    if args.time_rounds:
+        (out / "timing").mkdir(parents=True, exist_ok=True)
+        (out / "timing" / "section.md").write_text(_timing(args, spec, 2 if args.quick else args.time_rounds))
+    # The README gathers the parts that exist, so that they can be run one at a time.
+    parts = [out / part / "section.md" for part in ("methods", "soft_variants", "timing")]
+    write_md(out, [part.read_text() for part in parts if part.exists()])
+
+
+def _timing(args, spec: str, rounds: int) -> str:
+    """ms per iteration (forward, backward, step) of each method, interleaved round-robin: medians over rounds."""
+    import statistics
+    import time
+    from contextlib import ExitStack
+
+    from orthoopt.compare.methods import Settings, build_optimizers, prepared
+
+    task = compare.get_task(spec)
+    names = args.methods.split(",") if args.methods else ["none", "soft", "soft-auto", "hard", "geotorch"]
+    settings = Settings(
+        base=task.base, lr=task.lr, beta=task.beta, smoothing=task.smoothing, betas=task.betas,
+        constrained_lr_scale=task.constrained_lr_scale,
+    )  # fmt: skip
+    times: dict[str, list[float]] = {m: [] for m in names}
+    with ExitStack() as stack:
+        runs = {}
+        for m in names:
+            problem = task.build(seed=0, **task.params)  # one model per method, the same weights
+            stack.enter_context(prepared(m, problem.model, problem))
+            runs[m] = (problem, build_optimizers(m, problem.model, problem, settings))
+        for t in range(rounds + 2):  # two rounds of warm-up
+            for m, (problem, optimizers) in runs.items():
+                start = time.perf_counter()
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
+                problem.loss(t).backward()
+                for o in optimizers:
+                    o.step()
+                if t >= 2:
+                    times[m].append(1e3 * (time.perf_counter() - start))
+    lines = [
+        f"## ms per iteration, {args.L} blanks, hidden {args.hidden} (round-robin, {rounds} rounds)",
+        "",
+        f"`{args.command}`",
+        "",
+        "| method | median ms | min ms | max ms | median / none's |",
+        "|---|---|---|---|---|",
+    ]
+    base = statistics.median(times[names[0]])
+    for m in names:
+        med = statistics.median(times[m])
+        lines.append(f"| {m} | {med:.1f} | {min(times[m]):.1f} | {max(times[m]):.1f} | {med / base:.2f} |")
+    lines += ["", "One iteration: batch draw, forward, backward and the optimizer step; one torch thread."]
+    return "\n".join(lines) + "\n"
 
 
 def _notes(comp, L: int) -> str:
@@ -153,8 +213,7 @@ def _variants(args, spec: str, out, steps: int) -> str:
     lines = [
         f"## Soft's variants on seed 0 ({steps} iterations)",
         "",
-        f"`python experiments/copying.py --L {args.L} --hidden {args.hidden} --methods '' "
-        f"--variants {args.variants} --variant-steps {steps}`",
+        f"`{args.command}`",
         "",
         "| variant | first below 1% | final loss | orth final | orth worst | σ_max(W) | σ_max^L | recall % | ms/iter | status |",
         "|---|---|---|---|---|---|---|---|---|---|",

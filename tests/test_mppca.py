@@ -10,7 +10,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from orthoopt import compare
-from orthoopt.compare import mppca, tasks
+from orthoopt.compare import mppca, plots, tasks
 
 
 def _mvn_log_prob(x, mu, cov):
@@ -136,3 +136,15 @@ def test_bad_parameters_are_refused(spec, match):
     task = compare.get_task(spec)
     with pytest.raises(ValueError, match=f"task mppca: {match}"):
         task.build(seed=0, **task.params)
+
+
+def test_results_reload_and_replot(quick, tmp_path):
+    comp = quick[0]
+    compare.write(comp, tmp_path, plots=False)
+    back = compare.report.load(tmp_path / "results.json")
+    assert back.config["task_params"] == comp.config["task_params"] and back.summary[0]["method"] == "none"
+    assert [(r.method, r.seed, r.history["step"]) for r in back.runs] == [
+        (r.method, r.seed, r.history["step"]) for r in comp.runs
+    ]
+    paths = plots.plot_comparison(back, tmp_path)
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths.values())
