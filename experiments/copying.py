@@ -30,7 +30,7 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--L", type=int, default=100)
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=4000, help="iterations of the main table (0: no main table)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--beta", type=float, default=None, help="soft's β in the main table (default: the task's)")
     p.add_argument("--methods", default="none,soft,soft-auto,hard,geotorch")
@@ -45,14 +45,14 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     args.command = shlex.join(["python", "experiments/copying.py", *(sys.argv[1:] if argv is None else argv)])
-    if args.quick:  # a smoke run of seconds: a short sequence and a small cell
-        args.L, args.hidden = 10, 16
+    if args.quick:  # a smoke run of seconds: a short sequence and a small cell, every part
+        args.L, args.hidden, args.time_rounds = 10, 16, 2
     setting = f"L{args.L}_h{args.hidden}"
     out = setup(args, f"copying/{setting}")
     spec = f"copying:L={args.L},hidden={args.hidden}"
     steps = 4 if args.quick else args.steps
     seeds = [0] if args.quick else list(range(args.seeds))
-    if args.methods:
+    if args.methods and steps > 0:  # --steps 0: only the variants and/or the timing
         comp = compare.run(
             spec,
             methods=args.methods.split(","),
@@ -73,7 +73,7 @@ def main(argv=None):
         )
     if args.time_rounds:
         (out / "timing").mkdir(parents=True, exist_ok=True)
-        (out / "timing" / "section.md").write_text(_timing(args, spec, 2 if args.quick else args.time_rounds))
+        (out / "timing" / "section.md").write_text(_timing(args, spec, args.time_rounds))
     # The README gathers the parts that exist, so that they can be run one at a time.
     parts = [out / part / "section.md" for part in ("methods", "soft_variants", "timing")]
     write_md(out, [part.read_text() for part in parts if part.exists()])
