@@ -163,3 +163,17 @@ def test_every_method_trains_w_at_a_fifth_of_the_lr(method):
         assert lrs.pop(id(w)) == pytest.approx(2e-4)
         assert set(lrs.values()) == {1e-3} and len(lrs) == len(list(problem.model.parameters())) - 1
         assert all(g["betas"] == (0.9, 0.99) for g in opt.param_groups)
+
+
+def test_cli_runs_the_task_with_its_own_defaults(tmp_path, capsys):
+    pytest.importorskip("geotorch")
+    from orthoopt import __main__ as cli
+
+    assert (
+        cli.main(["compare", "--task", "copying:L=5,hidden=8", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "(constant)" in out and "base adam" in out
+    for method in ("none", "soft", "soft-auto", "hard", "geotorch"):
+        assert f"| {method} |" in out
+    assert "| soft-huber |" not in out and (tmp_path / "loss_vs_time.png").exists()

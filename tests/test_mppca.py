@@ -148,3 +148,15 @@ def test_results_reload_and_replot(quick, tmp_path):
     ]
     paths = plots.plot_comparison(back, tmp_path)
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths.values())
+
+
+def test_cli_runs_the_task(tmp_path, capsys):
+    from orthoopt import __main__ as cli
+
+    spec = "mppca:n=2,supervised=1"
+    assert (
+        cli.main(["compare", "--task", spec, "--steps", "3", "--seeds", "1", "--out", str(tmp_path), "--no-progress"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "(cosine)" in out and "EM test LL" in out and "| soft-huber |" in out and "| geotorch |" not in out
