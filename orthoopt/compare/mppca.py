@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 __all__ = ["log_likelihoods", "MPPCA", "EMResult", "em", "spectral_log_likelihoods", "problem_fields"]
@@ -140,6 +139,8 @@ def em(
 
     With ``labels`` the responsibilities are the one-hot labels: one M-step, the exact ML fit.
     """
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency, as the digits are
+
     with threadpool_limits(1):  # as the torch runs; on a loaded 2-core machine BLAS threads only contend
         return _em(x, init, labels, max_iter, tol)
 
