@@ -43,14 +43,14 @@ def _task(text: str) -> str:
 
 
 def _methods(text: str) -> list[str]:
-    from .compare.methods import METHODS
+    from .compare.methods import ALL_METHODS, METHODS
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     if names == ["all"]:
         return list(METHODS)
-    bad = [m for m in names if m not in METHODS]
+    bad = [m for m in names if m not in ALL_METHODS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {', '.join(METHODS)} or all")
+        raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {', '.join(ALL_METHODS)} or all")
     return names
 
 
@@ -72,7 +72,12 @@ def compare_parser() -> argparse.ArgumentParser:
         help=f"task name, optionally with parameters: {', '.join(TASKS)}; e.g. pca:k=4, procrustes:m=512 "
         "(default: pca, k=8)",
     )
-    p.add_argument("--methods", type=_methods, default=list(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default=None,
+        help=f"comma list of {', '.join(METHODS)}, geotorch (default: the task's; every method but geotorch for most)",
+    )
     p.add_argument("--seeds", type=_seeds, default=None, help="a count (3 = seeds 0,1,2) or a list 0,4,5 (default 3)")
     p.add_argument("--steps", type=whole(1), default=None, help="step budget (default: the task's)")
     p.add_argument("--beta", type=real(positive=True), default=None, help="the penalty weight β (default: the task's)")
@@ -88,7 +93,9 @@ def compare_parser() -> argparse.ArgumentParser:
         "--beta-absolute", dest="beta_relative", action="store_const", const=False, help="read --beta as β itself"
     )
     p.add_argument("--lr", type=real(positive=True), default=None, help="base learning rate (default: the task's)")
-    p.add_argument("--base", choices=("sgd", "adamw"), default=None, help="base optimizer (default: the task's)")
+    p.add_argument(
+        "--base", choices=("sgd", "adam", "adamw"), default=None, help="base optimizer (default: the task's)"
+    )
     p.add_argument(
         "--smoothing",
         type=real(positive=False),
@@ -101,7 +108,12 @@ def compare_parser() -> argparse.ArgumentParser:
         default=None,
         help="landing's step (default: the task's, else --lr)",
     )
-    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="lr schedule (cosine to 0)")
+    p.add_argument(
+        "--schedule",
+        choices=("cosine", "constant"),
+        default=None,
+        help="lr schedule (default: the task's; cosine to 0, constant for copying)",
+    )
     p.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--threads", type=whole(1), default=1, help="torch CPU threads (default 1: steadier timings)")

@@ -18,6 +18,8 @@ SCRIPTS = [
     "soft_cap_ablation",
     "seed_tensor",
     "mlp_swap",
+    "copying",
+    "mppca",
 ]
 
 

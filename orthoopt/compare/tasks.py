@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import copying, mppca
+
 __all__ = ["Task", "Problem", "get_task", "TASKS", "digits_class_covariances", "pca_optimum"]
 
 
@@ -32,6 +34,9 @@ class Problem:
     full objective at the current weights (defaults to the loss of step 0's data when the
     task is deterministic); ``phi_star`` the constrained optimum, where known, as a dict
     ``{param name: tensor}``; ``evaluate()`` extra end-of-run figures (test accuracy).
+    ``target(loss)``, where given, is the task's own target on the recorded training loss
+    (described by ``target_text``) in place of the task's ``target_gap``; ``reference`` are
+    levels drawn into the loss plots.
     """
 
     model: nn.Module
@@ -43,6 +48,9 @@ class Problem:
     f_star: float | None = None
     phi_star: dict[str, torch.Tensor] | None = None
     evaluate: Callable[[], dict[str, float]] | None = None
+    target: Callable[[float], bool] | None = None
+    target_text: str | None = None
+    reference: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +72,11 @@ class Task:
     target_gap: float | None = None  # |f - f*| <= target_gap * |f*|
     target_orth: float | None = None  # max-abs orthogonality error
     params: dict[str, Any] = field(default_factory=dict)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's
+    constrained_lr_scale: float = 1.0  # the constrained parameters' lr is lr times this
+    schedule: str = "cosine"
+    metrics: dict[str, tuple[str, float]] = field(default_factory=dict)  # evaluate() key -> (column, scale)
+    methods: tuple[str, ...] | None = None  # the default methods (None: every method of METHODS)
 
     def with_params(self, **kwargs: Any) -> Task:
         return dataclasses.replace(self, params={**self.params, **kwargs})
@@ -297,6 +310,9 @@ TASKS: dict[str, Callable[[], Task]] = {
     ),
     "mlp": lambda: _classifier_task("mlp", "digits MLP 64-128-128-10, orthogonal hidden weights"),
     "cnn": lambda: _classifier_task("cnn", "digits CNN conv3x3(16)-conv3x3(32)-pool-linear, orthogonal conv filters"),
+    # Their own modules: the copying memory problem (orthogonal RNN) and a mixture of PPCA.
+    "copying": lambda: Task("copying", _from_fields(copying.problem_fields), **copying.TASK_SETTINGS),
+    "mppca": lambda: Task("mppca", _from_fields(mppca.problem_fields, _split), **mppca.TASK_SETTINGS),
 }
 
 
@@ -307,6 +323,19 @@ def _value(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+def _from_fields(fields: Callable[..., dict[str, Any]], *split: Callable[[], Any]) -> Callable[..., Problem]:
+    """A task's ``build`` from its module's ``problem_fields`` (``split``: a data split to pass
+    first, made when the problem is built), with that function's signature, which
+    :func:`check_params` reads."""
+
+    def build(**kwargs: Any) -> Problem:
+        return Problem(**fields(*(make() for make in split), **kwargs))
+
+    signature = inspect.signature(fields)
+    build.__signature__ = signature.replace(parameters=list(signature.parameters.values())[len(split) :])
+    return build
 
 
 def get_task(spec: str | Task) -> Task:
@@ -380,4 +409,6 @@ _PARAM_CHECKS: dict[str, Callable[[str, dict[str, Any]], None]] = {
     "procrustes": _check_procrustes,
     "mlp": _check_classifier,
     "cnn": _check_classifier,
+    "copying": lambda task, params: copying.check(**params),
+    "mppca": lambda task, params: mppca.check(**params),
 }
