@@ -517,6 +517,8 @@ def parser() -> argparse.ArgumentParser:
         prog="orthoopt bench",
         description="Time one optimizer step: the soft step against its matmul floor, torch's AdamW, "
         "the autograd penalty, the hard mode and geoopt, side by side in one process.",
+        epilog="orthoopt bench --models [--help] times the whole training iteration of small real models instead "
+        "(orthoopt.bench_models).",
     )
     ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     ap.add_argument(

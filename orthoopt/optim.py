@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import auto, distributed, penalty, soft, stiefel
+from . import distributed, penalty, soft, stiefel
 from .layout import Layout, resolve_layout
 from .options import ORTHO_DEFAULTS, check_options, param_key, param_name, penalized, same_layout
 from .selection import constrained, param_groups
@@ -67,6 +67,7 @@ class OrthoMixin:
         ortho_nonfinite: str = "warn",
         ortho_manifold: str = "euclidean",
         ortho_stabilize: int | str | None = "auto",
+        ortho_every: int = 1,
         **kwargs,
     ):
         self._ortho_defaults = check_options(
@@ -79,6 +80,7 @@ class OrthoMixin:
                 "ortho_nonfinite": ortho_nonfinite,
                 "ortho_manifold": ortho_manifold,
                 "ortho_stabilize": ortho_stabilize,
+                "ortho_every": ortho_every,
             },
             "optimizer defaults",
         )
@@ -184,46 +186,26 @@ class OrthoMixin:
             with torch.enable_grad():
                 loss = closure()
         hard = self._hard_plan()
-        plan = self._soft_plan()
-        deltas, staged = [], []
+        plan = [bucket for bucket in self._soft_plan() if soft.due(bucket)]  # ortho_every
+        sharded = []
         for bucket in plan:
             if isinstance(bucket, distributed.ShardedBucket):
-                deltas.append((bucket, bucket.delta()))
+                sharded.append((bucket, bucket.delta()))
                 continue
-            mats = bucket.matrices()
-            r = penalty.residual(mats, out=bucket.r)
-            r_max = penalty.max_abs(r)  # the step needs it; NaN or Inf where a matrix is not finite
-            finite = torch.isfinite(r_max)
-            if bucket.nonfinite != "skip":  # a host sync, which "skip" saves
-                if bool(finite.all()):
-                    finite = True
-                else:
-                    self._report_nonfinite(bucket, finite)
-            if bucket.auto:  # β comes from this step's base update: finish after it
-                staged.append((bucket, mats.clone(), r, r_max, finite))
-            else:
-                deltas.append((bucket, bucket.step(r, mats, bucket.eta(r), finite, r_max)))
+            for chunk, finite in bucket.prepare():  # the parts holding NaN or Inf, if any
+                self._report_nonfinite(chunk, finite)
         with stiefel.grads_hidden(hard) if hard else contextlib.nullcontext():
             super().step()
         if hard:
             stiefel.step_(self, hard)
-        for bucket, before, r, r_max, finite in staged:
-            lr = bucket.per_matrix(bucket.lrs(), r)
-            eta = 2 * lr * self._auto_beta(bucket, before, finite, lr)
-            deltas.append((bucket, bucket.step(r, before, eta, finite, r_max)))
-        for bucket, delta in deltas:
-            if isinstance(bucket, distributed.ShardedBucket):
-                bucket.finish(delta, self.state)  # its 'auto' entries, which need the update
+        for bucket in plan:
+            if isinstance(bucket, soft.Bucket):
+                bucket.finish(self.state)  # 'auto' takes β from the base update; then the addition
+        for bucket, delta in sharded:
+            bucket.finish(delta, self.state)  # its 'auto' entries, which need the update
             bucket.apply(delta)
+        soft.advance(self.param_groups)
         return loss
-
-    def _auto_beta(
-        self, bucket: soft.Bucket, before: torch.Tensor, finite: torch.Tensor | bool, lr: torch.Tensor
-    ) -> torch.Tensor:
-        """β per matrix for ``ortho='auto'`` (:mod:`orthoopt.auto`), from this step's base update."""
-        lam = auto.threshold(auto.update_products(before, bucket.matrices(), lr), finite & (lr > 0))
-        estimates = [auto.remember(self.state[p], new) for p, new in zip(bucket.params, lam.split(bucket.counts))]
-        return auto.AUTO_SAFETY * torch.cat(estimates)
 
     def _hard_plan(self) -> list[stiefel.HardItem]:
         """The parameters that take a Riemannian step instead of the base update (checked)."""
@@ -253,7 +235,7 @@ class OrthoMixin:
             cache = self._soft_cache = (key, soft.build_plan(self.param_groups, workspaces=True))
         return cache[1]
 
-    def _report_nonfinite(self, bucket: soft.Bucket, finite: torch.Tensor) -> None:
+    def _report_nonfinite(self, bucket: soft.Chunk, finite: torch.Tensor) -> None:
         bad = [name for name, ok in zip(bucket.names, finite.split(bucket.counts)) if not bool(ok.all())]
         message = (
             f"{', '.join(bad)} holds NaN or Inf: the orthogonality step skips its non-finite matrices "
@@ -299,6 +281,7 @@ _CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orth
     ortho_manifold (str): hard mode's geoopt manifold, 'euclidean' (QR) or 'canonical' (Cayley).
     ortho_stabilize (int, None or 'auto'): hard mode re-projects every that many steps
         (:mod:`orthoopt.stiefel`); 'auto' is every 10 for 'canonical', never for 'euclidean'.
+    ortho_every (int): the soft step at every k-th call of step(), k times as large (default 1).
 """
 
 

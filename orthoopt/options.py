@@ -38,6 +38,7 @@ ORTHO_DEFAULTS: dict[str, Any] = {
     "ortho_nonfinite": "warn",
     "ortho_manifold": "euclidean",
     "ortho_stabilize": "auto",
+    "ortho_every": 1,
 }
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
@@ -86,6 +87,17 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
         raise ValueError(
             f"{where}: ortho_stabilize must be 'auto', None (never) or a whole number >= 1 of hard steps "
             f"between re-projections, got {period!r}"
+        )
+    every = out.get("ortho_every", 1)
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise ValueError(
+            f"{where}: ortho_every must be a whole number >= 1 (the soft step every that many steps, "
+            f"that many times as large), got {every!r}"
+        )
+    if every != 1 and mode == "hard":
+        raise ValueError(
+            f"{where}: ortho_every={every} applies to the soft step; hard mode steps on the manifold at every "
+            "step: use ortho_every=1 with ortho_mode='hard'"
         )
     if "ortho_layout" in out:
         out["ortho_layout"] = canonical_layout(out["ortho_layout"], f"{where}: ortho_layout")

@@ -240,3 +240,191 @@ def test_compiled_step_matches_eager_and_lr_schedule_does_not_recompile():
         torch.compiler.set_stance("default")
         torch._dynamo.reset()
     assert not torch.equal(compiled[1], make()[0][1])  # it moved
+
+
+# -- the step's structure: reference, chunks, 'auto', every k steps -------------------------
+def _reference_sgd_step(params, layouts, lr, beta, **penalty_options):
+    """The soft step of plain SGD written out per parameter with the pure functions of
+    orthoopt.penalty: fresh tensors, no buckets, no workspaces, no host checks."""
+    from orthoopt import penalty
+    from orthoopt.layout import resolve_layout
+
+    deltas = []
+    for p, spec in zip(params, layouts):
+        layout = resolve_layout(spec, p.shape, "p")
+        mats = layout.matrices(p.detach())
+        r = penalty.residual(mats)
+        delta = penalty.penalty_step(r, mats, penalty_options.get("smoothing", 0.0), "l1", 2 * lr * beta)
+        deltas.append(layout.from_matrices(delta, p.shape))
+    return [p.detach().add(p.grad, alpha=-lr).add_(d) for p, d in zip(params, deltas)]  # SGD's own update, then ours
+
+
+def _layout_zoo(dtype=torch.float64):
+    """Parameters of every layout (and a channels_last conv weight), all 12 x 4 matrices."""
+    specs = _bucketed_params()
+    conv = _near_orthonormal(18, 8, seed=9, dtype=dtype).t().contiguous().reshape(8, 2, 3, 3)
+    specs = [(x.to(dtype), lay) for x, lay in specs]
+    specs.append((conv.to(memory_format=torch.channels_last), "rows"))
+    return specs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_is_bitwise_the_per_parameter_reference(dtype):
+    specs = _layout_zoo(dtype)
+    params = [torch.nn.Parameter(x.clone()) for x, _ in specs]
+    layouts = [lay for _, lay in specs]
+    opt = OrthoSGD([{"params": [p], "ortho_layout": lay} for p, lay in zip(params, layouts)], lr=1e-2, ortho=1.0)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        for p in params:
+            p.grad = (0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(dtype)
+        expected = _reference_sgd_step(params, layouts, 1e-2, 1.0)
+        opt.step()
+        for p, e in zip(params[:-1], expected):
+            assert torch.equal(p.detach(), e)
+        # The channels_last weight's product is written through a parameter-shaped buffer
+        # in another memory order (a transposed matmul output): equal to its rounding.
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(params[-1].detach(), expected[-1], rtol=0, atol=4 * eps)
+        assert not torch.equal(params[-1].detach(), specs[-1][0])  # it moved
+
+
+def test_chunked_bucket_is_bitwise_the_whole_bucket_and_holds_a_quarter(monkeypatch):
+    from orthoopt import soft
+
+    def run(chunked):
+        if chunked:
+            monkeypatch.setattr(soft, "MIN_CHUNK_BYTES", 0)
+        else:
+            monkeypatch.setattr(soft, "MIN_CHUNK_BYTES", 1 << 40)
+        params = [torch.nn.Parameter(_near_orthonormal(64, 16, seed=i)) for i in range(16)]
+        # two groups of different lr in one bucket: per-matrix step sizes within a chunk
+        groups = [{"params": params[:5], "lr": 2e-2}, {"params": params[5:]}]
+        opt = OrthoAdamW(groups, lr=1e-2, ortho=1.0, ortho_layout="columns", weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 / (1 + k))
+        g = torch.Generator().manual_seed(5)
+        for _ in range(4):
+            for p in params:
+                p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+            opt.step()
+            sched.step()
+        return params, opt
+
+    whole, whole_opt = run(False)
+    chunked, chunked_opt = run(True)
+    (bucket,) = chunked_opt._soft_plan()
+    assert len(bucket.chunks) == 4 and len(whole_opt._soft_plan()[0].chunks) == 1
+    for p, q in zip(whole, chunked):
+        assert torch.equal(p, q)
+    size = sum(p.numel() * p.element_size() for p in chunked)
+    # The stack of Φ⁻ and the residual are a chunk's; the update (which must live across
+    # the base step) is the one buffer of the parameters' size.
+    assert bucket.stack.numel() * bucket.stack.element_size() <= 0.25 * size
+    assert bucket.workspace_bytes() - size <= 0.25 * size + bucket.r.numel() * bucket.r.element_size()
+
+
+def test_auto_step_is_bitwise_the_reference():
+    from orthoopt import auto, penalty
+
+    specs = [(_near_orthonormal(24, 6, seed=i), "columns") for i in range(3)] + [
+        (_near_orthonormal(2, 24, 6, seed=7), "group_axis:0")
+    ]
+    params = [torch.nn.Parameter(x.clone()) for x, _ in specs]
+    shadow = [torch.nn.Parameter(x.clone()) for x, _ in specs]
+    opt = OrthoSGD([{"params": [p], "ortho_layout": lay} for p, (_, lay) in zip(params, specs)], lr=1e-2, ortho="auto")
+    states = [{} for _ in params]
+    g = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        for p, q in zip(params, shadow):
+            p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        for q, state, (_, lay) in zip(shadow, states, specs):
+            layout = opt._resolve({"ortho_layout": lay}, q, "q")
+            before = layout.matrices(q.detach()).clone()
+            q.detach().add_(q.grad, alpha=-1e-2)  # SGD's step
+            lr = torch.full((before.shape[0],), 1e-2, dtype=q.dtype)
+            lam = auto.threshold(auto.update_products(before, layout.matrices(q.detach()), lr), lr > 0)
+            eta = 2 * lr * (auto.AUTO_SAFETY * auto.remember(state, lam))
+            delta = penalty.penalty_step(penalty.residual(before), before, 0.0, "l1", eta)
+            q.detach().add_(layout.from_matrices(delta, q.shape))
+        for p, q, state in zip(params, shadow, states):
+            assert torch.equal(p, q)
+            assert torch.equal(opt.state[p]["ortho_multiplier"], state["ortho_multiplier"])
+
+
+def _every_k_run(every, steps, *, ortho=1.0, save_at=None, tmp_path=None):
+    params = [torch.nn.Parameter(_near_orthonormal(24, 6, seed=i)) for i in range(3)]
+
+    def make(ps):
+        opt = OrthoAdamW(ps, lr=1e-2, ortho=ortho, ortho_every=every, ortho_layout="columns", weight_decay=0.1)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    opt, sched = make(params)
+    g = torch.Generator().manual_seed(8)
+    for k in range(steps):
+        if k == save_at:  # a checkpoint mid-cycle, resumed in a fresh optimizer
+            path = tmp_path / "ckpt.pt"
+            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "params": params}, path)
+            saved = torch.load(path, weights_only=True)
+            params = [torch.nn.Parameter(p.detach().clone()) for p in saved["params"]]
+            opt, sched = make(params)
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+        for p in params:
+            p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+        sched.step()
+    return params, opt
+
+
+def test_every_k_steps_is_k_times_the_step_on_every_kth_call():
+    every, steps = 3, 7
+    got, opt = _every_k_run(every, steps)
+    # The reference: ortho = k·β on the calls 0, k, 2k, ... and 0 (the base step alone) between.
+    params = [torch.nn.Parameter(_near_orthonormal(24, 6, seed=i)) for i in range(3)]
+    ref = OrthoAdamW(params, lr=1e-2, ortho=0.0, ortho_layout="columns", weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
+    g = torch.Generator().manual_seed(8)
+    for k in range(steps):
+        ref.param_groups[0]["ortho"] = float(every) if k % every == 0 else 0.0
+        for p in params:
+            p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+        ref.step()
+        sched.step()
+    for p, q in zip(got, params):
+        assert torch.equal(p, q)
+    assert opt.param_groups[0]["ortho_steps"] == steps
+
+
+@pytest.mark.parametrize("ortho", [1.0, "auto"])
+def test_every_k_steps_resumes_bitwise_from_a_checkpoint(tmp_path, ortho):
+    straight, _ = _every_k_run(4, 9, ortho=ortho)
+    resumed, opt = _every_k_run(4, 9, ortho=ortho, save_at=5, tmp_path=tmp_path)
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+    assert opt.param_groups[0]["ortho_steps"] == 9
+
+
+def test_every_k_auto_updates_its_estimate_on_its_steps_only():
+    params = [torch.nn.Parameter(_near_orthonormal(24, 6, seed=1))]
+    opt = OrthoAdamW(params, lr=1e-2, ortho="auto", ortho_every=2, ortho_layout="columns")
+    g = torch.Generator().manual_seed(9)
+    seen = []
+    for _ in range(4):
+        params[0].grad = 0.1 * torch.randn(params[0].shape, generator=g, dtype=params[0].dtype)
+        opt.step()
+        seen.append(opt.state[params[0]]["ortho_multiplier"].clone())
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3]) and not torch.equal(seen[1], seen[2])
+
+
+def test_every_k_option_is_checked():
+    p = torch.nn.Parameter(_near_orthonormal(12, 4, seed=0))
+    for bad in (0, -1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="ortho_every must be a whole number >= 1"):
+            OrthoAdamW([p], ortho=1.0, ortho_every=bad)
+    with pytest.raises(ValueError, match="ortho_every=2 applies to the soft step"):
+        OrthoAdamW([p], ortho=1.0, ortho_every=2, ortho_mode="hard")
+    opt = OrthoAdamW([p], ortho=1.0)
+    with pytest.raises(ValueError, match="ortho_every"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, 2))], "ortho_every": 0})
