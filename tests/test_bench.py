@@ -21,18 +21,20 @@ def test_quick_benchmark_writes_its_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report) == {"meta", "targets", "results"}
     assert report["meta"]["device"] == "cpu" and report["meta"]["quick"] is True
-    assert set(report["targets"]) >= {"overhead_over_floor", "autograd_over_soft", "many_over_stacked"}
-    for target in ("overhead_over_floor", "autograd_over_soft", "many_over_stacked"):
+    targets = ("overhead_over_floor", "autograd_over_soft", "many_over_stacked", "auto_over_soft", "workspace_x_params")
+    assert set(report["targets"]) >= set(targets)
+    for target in targets:
         assert report["targets"][target]["met"] in (True, False)
     cases = [r["case"] for r in report["results"]]
     assert len(cases) == len(bench.QUICK_SHAPES) + 1
     for r in report["results"]:
-        for name in ("floor", "base", "soft", "autograd", "geoopt-E", "geoopt-C"):
+        for name in ("floor", "base", "soft", "soft-auto", "autograd", "geoopt-E", "geoopt-C"):
             assert r["median_ms"][name] > 0, (r["case"], name, r["n/a"])
         # The hard mode is either timed or says why not.
         assert (r["median_ms"]["hard"] is not None) != ("hard" in r["n/a"])
         assert set(r["ratios"]) >= {"overhead_ms", "overhead_over_floor", "autograd_over_soft"}
-        assert set(r["memory"]) == {"base", "soft", "autograd"}
+        assert set(r["memory"]) == {"base", "soft", "soft-auto", "autograd"}
+        assert r["ratios"]["auto_over_soft"] > 0
         assert set(r["memory"]["soft"]) >= {"allocations_per_step", "peak_extra_x_params", "workspace_x_params"}
         assert r["memory"]["soft"]["workspace_x_params"] > 0
     many = report["results"][-1]
