@@ -1,6 +1,7 @@
 """The benchmark's smoke test, and the soft step's fast path: bucketing, caching, compile."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -430,3 +431,59 @@ def test_every_k_option_is_checked():
     opt = OrthoAdamW([p], ortho=1.0)
     with pytest.raises(ValueError, match="ortho_every"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, 2))], "ortho_every": 0})
+
+
+# -- the whole-iteration benchmark -----------------------------------------------------------
+def test_models_benchmark_quick_writes_its_json(tmp_path, capsys):
+    from orthoopt import bench_models
+
+    out = tmp_path / "models.json"
+    assert bench_models.main(["--quick", "--models", "mnist,lstm,vit", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["quick"] is True and report["meta"]["every"] == bench_models.EVERY
+    results = {r["model"]: r for r in report["results"]}
+    assert list(results) == ["mnist", "lstm", "vit"]
+    if "skipped" in results["vit"]:  # timm absent: skipped with the reason
+        assert "timm" in results["vit"]["skipped"]
+    for name in ("mnist", "lstm"):
+        entries = results[name]["contenders"]
+        assert list(entries) == list(bench_models.CONTENDERS)
+        assert entries["plain"]["ratio"] == 1.0 and entries["plain"]["extra_held_bytes"] == 0
+        for contender, e in entries.items():
+            if e["status"] != "ok":
+                assert e["status"] == "n/a" and e["reason"], (name, contender)
+                continue
+            assert e["median_ms"] > 0 and e["q1_ms"] <= e["median_ms"] <= e["q3_ms"]
+            assert e["ratio"] > 0 and 0 <= e["max_error"] < math.inf, (name, contender, e)
+            if contender in ("soft", "soft-auto", "hard", "geotorch"):
+                assert e["max_error"] < 0.1, (name, contender, e)
+        assert entries["soft"]["extra_held_bytes"] > 0  # its workspaces
+    # Adadelta has no Riemannian counterpart in hard mode: n/a, with the reason.
+    assert results["mnist"]["contenders"]["hard"]["status"] == "n/a"
+    assert "Adadelta" in results["mnist"]["contenders"]["hard"]["reason"]
+    assert results["lstm"]["contenders"]["hard"]["status"] == "ok"
+    assert {"mnist soft", "mnist soft-every", "lstm hard"} <= set(report["targets"])
+    assert "x plain" in capsys.readouterr().out
+
+
+def test_models_benchmark_abandons_a_contender_over_budget():
+    from orthoopt import bench_models
+
+    cfg = bench_models.config(["--quick", "--device", "cpu"])
+    jobs = [("wide", "torch-orthogonal"), ("wide", "geotorch")]
+    over = bench_models.probe(jobs, 1e-4, cfg)  # no setup and iteration takes 0.1 ms
+    assert over == {job: ("over budget", 1e-4) for job in jobs}
+    ok = bench_models.probe(jobs[:1], 120, cfg)
+    status, seconds = ok[jobs[0]]
+    assert status == "ok" and 0 < seconds < 120
+
+
+def test_models_benchmark_through_the_cli(tmp_path):
+    from orthoopt import __main__ as cli
+
+    out = tmp_path / "m.json"
+    assert cli.main(["bench", "--models", "mlp", "--quick", "--contenders", "plain,soft-every", "--out", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["model"] == "mlp" and result["contenders"]["soft-every"]["status"] == "ok"
+    with pytest.raises(SystemExit, match="--models: unknown"):
+        cli.main(["bench", "--models", "resnet"])
