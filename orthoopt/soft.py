@@ -26,7 +26,7 @@ call of ``step()`` only, with k times the step size; the count lives in the grou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -116,13 +116,17 @@ def advance(param_groups: list[dict]) -> None:
 @dataclass(frozen=True)
 class Chunk:
     """Consecutive parameters of a bucket, gathered together: ``params`` index the bucket's
-    parameters, ``rows`` its matrices (in the stack and the update)."""
+    parameters, ``rows`` its matrices (in the stack and the update); ``r``, ``stack`` and
+    ``delta`` are its views of the bucket's workspaces (None without them)."""
 
     params: slice
     rows: slice
     names: list[str]
     counts: list[int]
     nonfinite: str  # the bucket's policy, for the optimizer's report
+    r: torch.Tensor | None = None
+    stack: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
 
 
 class Bucket:
@@ -167,8 +171,8 @@ class Bucket:
         self.views = [view_or_none(m, p) for m, p in zip(mats, self.params)]
         first = mats[0]
         m, l, n = sum(self.counts), first.shape[1], first.shape[2]
-        self.chunks = self._chunk(first.element_size() * l * n)
-        rows = max(c.rows.stop - c.rows.start for c in self.chunks)
+        chunks = self._chunk(first.element_size() * l * n)
+        rows = max(c.rows.stop - c.rows.start for c in chunks)
         wide = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
         self.r = first.new_empty((rows, n, n), dtype=wide)  # R, then S in its place
         if len(self.params) == 1:
@@ -183,11 +187,22 @@ class Bucket:
         else:
             self.stack = first.new_empty((rows, l, n))
             self.delta = first.new_empty((m, l, n))
-            chunks = self.delta.split(self.counts)
+            parts = self.delta.split(self.counts)
             self.updates = [
-                view_or_none(layout.from_matrices(chunk, p.shape), self.delta)
-                for p, layout, chunk in zip(self.params, self.layouts, chunks)
+                view_or_none(layout.from_matrices(part, p.shape), self.delta)
+                for p, layout, part in zip(self.params, self.layouts, parts)
             ]
+        self.chunks = [self._views(c) for c in chunks]
+
+    def _views(self, chunk: Chunk) -> Chunk:
+        """The chunk with its views of the workspaces, made once rather than at every step."""
+        size = chunk.rows.stop - chunk.rows.start
+        return replace(
+            chunk,
+            r=self.r[:size],
+            stack=None if self.stack is None else self.stack[:size],
+            delta=self.delta if self.stack is None else self.delta[chunk.rows],
+        )
 
     def _chunk(self, matrix_bytes: int) -> list[Chunk]:
         """Consecutive parameters whose stack fits the chunk size; one chunk for 'auto' (its
@@ -202,6 +217,10 @@ class Bucket:
                 start = i
         chunks.append(self._make_chunk(start, len(self.counts), row))
         return chunks
+
+    def _whole(self) -> Chunk:
+        """The one chunk of an 'auto' bucket, or of a bucket without workspaces."""
+        return self.chunks[0] if self.chunks else self._make_chunk(0, len(self.params), 0)
 
     def _make_chunk(self, start: int, stop: int, row: int) -> Chunk:
         counts = self.counts[start:stop]
@@ -229,11 +248,10 @@ class Bucket:
         Returns the chunks holding NaN or Inf with which matrices are finite, for the
         optimizer to report (none where the policy is 'skip', which does not sync)."""
         self._pending = self._delta = None
-        whole = [self._make_chunk(0, len(self.params), 0)]
         bad = []
-        for chunk in self.chunks or whole:
-            mats = self.gather(chunk, None if self.stack is None else self.stack[: chunk.rows.stop - chunk.rows.start])
-            r = penalty.residual(mats, out=None if self.r is None else self.r[: mats.shape[0]])
+        for chunk in self.chunks or [self._whole()]:
+            mats = self.gather(chunk, chunk.stack)
+            r = penalty.residual(mats, out=chunk.r)
             r_max = penalty.max_abs(r)  # the step needs it; NaN or Inf where a matrix is not finite
             finite, r_top = self._finite(r_max)
             if finite is not True and self.nonfinite != "skip":
@@ -259,7 +277,7 @@ class Bucket:
         if self.auto:
             before, r, r_max, finite = self._pending
             self._pending = None
-            whole = self.chunks[0] if self.chunks else self._make_chunk(0, len(self.params), 0)
+            whole = self._whole()
             lr = self.lrs(r)
             beta = self._auto_beta(state, before, finite, lr)
             eta = 2 * lr * beta if self.every == 1 else 2 * lr * beta * self.every
@@ -269,11 +287,10 @@ class Bucket:
 
     def _step(self, chunk: Chunk, mats: torch.Tensor, r: torch.Tensor, r_max, finite, eta, r_top=None) -> None:
         # S in place of R: R is not needed once the step sizes are known.
-        out = None if self.delta is None else self.delta[chunk.rows]
         delta = penalty.penalty_step(
-            r, mats, self.smoothing, self.kind, eta, s_out=r, out=out, finite=finite, r_max=r_max, r_top=r_top
+            r, mats, self.smoothing, self.kind, eta, s_out=r, out=chunk.delta, finite=finite, r_max=r_max, r_top=r_top
         )
-        if out is None:
+        if chunk.delta is None:
             self._delta = delta  # no workspaces (torch.compile plans its own buffers): one chunk
 
     def _keep(self, mats: torch.Tensor) -> torch.Tensor:
@@ -284,7 +301,7 @@ class Bucket:
 
     def _auto_beta(self, state: Any, before: torch.Tensor, finite, lr: torch.Tensor) -> torch.Tensor:
         """β per matrix for ``ortho='auto'`` (:mod:`orthoopt.auto`), from this step's base update."""
-        after = self.gather(self.chunks[0] if self.chunks else self._make_chunk(0, len(self.params), 0), self.delta)
+        after = self.gather(self._whole(), self.delta)
         products = auto.update_products(before, after, lr, out=self.delta)
         lam = auto.threshold(products, finite & (lr > 0))
         return auto.AUTO_SAFETY * auto.remember_all([state[p] for p in self.params], lam, self.counts)
