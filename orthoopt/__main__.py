@@ -2,7 +2,7 @@
 
 orthoopt compare [--task pca] [--methods soft,hard] [--seeds 3] [--steps N] [--quick] [--out DIR]
 orthoopt bench ...   (the step benchmark, orthoopt.bench)
-orthoopt bench --models [mnist,lstm,vit,mlp,wide] ...   (the whole iteration, orthoopt.bench_models)
+orthoopt bench --models [mnist,lstm,vit,mlp,wide] ...   (the whole iteration, orthoopt.bench_iteration)
 """
 
 from __future__ import annotations
@@ -129,9 +129,9 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 def bench_main(argv: Sequence[str]) -> int:
     argv = list(argv)
     if any(a == "--models" or a.startswith("--models=") for a in argv):
-        from . import bench_models  # the whole training iteration on small real models
+        from . import bench_iteration  # the whole training iteration on small real models
 
-        return bench_models.main(argv) or 0
+        return bench_iteration.main(argv) or 0
     from . import bench  # imported here: it pulls in geoopt's optimizers and the profiler
 
     return bench.main(argv) or 0

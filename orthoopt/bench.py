@@ -277,8 +277,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_step(c: Contender, device: torch.device) -> float:
-    """Seconds of one step: CUDA events around it on an idle device, else perf_counter."""
+# CPU clocks: wall time, or the process's CPU time (all its threads), which leaves out the
+# time other processes hold the cores (steadier on a shared machine; with one thread it is
+# the step's own time, with more it adds up their work).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_step(c: Contender, device: torch.device, clock=time.perf_counter) -> float:
+    """Seconds of one step: CUDA events around it on an idle device, else ``clock``."""
     if c.prepare is not None:
         c.prepare()
     if device.type == "cuda":
@@ -289,12 +295,12 @@ def _time_step(c: Contender, device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    t0 = clock()
     c.step()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
-def _rounds(contenders: list[Contender], device, repeats: int, few: int, warmup: int) -> None:
+def _rounds(contenders: list[Contender], device, repeats: int, few: int, warmup: int, clock=time.perf_counter) -> None:
     for c in contenders:
         # geoopt's TorchScript functions specialise over their first calls: 3 warm-up steps.
         for _ in range(warmup if not c.few else min(warmup, 3)):
@@ -306,7 +312,7 @@ def _rounds(contenders: list[Contender], device, repeats: int, few: int, warmup:
         for c in contenders:
             if c.few and r >= few:
                 continue
-            c.times.append(_time_step(c, device))
+            c.times.append(_time_step(c, device, clock))
 
 
 # -- memory ----------------------------------------------------------------------------
@@ -411,7 +417,7 @@ def run_case(case: Case, device, dtype, cfg: argparse.Namespace) -> dict:
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
             missing[c.name] = f"{type(e).__name__}: {e}"
             contenders.remove(c)
-    _rounds(contenders, device, cfg.repeats, cfg.hard_repeats, cfg.warmup)
+    _rounds(contenders, device, cfg.repeats, cfg.hard_repeats, cfg.warmup, CLOCKS[cfg.clock])
     ms = {c.name: _median_ms(c) for c in contenders}
     memory = {c.name: _memory(c, device) for c in contenders if c.name in ("base", "soft", "soft-auto", "autograd")}
     return {
@@ -497,7 +503,7 @@ def format_table(report: dict) -> str:
     meta = report["meta"]
     out = [
         f"median ms per step over {meta['repeats']} rounds ({meta['hard_repeats']} for hard/geoopt), "
-        f"{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads",
+        f"{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads, {meta.get('clock', 'wall')} clock",
         *lines,
         "",
     ]
@@ -539,7 +545,7 @@ def parser() -> argparse.ArgumentParser:
         description="Time one optimizer step: the soft step against its matmul floor, torch's AdamW, "
         "the autograd penalty, the hard mode and geoopt, side by side in one process.",
         epilog="orthoopt bench --models [--help] times the whole training iteration of small real models instead "
-        "(orthoopt.bench_models).",
+        "(orthoopt.bench_iteration).",
     )
     ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     ap.add_argument(
@@ -558,6 +564,12 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per contender first (default 5)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
+    ap.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="CPU timer: wall time (default) or the process's CPU time (steadier on a shared machine)",
+    )
     ap.add_argument(
         "--contenders",
         default=",".join(CONTENDERS),
@@ -631,6 +643,7 @@ def run(cfg: argparse.Namespace) -> dict:
             "device_name": name,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "clock": cfg.clock if device.type == "cpu" else "cuda events",
             "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "repeats": cfg.repeats,

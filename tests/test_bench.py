@@ -435,19 +435,19 @@ def test_every_k_option_is_checked():
 
 # -- the whole-iteration benchmark -----------------------------------------------------------
 def test_models_benchmark_quick_writes_its_json(tmp_path, capsys):
-    from orthoopt import bench_models
+    from orthoopt import bench_contenders, bench_iteration
 
     out = tmp_path / "models.json"
-    assert bench_models.main(["--quick", "--models", "mnist,lstm,vit", "--device", "cpu", "--out", str(out)]) == 0
+    assert bench_iteration.main(["--quick", "--models", "mnist,lstm,vit", "--device", "cpu", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["meta"]["quick"] is True and report["meta"]["every"] == bench_models.EVERY
+    assert report["meta"]["quick"] is True and report["meta"]["every"] == bench_iteration.EVERY
     results = {r["model"]: r for r in report["results"]}
     assert list(results) == ["mnist", "lstm", "vit"]
     if "skipped" in results["vit"]:  # timm absent: skipped with the reason
         assert "timm" in results["vit"]["skipped"]
     for name in ("mnist", "lstm"):
         entries = results[name]["contenders"]
-        assert list(entries) == list(bench_models.CONTENDERS)
+        assert list(entries) == list(bench_contenders.CONTENDERS)
         assert entries["plain"]["ratio"] == 1.0 and entries["plain"]["extra_held_bytes"] == 0
         for contender, e in entries.items():
             if e["status"] != "ok":
@@ -467,13 +467,13 @@ def test_models_benchmark_quick_writes_its_json(tmp_path, capsys):
 
 
 def test_models_benchmark_abandons_a_contender_over_budget():
-    from orthoopt import bench_models
+    from orthoopt import bench_iteration
 
-    cfg = bench_models.config(["--quick", "--device", "cpu"])
+    cfg = bench_iteration.config(["--quick", "--device", "cpu"])
     jobs = [("wide", "torch-orthogonal"), ("wide", "geotorch")]
-    over = bench_models.probe(jobs, 1e-4, cfg)  # no setup and iteration takes 0.1 ms
+    over = bench_iteration.probe(jobs, 1e-4, cfg)  # no setup and iteration takes 0.1 ms
     assert over == {job: ("over budget", 1e-4) for job in jobs}
-    ok = bench_models.probe(jobs[:1], 120, cfg)
+    ok = bench_iteration.probe(jobs[:1], 120, cfg)
     status, seconds = ok[jobs[0]]
     assert status == "ok" and 0 < seconds < 120
 
