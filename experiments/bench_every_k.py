@@ -107,7 +107,7 @@ def main(argv=None):
     p.add_argument("--archs", default=",".join(ARCHS), help=f"comma-separated, from {', '.join(ARCHS)}")
     args = p.parse_args(argv)
     out = setup(args, "bench_every_k")
-    steps, seeds = (20, 1) if args.quick else (args.steps, args.seeds)
+    steps, seeds = (8, 1) if args.quick else (args.steps, args.seeds)
     ks = [int(k) for k in args.every.split(",")]
     variants = [(ortho, k) for ortho in (3.0, "auto") for k in ks]
     command = f"python experiments/bench_every_k.py --steps {steps} --seeds {seeds} --every {args.every}"
