@@ -200,14 +200,11 @@ def run_model(spec: ModelSpec, cfg, probed: dict) -> dict:
         base_held = held_bytes(plain) if plain is not None else 0
         base_peak = peak_bytes(plain, batches[0], device) if plain is not None and device.type == "cuda" else None
         for c in contenders:
-            q1, med, q3 = _quantiles([t * 1e3 for t in c.times])
             entry = entries[c.name]
-            entry.update(
-                {"median_ms": med, "q1_ms": q1, "q3_ms": q3, "min_ms": min(c.times) * 1e3, "rounds": len(c.times)}
-            )
+            entry["times_ms"] = [t * 1e3 for t in c.times]
             if c.ratios:
-                r1, rmed, r3 = _quantiles(c.ratios)
-                entry.update({"ratio": rmed, "ratio_q1": r1, "ratio_q3": r3})
+                entry["ratios"] = c.ratios
+            _summarize(entry)
             entry["max_error"] = max_error(c.model, c.weights)
             if device.type == "cuda":
                 entry["extra_peak_bytes"] = peak_bytes(c, batches[0], device) - base_peak
@@ -227,18 +224,31 @@ def run_model(spec: ModelSpec, cfg, probed: dict) -> dict:
 
 
 # -- the report ------------------------------------------------------------------------
+def _summarize(entry: dict) -> None:
+    """Median and quartiles of an entry's iteration times and per-round ratios to plain."""
+    q1, med, q3 = _quantiles(entry["times_ms"])
+    entry.update(
+        {"median_ms": med, "q1_ms": q1, "q3_ms": q3, "min_ms": min(entry["times_ms"]), "rounds": len(entry["times_ms"])}
+    )
+    if "ratios" in entry:
+        r1, rmed, r3 = _quantiles(entry["ratios"])
+        entry.update({"ratio": rmed, "ratio_q1": r1, "ratio_q3": r3})
+
+
 def _combine(runs: list[dict]) -> dict:
-    """One model's entry over repeated runs: the median of the runs' medians, and their range."""
+    """One model's entry over repeated runs: the rounds of all runs pooled, and each run's
+    median (``median_ms_runs``, ``ratio_runs``) for the spread between runs."""
     first = copy.deepcopy(runs[0])
     for name, entry in first["contenders"].items():
         entries = [r["contenders"][name] for r in runs if r["contenders"][name].get("status") == "ok"]
         if entry.get("status") != "ok" or len(runs) == 1:
             continue
-        for key in ("median_ms", "ratio"):
-            values = [e[key] for e in entries if key in e]
-            if values:
-                entry[key] = statistics.median(values)
-                entry[f"{key}_runs"] = values
+        entry["median_ms_runs"] = [e["median_ms"] for e in entries]
+        entry["times_ms"] = [t for e in entries for t in e["times_ms"]]
+        if "ratios" in entry:
+            entry["ratio_runs"] = [e["ratio"] for e in entries]
+            entry["ratios"] = [x for e in entries for x in e["ratios"]]
+        _summarize(entry)
         entry["max_error"] = max(e["max_error"] for e in entries)
     return first
 
@@ -294,12 +304,22 @@ def format_table(report: dict) -> str:
             lines += ["", f"{r['model']}: skipped: {r['skipped']}"]
             continue
         lines += ["", f"{r['model']}: {r['title']} ({r['threads'] or 'cuda'} threads; {len(r['constrained'])} weights)"]
-        head = ["contender", "ms", "q1-q3 ms", "x plain", "ratio q1-q3", "extra mem", "max error", "status"]
+        head = [
+            "contender",
+            "ms",
+            "q1-q3 ms",
+            "x plain",
+            "ratio q1-q3",
+            "runs' x plain",
+            "extra mem",
+            "max error",
+            "status",
+        ]
         rows = []
         for name, e in r["contenders"].items():
             if e["status"] != "ok":
                 why = f"{e['phase']} > {e['seconds']:.3g} s" if e["status"] == "over budget" else e.get("reason", "")
-                rows.append([name, "", "", "", "", "", "", f"{e['status']}: {why}"])
+                rows.append([name, "", "", "", "", "", "", "", f"{e['status']}: {why}"])
                 continue
             mem = e.get("extra_peak_bytes", e.get("extra_held_bytes"))
             rows.append(
@@ -309,6 +329,7 @@ def format_table(report: dict) -> str:
                     f"{e['q1_ms']:.2f}-{e['q3_ms']:.2f}",
                     _fmt(e.get("ratio"), ".3f"),
                     f"{e['ratio_q1']:.3f}-{e['ratio_q3']:.3f}" if "ratio_q1" in e else "",
+                    f"{min(e['ratio_runs']):.3f}-{max(e['ratio_runs']):.3f}" if "ratio_runs" in e else "",
                     _bytes(mem),
                     f"{e['max_error']:.1e}",
                     "ok",
