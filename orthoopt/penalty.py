@@ -159,6 +159,7 @@ def penalty_step(
     finite: torch.Tensor | bool | None = None,
     r_max: torch.Tensor | None = None,
     r_top: float | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``-η_i Φ_i S_i`` for a stack, with ``S = direction(R)`` and η_i from :func:`safe_step_size`.
 
@@ -168,13 +169,15 @@ def penalty_step(
     True when the caller has checked them all).  ``r_max``: :func:`max_abs` of ``r``, if the
     caller has it, and ``r_top`` its largest entry as a Python number.  ``s_out`` (like ``r``) and ``out`` (like ``mats``) are optional
     workspaces; with ``s_out`` given, ``r`` is spent as scratch, and ``s_out=r`` forms S in
-    place of R.
+    place of R.  ``scratch``: a workspace like ``r`` for the cap's row sums (else ``r`` where
+    it is free, else one is allocated when the cap's check needs it).
     """
     r_max = max_abs(r) if r_max is None else r_max
     finite = torch.isfinite(r_max) if finite is None else finite
     cutoff = _no_crossing(smoothing, kind, eta)
     s = direction(r, cutoff, kind, out=torch.empty_like(r) if s_out is None else s_out)
-    scratch = r if s_out is not None and s_out is not r else None
+    if scratch is None and s_out is not None and s_out is not r:
+        scratch = r
     s_top = None if r_top is None or isinstance(cutoff, torch.Tensor) else _direction_top(r_top, cutoff, kind)
     eta_i = safe_step_size(
         r, s, eta, scratch=scratch, r_max=r_max, s_max=_direction_max(r_max, cutoff, kind), s_top=s_top

@@ -127,6 +127,7 @@ class Chunk:
     r: torch.Tensor | None = None
     stack: torch.Tensor | None = None
     delta: torch.Tensor | None = None
+    scratch: torch.Tensor | None = None  # like r, in the update's memory (free until the product)
 
 
 class Bucket:
@@ -197,11 +198,17 @@ class Bucket:
     def _views(self, chunk: Chunk) -> Chunk:
         """The chunk with its views of the workspaces, made once rather than at every step."""
         size = chunk.rows.stop - chunk.rows.start
+        update = self.updates[0] if self.stack is None else self.delta[chunk.rows]  # contiguous
+        n = self.r.shape[-1]
+        # The update is written by the step's last product only: before that its memory
+        # (l·n >= n·n per matrix) serves the cap's row sums.
+        scratch = update.view(-1)[: size * n * n].view(size, n, n) if update.dtype == self.r.dtype else None
         return replace(
             chunk,
             r=self.r[:size],
             stack=None if self.stack is None else self.stack[:size],
             delta=self.delta if self.stack is None else self.delta[chunk.rows],
+            scratch=scratch,
         )
 
     def _chunk(self, matrix_bytes: int) -> list[Chunk]:
@@ -288,7 +295,17 @@ class Bucket:
     def _step(self, chunk: Chunk, mats: torch.Tensor, r: torch.Tensor, r_max, finite, eta, r_top=None) -> None:
         # S in place of R: R is not needed once the step sizes are known.
         delta = penalty.penalty_step(
-            r, mats, self.smoothing, self.kind, eta, s_out=r, out=chunk.delta, finite=finite, r_max=r_max, r_top=r_top
+            r,
+            mats,
+            self.smoothing,
+            self.kind,
+            eta,
+            s_out=r,
+            out=chunk.delta,
+            finite=finite,
+            r_max=r_max,
+            r_top=r_top,
+            scratch=chunk.scratch,
         )
         if chunk.delta is None:
             self._delta = delta  # no workspaces (torch.compile plans its own buffers): one chunk

@@ -502,3 +502,23 @@ def test_every_k_experiment_and_targets_table_run(tmp_path, capsys):
     measured = [r for r in rows if r.startswith("| (soft - AdamW) / floor, (256, 64, 16)")]
     assert len(measured) == 1 and measured[0].rstrip(" |").endswith(("met", "**not met**"))
     assert sum("not measured" in r for r in rows) == len(rows) - 2 - 5  # the other cases were not run
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_cached_step_allocates_nothing_of_the_parameters_size_where_the_cap_is_checked(many):
+    # lr·β large enough for the cap's row sums (n·η > 1/4): they need a workspace like R,
+    # which S (formed in place of R) does not leave free; the update's memory serves.
+    from torch.profiler import ProfilerActivity, profile
+
+    stack = _near_orthonormal(4, 256, 128, dtype=torch.float32)
+    params = [torch.nn.Parameter(x.clone()) for x in (stack.unbind(0) if many else [stack])]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = OrthoSGD(params, lr=1e-2, ortho=1.0, ortho_layout="columns" if many else "group_axis:0")
+    opt.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    allocated = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    size = sum(p.numel() * p.element_size() for p in params)
+    assert allocated < 0.05 * size, f"{allocated} bytes allocated for {size} bytes of parameters"
+    assert any(e.name == "aten::abs" for e in prof.events())  # the row sums did run
