@@ -623,6 +623,23 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def machine(device: torch.device, clock: str) -> dict:
+    """Where and when a benchmark ran: the first entries of its report's ``meta``."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {
+        "command": " ".join(sys.argv),
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "clock": clock if device.type == "cpu" else "cuda events",
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
 def run(cfg: argparse.Namespace) -> dict:
     """Every case and dtype of ``cfg``; returns the report written as JSON."""
     if cfg.threads:
@@ -633,19 +650,9 @@ def run(cfg: argparse.Namespace) -> dict:
         for case in cfg.cases:
             results.append(run_case(case, device, dtype, cfg))
             print(f"  done {case.name} {dtype}", file=sys.stderr, flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     return {
         "meta": {
-            "command": " ".join(sys.argv),
-            "git_commit": _git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": str(device),
-            "device_name": name,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "clock": cfg.clock if device.type == "cpu" else "cuda events",
-            "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            **machine(device, cfg.clock),
             "repeats": cfg.repeats,
             "hard_repeats": cfg.hard_repeats,
             "warmup": cfg.warmup,
@@ -659,15 +666,20 @@ def run(cfg: argparse.Namespace) -> dict:
     }
 
 
+def publish(report: dict, out: str, table: str) -> None:
+    """Write ``report`` as JSON to ``out`` and print ``table``."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(table)
+    print(f"wrote {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m orthoopt bench [flags]``: print the table and write the JSON."""
     cfg = _config(argv)
     report = run(cfg)
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(format_table(report))
-    print(f"wrote {cfg.out}")
+    publish(report, cfg.out, format_table(report))
     return 0
 
 

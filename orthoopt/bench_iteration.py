@@ -21,22 +21,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import multiprocessing
-import os
-import platform
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .bench import CLOCKS, _git_commit
+from .bench import CLOCKS, machine, publish
 from .bench_contenders import CONTENDERS, RISKY, Contender, held_bytes, make_contender, peak_bytes
 from .bench_models import DEFAULT_MODELS, MODELS, ModelSpec, NotAvailable, constrained_weights, max_error
 from .optim import project_
@@ -439,19 +434,9 @@ def run(cfg: argparse.Namespace) -> dict:
     order = {n: i for i, n in enumerate(cfg.models)}
     results.sort(key=lambda r: order[r["model"]])
     device = cfg.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     return {
         "meta": {
-            "command": " ".join(sys.argv),
-            "git_commit": _git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": str(device),
-            "device_name": name,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "clock": cfg.clock if device.type == "cpu" else "wall (synchronized)",
-            "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            **machine(device, cfg.clock),
             "rounds": cfg.rounds,
             "slow_rounds": cfg.slow_rounds,
             "runs": cfg.runs,
@@ -469,9 +454,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m orthoopt bench --models [names] [flags]``: print the tables, write the JSON."""
     cfg = config(argv)
     report = run(cfg)
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(format_table(report))
-    print(f"wrote {cfg.out}")
+    publish(report, cfg.out, format_table(report))
     return 0

@@ -145,14 +145,20 @@ def _tokens(g, quick):
     return (torch.randint(vocab, (steps + 1, n), generator=g),)
 
 
+def _vectors(n: int, d: int, targets: int | None):
+    def batch(g: torch.Generator) -> tuple:
+        x = torch.randn(n, d, generator=g)
+        return x, torch.randint(10, (n,), generator=g) if targets is None else torch.randn(n, targets, generator=g)
+
+    return batch
+
+
 def _mlp_batch(g, quick):
-    n, d = (8, 16) if quick else (64, 64)
-    return torch.randn(n, d, generator=g), torch.randint(10, (n,), generator=g)
+    return _vectors(*((8, 16) if quick else (64, 64)), None)(g)
 
 
 def _wide_batch(g, quick):
-    n, d, k = (8, 64, 8) if quick else (64, 2048, 128)
-    return torch.randn(n, d, generator=g), torch.randn(n, k, generator=g)
+    return _vectors(*((8, 64, 8) if quick else (64, 2048, 128)))(g)
 
 
 def _mlp(quick: bool) -> nn.Module:
