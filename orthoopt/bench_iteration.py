@@ -128,12 +128,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(c: Contender, batch, device, clock=time.perf_counter) -> float:
+def _timed(c: Contender, batches: list, device, clock=time.perf_counter) -> float:
+    """Seconds per iteration over ``batches``, one iteration each."""
     _sync(device)
     t0 = clock()
-    c.iteration(batch)
+    for batch in batches:
+        c.iteration(batch)
     _sync(device)
-    return clock() - t0
+    return (clock() - t0) / len(batches)
 
 
 def _quantiles(xs: list[float]) -> tuple[float, float, float]:
@@ -168,7 +170,7 @@ def run_model(spec: ModelSpec, cfg, probed: dict) -> dict:
                 entries[name] = {"status": "n/a", "reason": str(e)}
                 continue
             # A check after one iteration, for the contenders not probed in a child process.
-            first = _timed(c, batches[0], device)
+            first = _timed(c, batches[:1], device)
             if first > cfg.budget:
                 entries[name] = {"status": "over budget", "phase": "first iteration", "seconds": first}
                 continue
@@ -184,10 +186,16 @@ def run_model(spec: ModelSpec, cfg, probed: dict) -> dict:
                 if runs_in(c, k, 1):
                     c.iteration(batches[(k + 1) % len(batches)])
         plain = next((c for c in contenders if c.name == "plain"), None)
+        # A round runs `every` iterations of each contender, one whole cycle of the every-k
+        # ones, whose median over rounds is then their amortized cost, not that of the
+        # iterations without a penalty step.  The parametrizations run one.
+        cycle = cfg.every if any(c.name in EVERY_VARIANT.values() for c in contenders) else 1
         for r in range(cfg.rounds):
-            batch = batches[r % len(batches)]
+            batch = [batches[(r * cycle + i) % len(batches)] for i in range(cycle)]
             timed = [c for c in contenders if runs_in(c, r, cfg.slow_rounds)]
-            round_times = {c.name: _timed(c, batch, device, cfg.clock_fn) for c in timed}
+            round_times = {
+                c.name: _timed(c, batch[:1] if c.name in RISKY else batch, device, cfg.clock_fn) for c in timed
+            }
             for c in timed:
                 c.times.append(round_times[c.name])
                 if plain is not None:
@@ -196,6 +204,7 @@ def run_model(spec: ModelSpec, cfg, probed: dict) -> dict:
         base_peak = peak_bytes(plain, batches[0], device) if plain is not None and device.type == "cuda" else None
         for c in contenders:
             entry = entries[c.name]
+            entry["iterations_per_round"] = 1 if c.name in RISKY else cycle
             entry["times_ms"] = [t * 1e3 for t in c.times]
             if c.ratios:
                 entry["ratios"] = c.ratios
@@ -356,7 +365,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated, from {', '.join(CONTENDERS)}")
     ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     ap.add_argument("--quick", action="store_true", help="tiny models, two rounds (a smoke test, not a measurement)")
-    ap.add_argument("--rounds", type=int, default=None, help="timed iterations per contender and run (default 20)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed rounds per contender and run, each of --every iterations where soft-every or auto-every runs "
+        "(default 10)",
+    )
     ap.add_argument("--runs", type=int, default=1, help="repeat the timed rounds this many times (default 1)")
     ap.add_argument(
         "--slow-rounds",
@@ -396,7 +411,7 @@ def config(argv: Sequence[str] | None) -> argparse.Namespace:
         if unknown or not names:
             raise SystemExit(f"{flag}: unknown {unknown or names}; choose from {', '.join(known)}")
     if cfg.rounds is None:
-        cfg.rounds = 2 if cfg.quick else 20
+        cfg.rounds = 2 if cfg.quick else 10
     if cfg.warmup is None:
         cfg.warmup = 1 if cfg.quick else 3
     if cfg.slow_rounds is None:

@@ -485,6 +485,9 @@ def test_models_benchmark_through_the_cli(tmp_path):
     assert cli.main(["bench", "--models", "mlp", "--quick", "--contenders", "plain,soft-every", "--out", str(out)]) == 0
     (result,) = json.loads(out.read_text())["results"]
     assert result["model"] == "mlp" and result["contenders"]["soft-every"]["status"] == "ok"
+    # a round times one whole cycle of the every-k step (k = 4 by default) of every contender
+    assert result["contenders"]["plain"]["iterations_per_round"] == 4
+    assert result["contenders"]["soft-every"]["iterations_per_round"] == 4
     with pytest.raises(SystemExit, match="--models: unknown"):
         cli.main(["bench", "--models", "resnet"])
 
