@@ -100,15 +100,52 @@ def iteration_rows(reports: list[dict]) -> list[str]:
     return lines
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:+.1f} MiB" if n else "0"
+
+
+def models_table(reports: list[dict]) -> list[str]:
+    """Each model's contenders: ms per iteration, ratio to plain (and its range over runs),
+    extra memory held, the final error, or why a contender was not timed."""
+    lines = [
+        "| model | contender | ms / iteration | × plain (runs) | memory held beyond plain | max \\|ΦᵀΦ - I\\| after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rep in reports:
+        for result in rep["results"]:
+            if "skipped" in result:
+                lines.append(f"| {result['model']} | | skipped: {result['skipped']} | | | |")
+                continue
+            for name, e in result["contenders"].items():
+                if e["status"] == "over budget":
+                    why = f"over budget: {e['phase']} > {e['seconds']:.3g} s"
+                    lines.append(f"| {result['model']} | {name} | {why} | | | |")
+                elif e["status"] != "ok":
+                    lines.append(f"| {result['model']} | {name} | n/a: {e['reason'].split(';')[0]} | | | |")
+                else:
+                    runs = e.get("ratio_runs", [e["ratio"]])
+                    spread = f" ({min(runs):.3g}–{max(runs):.3g})" if len(runs) > 1 else ""
+                    mem = e.get("extra_held_bytes", e.get("extra_peak_bytes", 0))
+                    lines.append(
+                        f"| {result['model']} | {name} | {e['median_ms']:.3g} | {e['ratio']:.3g}{spread} "
+                        f"| {_mib(mem)} | {e['max_error']:.1e} |"
+                    )
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", help="JSON files written by orthoopt bench and orthoopt bench --models")
+    p.add_argument("--models-table", action="store_true", help="print the whole-iteration table instead")
     args = p.parse_args(argv)
     reports = [json.loads(Path(f).read_text()) for f in args.files]
     steps = [r for r in reports if "repeats" in r["meta"]]
     iterations = [r for r in reports if "rounds" in r["meta"]]
-    lines = ["| target | bound | median (range) | runs | verdict |", "|---|---|---|---|---|"]
-    lines += step_rows(steps) + iteration_rows(iterations)
+    if args.models_table:
+        lines = models_table(iterations)
+    else:
+        lines = ["| target | bound | median (range) | runs | verdict |", "|---|---|---|---|---|"]
+        lines += step_rows(steps) + iteration_rows(iterations)
     text = "\n".join(lines)
     print(text)
     return text

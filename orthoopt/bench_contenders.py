@@ -153,7 +153,7 @@ def make_contender(name: str, spec: ModelSpec, model: nn.Module, weights: list[W
         try:
             opt = _ortho_optimizer(spec, model, ortho=spec.beta, ortho_mode="hard")
         except TypeError as e:
-            raise NotAvailable(f"ortho_mode='hard': {e}") from None
+            raise NotAvailable(str(e)) from None
     elif name == "torch-orthogonal":
         opt = _parametrized(spec, model, weights, _torch_orthogonal)
     elif name == "geotorch":
