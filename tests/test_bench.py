@@ -525,3 +525,16 @@ def test_cached_step_allocates_nothing_of_the_parameters_size_where_the_cap_is_c
     size = sum(p.numel() * p.element_size() for p in params)
     assert allocated < 0.05 * size, f"{allocated} bytes allocated for {size} bytes of parameters"
     assert any(e.name == "aten::abs" for e in prof.events())  # the row sums did run
+
+
+def test_every_k_is_refused_on_sharded_parameters_before_any_change(monkeypatch):
+    from orthoopt import distributed
+
+    p = torch.nn.Parameter(_near_orthonormal(12, 4, seed=0))
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    opt = OrthoAdamW([p], lr=1e-2, ortho=1.0, ortho_every=2, ortho_layout="columns")
+    monkeypatch.setattr(distributed, "is_dtensor", lambda t: t is p)  # as if FSDP2 had sharded it
+    with pytest.raises(NotImplementedError, match="parameter 'group0.param0' is sharded .* ortho_every=2"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state[p]
