@@ -133,16 +133,39 @@ def models_table(reports: list[dict]) -> list[str]:
     return lines
 
 
+def step_table(report: dict) -> list[str]:
+    """One step-benchmark run as a markdown table: ms per step and the ratios."""
+    names = ["floor", "base", "soft", "soft-auto", "autograd", "hard", "geoopt-E", "geoopt-C"]
+    names = [n for n in names if any(n in r["median_ms"] for r in report["results"])]
+    head = ["case", *names, "(soft−base)/floor", "auto/soft", "autograd/soft", "many/stacked", "ws", "alloc/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(x, spec=".3g"):
+        return "n/a" if x is None else format(x, spec)
+
+    for r in report["results"]:
+        ratios, mem = r["ratios"], r["memory"].get("soft", {})
+        cells = [r["case"], *[fmt(r["median_ms"].get(n)) for n in names]]
+        cells += [fmt(ratios.get(k), ".2f") for k in ("overhead_over_floor", "auto_over_soft", "autograd_over_soft")]
+        cells += [fmt(ratios.get("many_over_stacked"), ".2f") if r["many"] else ""]
+        cells += [f"{mem['workspace_x_params']:.2f}x", f"{mem['allocated_per_step_x_params']:.3f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", help="JSON files written by orthoopt bench and orthoopt bench --models")
     p.add_argument("--models-table", action="store_true", help="print the whole-iteration table instead")
+    p.add_argument("--step-table", action="store_true", help="print the step table of each step file instead")
     args = p.parse_args(argv)
     reports = [json.loads(Path(f).read_text()) for f in args.files]
     steps = [r for r in reports if "repeats" in r["meta"]]
     iterations = [r for r in reports if "rounds" in r["meta"]]
     if args.models_table:
         lines = models_table(iterations)
+    elif args.step_table:
+        lines = [line for rep in steps for line in [*step_table(rep), ""]]
     else:
         lines = ["| target | bound | median (range) | runs | verdict |", "|---|---|---|---|---|"]
         lines += step_rows(steps) + iteration_rows(iterations)
