@@ -117,6 +117,8 @@ def models_table(reports: list[dict]) -> list[str]:
                 lines.append(f"| {result['model']} | | skipped: {result['skipped']} | | | |")
                 continue
             for name, e in result["contenders"].items():
+                if name in EVERY_VARIANT.values():
+                    name = f"{name} (k = {rep['meta']['every']})"
                 if e["status"] == "over budget":
                     why = f"over budget: {e['phase']} > {e['seconds']:.3g} s"
                     lines.append(f"| {result['model']} | {name} | {why} | | | |")
