@@ -128,8 +128,9 @@ def models_table(reports: list[dict]) -> list[str]:
                     runs = e.get("ratio_runs", [e["ratio"]])
                     spread = f" ({min(runs):.3g}–{max(runs):.3g})" if len(runs) > 1 else ""
                     mem = e.get("extra_held_bytes", e.get("extra_peak_bytes", 0))
+                    ms = statistics.median(e.get("median_ms_runs", [e["median_ms"]]))
                     lines.append(
-                        f"| {result['model']} | {name} | {e['median_ms']:.3g} | {e['ratio']:.3g}{spread} "
+                        f"| {result['model']} | {name} | {ms:.3g} | {statistics.median(runs):.3g}{spread} "
                         f"| {_mib(mem)} | {e['max_error']:.1e} |"
                     )
     return lines

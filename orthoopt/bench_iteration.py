@@ -240,8 +240,9 @@ def _summarize(entry: dict) -> None:
 
 
 def _combine(runs: list[dict]) -> dict:
-    """One model's entry over repeated runs: the rounds of all runs pooled, and each run's
-    median (``median_ms_runs``, ``ratio_runs``) for the spread between runs."""
+    """One model's entry over repeated runs: the median of the runs' medians (each run's in
+    ``median_ms_runs`` and ``ratio_runs``, for the spread between runs), and the quartiles of
+    all rounds pooled."""
     first = copy.deepcopy(runs[0])
     for name, entry in first["contenders"].items():
         entries = [r["contenders"][name] for r in runs if r["contenders"][name].get("status") == "ok"]
@@ -253,6 +254,9 @@ def _combine(runs: list[dict]) -> dict:
             entry["ratio_runs"] = [e["ratio"] for e in entries]
             entry["ratios"] = [x for e in entries for x in e["ratios"]]
         _summarize(entry)
+        entry["median_ms"] = statistics.median(entry["median_ms_runs"])
+        if "ratios" in entry:
+            entry["ratio"] = statistics.median(entry["ratio_runs"])
         entry["max_error"] = max(e["max_error"] for e in entries)
     return first
 

@@ -478,6 +478,7 @@ def test_models_benchmark_abandons_a_contender_over_budget():
 
 def test_models_benchmark_through_the_cli(tmp_path):
     from orthoopt import __main__ as cli
+    from orthoopt import bench_iteration
 
     out = tmp_path / "m.json"
     assert cli.main(["bench", "--models", "mlp", "--quick", "--contenders", "plain,soft-every", "--out", str(out)]) == 0
@@ -486,6 +487,9 @@ def test_models_benchmark_through_the_cli(tmp_path):
     # a round times one whole cycle of the every-k step (k = 4 by default) of every contender
     assert result["contenders"]["plain"]["iterations_per_round"] == 4
     assert result["contenders"]["soft-every"]["iterations_per_round"] == 4
+    report = bench_iteration.run(bench_iteration.config(["--models", "mlp", "--quick", "--runs", "3"]))
+    soft = report["results"][0]["contenders"]["soft"]
+    assert len(soft["ratio_runs"]) == 3 and soft["ratio"] == sorted(soft["ratio_runs"])[1]  # the runs' median
     with pytest.raises(SystemExit, match="--models: unknown"):
         cli.main(["bench", "--models", "resnet"])
 
