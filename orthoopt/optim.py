@@ -27,7 +27,6 @@ from overshooting or diverging (:func:`orthoopt.penalty.safe_step_size`).  With
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,11 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import auto, distributed, guard, penalty, soft, stiefel, wrappers
+from . import distributed, guard, penalty, soft, stiefel, wrappers
 from .layout import Layout, resolve_layout
 from .options import (
     ORTHO_DEFAULTS,
     check_options,
+    check_step_size,
     param_key,
     param_name,
     penalized,
@@ -79,6 +79,7 @@ class OrthoMixin:
         ortho_stabilize: int | str | None = "auto",
         ortho_init: str = "warn",
         ortho_second_moment: str = "mean",
+        ortho_every: int = 1,
         **kwargs,
     ):
         options = check_options(
@@ -93,6 +94,7 @@ class OrthoMixin:
                 "ortho_stabilize": ortho_stabilize,
                 "ortho_init": ortho_init,
                 "ortho_second_moment": ortho_second_moment,
+                "ortho_every": ortho_every,
             },
             "optimizer defaults",
         )
@@ -157,7 +159,7 @@ class OrthoMixin:
                 layout = self._resolve(group, p, name)
                 lr = real_number(group.get("lr", self.defaults.get("lr")))
                 if layout is not None and group["ortho_mode"] == "soft" and group["ortho"] != "auto" and lr is not None:
-                    _check_step_size(2 * lr * group["ortho"], p.dtype, name, group_index)
+                    check_step_size(2 * lr * group["ortho"] * group["ortho_every"], p.dtype, name, group_index)
         if penalized(group) and group["ortho_mode"] == "hard":
             stiefel.update_rule(type(self))
 
@@ -264,40 +266,25 @@ class OrthoMixin:
         memory = self.__dict__.setdefault("_ortho_memory", {})
         if starting:
             guard.before_step(self.param_groups, self.state, memory)
-        deltas, staged = [], []
-        for bucket in plan:
+        due = [bucket for bucket in plan if soft.due(bucket)]  # ortho_every
+        sharded = []
+        for bucket in due:
             if isinstance(bucket, distributed.ShardedBucket):
-                deltas.append((bucket, bucket.delta()))
+                sharded.append((bucket, bucket.delta()))
                 continue
-            mats = bucket.matrices()
-            r = penalty.residual(mats, out=bucket.r)
-            r_max = penalty.max_abs(r)  # the step needs it; NaN or Inf where a matrix is not finite
-            finite = torch.isfinite(r_max)
-            # A host sync, which "skip" saves; a meta tensor has no values to look at.
-            if bucket.nonfinite != "skip" and not mats.is_meta:
-                if bool(finite.all()):
-                    finite = True
-                else:
-                    self._report_nonfinite(bucket, finite)
-            if bucket.auto:  # β comes from this step's base update: finish after it
-                staged.append((bucket, mats.clone(), r, r_max, finite))
-            else:
-                eta = bucket.eta(r)
-                if isinstance(eta, float):  # a tensor lr is not read back: that would sync
-                    _check_step_size(eta, mats.dtype, ", ".join(dict.fromkeys(bucket.names)), None)
-                deltas.append((bucket, bucket.step(r, mats, eta, finite, r_max)))
+            for chunk, finite in bucket.prepare():  # the parts holding NaN or Inf, if any
+                self._report_nonfinite(chunk, finite)
         with stiefel.grads_hidden(hard) if hard else contextlib.nullcontext():
             base_loss = self._base_step(closure)
         if hard:
             stiefel.step_(self, hard)
-        for bucket, before, r, r_max, finite in staged:
-            lr = bucket.per_matrix(bucket.lrs(), r)
-            eta = 2 * lr * self._auto_beta(bucket, before, finite, lr)
-            deltas.append((bucket, bucket.step(r, before, eta, finite, r_max)))
-        for bucket, delta in deltas:
-            if isinstance(bucket, distributed.ShardedBucket):
-                bucket.finish(delta, self.state)  # its 'auto' entries, which need the update
+        for bucket in due:
+            if isinstance(bucket, soft.Bucket):
+                bucket.finish(self.state)  # 'auto' takes β from the base update; then the addition
+        for bucket, delta in sharded:
+            bucket.finish(delta, self.state)  # its 'auto' entries, which need the update
             bucket.apply(delta)
+        soft.advance(self.param_groups)
         if plan and not torch.compiler.is_compiling():
             self._ortho_steps = getattr(self, "_ortho_steps", 0) + 1
             watching = self._ortho_steps % guard.WATCH_EVERY == 0
@@ -317,14 +304,6 @@ class OrthoMixin:
         while getattr(step, "hooked", False):
             step = step.__wrapped__
         return step(self) if closure is None else step(self, closure)
-
-    def _auto_beta(
-        self, bucket: soft.Bucket, before: torch.Tensor, finite: torch.Tensor | bool, lr: torch.Tensor
-    ) -> torch.Tensor:
-        """β per matrix for ``ortho='auto'`` (:mod:`orthoopt.auto`), from this step's base update."""
-        lam = auto.threshold(auto.update_products(before, bucket.matrices(), lr), finite & (lr > 0))
-        estimates = [auto.remember(self.state[p], new) for p, new in zip(bucket.params, lam.split(bucket.counts))]
-        return auto.AUTO_SAFETY * torch.cat(estimates)
 
     def _hard_plan(self) -> list[stiefel.HardItem]:
         """The parameters that take a Riemannian step instead of the base update (checked)."""
@@ -361,7 +340,7 @@ class OrthoMixin:
             self._ortho_new_plan = True
         return cache[1]
 
-    def _report_nonfinite(self, bucket: soft.Bucket, finite: torch.Tensor) -> None:
+    def _report_nonfinite(self, bucket: soft.Chunk, finite: torch.Tensor) -> None:
         bad = [name for name, ok in zip(bucket.names, finite.split(bucket.counts)) if not bool(ok.all())]
         report_nonfinite(self, bad, bucket.nonfinite, "the orthogonality step skips its non-finite matrices")
 
@@ -420,31 +399,6 @@ def _refuse_differentiable(group: dict, group_index: int) -> None:
     )
 
 
-def _step_size_limit(dtype: torch.dtype) -> float:
-    # The soft step divides R by its cutoff 2η (l1) and rescales by η_i: with 2η above the
-    # square root of the float's largest value, the cutoff and R/2η leave the float's range
-    # (2η = 4e38 in float32 rounds the cutoff to inf, and the step to zero).  No step needs
-    # more: once 2η exceeds max|R| the step no longer depends on η (its caps take over).
-    # Half parameters take their step in float32.
-    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    return math.sqrt(torch.finfo(wide).max)
-
-
-def _check_step_size(eta: float, dtype: torch.dtype, name: str, group_index: int | None) -> None:
-    """Refuse ``η = 2·lr·ortho`` that the soft step cannot take in ``dtype``."""
-    if not dtype.is_floating_point:
-        return
-    limit = _step_size_limit(dtype)
-    if eta <= limit:
-        return
-    where = "" if group_index is None else f"param group {group_index}: "
-    raise ValueError(
-        f"{where}{name}: 2·lr·ortho = {eta:.3g} is beyond what the soft step can take in {dtype} "
-        f"(at most {limit:.3g}); any 2·lr·ortho above max|ΦᵀΦ - I| already gives the largest step, so "
-        "use a smaller ortho"
-    )
-
-
 # -- the classes ------------------------------------------------------------------------
 _CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orthoopt.optim`).
 
@@ -463,6 +417,7 @@ _CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orth
         (:mod:`orthoopt.guard`).
     ortho_second_moment (str): hard mode's Adam second moment per matrix, the 'mean' over its
         entries (Adam's step size at the same lr) or geoopt's 'sum' (:mod:`orthoopt.stiefel`).
+    ortho_every (int): the soft step at every k-th call of step(), k times as large (default 1).
 """
 
 # One class per base class, so that orthogonalize(X) is orthogonalize(X) (isinstance works,

@@ -33,6 +33,7 @@ __all__ = [
     "real_number",
     "check_options",
     "report_nonfinite",
+    "check_step_size",
     "warn_at_caller",
     "param_key",
     "param_name",
@@ -51,6 +52,7 @@ ORTHO_DEFAULTS: dict[str, Any] = {
     "ortho_stabilize": "auto",
     "ortho_init": "warn",
     "ortho_second_moment": "mean",
+    "ortho_every": 1,
 }
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
@@ -147,6 +149,17 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where}: ortho_stabilize must be 'auto', None (never) or a whole number >= 1 of hard steps "
             f"between re-projections, got {period!r}"
         )
+    every = out.get("ortho_every", 1)
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise ValueError(
+            f"{where}: ortho_every must be a whole number >= 1 (the soft step every that many steps, "
+            f"that many times as large), got {every!r}"
+        )
+    if every != 1 and mode == "hard":
+        raise ValueError(
+            f"{where}: ortho_every={every} applies to the soft step; hard mode steps on the manifold at every "
+            "step: use ortho_every=1 with ortho_mode='hard'"
+        )
     if "ortho_layout" in out:
         out["ortho_layout"] = canonical_layout(out["ortho_layout"], f"{where}: ortho_layout")
     return out
@@ -208,3 +221,28 @@ def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> No
     while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("orthoopt", "torch"):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def step_size_limit(dtype: torch.dtype) -> float:
+    # The soft step divides R by its cutoff 2η (l1) and rescales by η_i: with 2η above the
+    # square root of the float's largest value, the cutoff and R/2η leave the float's range
+    # (2η = 4e38 in float32 rounds the cutoff to inf, and the step to zero).  No step needs
+    # more: once 2η exceeds max|R| the step no longer depends on η (its caps take over).
+    # Half parameters take their step in float32.
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return math.sqrt(torch.finfo(wide).max)
+
+
+def check_step_size(eta: float, dtype: torch.dtype, name: str, group_index: int | None) -> None:
+    """Refuse ``η = 2·lr·ortho`` that the soft step cannot take in ``dtype``."""
+    if not dtype.is_floating_point:
+        return
+    limit = step_size_limit(dtype)
+    if eta <= limit:
+        return
+    where = "" if group_index is None else f"param group {group_index}: "
+    raise ValueError(
+        f"{where}{name}: 2·lr·ortho = {eta:.3g} is beyond what the soft step can take in {dtype} "
+        f"(at most {limit:.3g}); any 2·lr·ortho above max|ΦᵀΦ - I| already gives the largest step, so "
+        "use a smaller ortho"
+    )

@@ -376,7 +376,7 @@ def test_the_largest_step_size_takes_the_same_step_as_any_large_one():
         opt.step()
         return w.detach()
 
-    limit = orthoopt.optim._step_size_limit(torch.float64)
+    limit = orthoopt.options.step_size_limit(torch.float64)
     torch.testing.assert_close(step(limit / 2), step(1e3), rtol=1e-12, atol=0)
 
 
