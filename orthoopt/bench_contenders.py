@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .bench_models import ModelSpec, NotAvailable, Weight
+from .layout import Layout
 from .optim import orthogonalize
 from .options import ORTHO_DEFAULTS
 from .selection import param_groups
@@ -89,51 +90,58 @@ def _frobenius_loss(spec: ModelSpec, weights: list[Weight]):
     return loss
 
 
-class _Flat(nn.Module):
-    """A parametrization of a ``(out, ...)`` weight through a matrix one of its
-    ``(out, numel/out)`` view: the constraint orthoopt's rows/columns layouts put on it."""
+class _InLayout(nn.Module):
+    """A parametrization of a weight through the stack ``(m, l, n)`` of its layout: the
+    constraint orthoopt puts on it (whole matrix, filters, gate blocks, ...)."""
 
-    def __init__(self, inner: nn.Module, shape: torch.Size):
+    def __init__(self, inner: nn.Module, layout: Layout, shape: torch.Size):
         super().__init__()
         self.inner = inner
+        self.layout = layout
         self.shape = shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x).reshape(self.shape)
+        return self.layout.from_matrices(self.inner(x), self.shape)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
-        return self.inner.right_inverse(w.reshape(w.shape[0], -1))
+        return self.inner.right_inverse(self.layout.matrices(w))
 
 
-def _torch_orthogonal(owner: nn.Module, attr: str) -> None:
+def _whole_matrix(w: torch.Tensor, layout: Layout) -> bool:
+    """Whether ``layout`` constrains ``w`` as it is: one matrix, its rows or its columns."""
+    return w.dim() == 2 and layout.kind in ("rows", "columns")
+
+
+def _torch_orthogonal(owner: nn.Module, attr: str, layout: Layout) -> None:
     from torch.nn.utils.parametrizations import orthogonal
 
     w = getattr(owner, attr)
-    if w.dim() == 2:
+    if _whole_matrix(w, layout):
         orthogonal(owner, attr)
         return
     holder = nn.Module()
-    holder.weight = nn.Parameter(w.detach().reshape(w.shape[0], -1).clone())
+    holder.weight = nn.Parameter(layout.matrices(w.detach()).clone())
     orthogonal(holder, "weight")
-    parametrize.register_parametrization(owner, attr, _Flat(holder.parametrizations.weight[0], w.shape), unsafe=True)
+    inner = holder.parametrizations.weight[0]
+    parametrize.register_parametrization(owner, attr, _InLayout(inner, layout, w.shape), unsafe=True)
 
 
-def _geotorch_orthogonal(owner: nn.Module, attr: str) -> None:
+def _geotorch_orthogonal(owner: nn.Module, attr: str, layout: Layout) -> None:
     import geotorch
 
     w = getattr(owner, attr)
-    if w.dim() == 2:
+    if _whole_matrix(w, layout):
         geotorch.orthogonal(owner, attr)
         return
-    inner = geotorch.Stiefel(size=(w.shape[0], w[0].numel())).to(w)
+    inner = geotorch.Stiefel(size=layout.stack_shape(w.shape)).to(w)
     with torch.no_grad():
-        w.copy_(inner.sample().reshape(w.shape))  # as geotorch.orthogonal starts: on the manifold
-    parametrize.register_parametrization(owner, attr, _Flat(inner, w.shape), unsafe=True)
+        w.copy_(layout.from_matrices(inner.sample(), w.shape))  # as geotorch.orthogonal starts: on the manifold
+    parametrize.register_parametrization(owner, attr, _InLayout(inner, layout, w.shape), unsafe=True)
 
 
 def _parametrized(spec, model, weights, register) -> torch.optim.Optimizer:
     for w in weights:
-        register(w.owner(model), w.attr)
+        register(w.owner(model), w.attr, w.layout)
     return spec.optimizer(model.parameters(), lr=spec.lr)
 
 

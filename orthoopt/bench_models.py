@@ -12,8 +12,8 @@ r"""The models of the whole-iteration benchmark (:mod:`orthoopt.bench_iteration`
                    parametrization must build a 2048 x 2048 orthogonal matrix
 =================  ========================================================================
 
-The constrained weights are those :func:`orthoopt.param_groups` picks (weights of two or
-more dimensions outside embeddings and norms), less the output layer (and a ViT's position
+The constrained weights are those :func:`orthoopt.param_groups` picks, with its layouts
+(an LSTM's gate blocks, ``row_groups:4``), less the output layer (and a ViT's position
 embedding and class token).  Batches are random (the cost of an iteration does not depend
 on the data); ``quick`` builds tiny versions for the smoke test.
 """
@@ -251,7 +251,7 @@ class Weight:
 
 def constrained_weights(model: nn.Module, spec: ModelSpec) -> list[Weight]:
     out = []
-    for name, _, layout in constrained(model, "auto", exclude=spec.exclude):
+    for name, _, layout in constrained(model, exclude=spec.exclude):
         module, _, attr = name.rpartition(".")
         out.append(Weight(module, attr, layout))
     return out
