@@ -26,7 +26,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--beta", type=float, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--hard-scale", type=float, default=16.0, help="one more hard row with Φ's lr times this")
+    p.add_argument("--hard-scale", type=float, default=1.0, help="one more hard row with Φ's lr times this")
     args = p.parse_args(argv)
     out = setup(args, f"mppca/n{args.n}")
     steps = 20 if args.quick else args.steps
@@ -44,11 +44,13 @@ def main(argv=None):
             progress=True,
         )
         cmd = f"python experiments/mppca.py --n {args.n} --steps {steps} --seeds {len(seeds)}"
+        cmd += f" --hard-scale {args.hard_scale:g}" if args.hard_scale != 1 else ""
         sections.append(save(comp, out / name, title=f"Mixture of PPCA, n={args.n}, {name}", command=cmd))
         rows = [(m, comp.by_method(m)) for m in comp.config["methods"]]
         if args.hard_scale != 1:
-            # Riemannian Adam's one second moment per matrix moves Φ_i by about lr in Frobenius
-            # norm per step, Adam by about lr per entry (√(l·n) = 16 times more for n = 4).
+            # With ortho_second_moment='sum' (geoopt's rule) Riemannian Adam moves Φ_i by about lr
+            # in Frobenius norm per step, Adam by about lr per entry (√(l·n) = 16 times more for
+            # n = 4); the default 'mean' is that rule at 16 times the lr, so no second row.
             hard = compare.run(
                 spec, methods=["hard"], seeds=seeds, steps=steps, beta=args.beta, lr=args.lr,
                 constrained_lr_scale=args.hard_scale, record_every=1 if args.quick else 5, progress=True,
