@@ -523,6 +523,14 @@ def test_every_k_experiment_and_targets_table_run(tmp_path, capsys):
     assert sum("not measured" in r for r in rows) == len(rows) - 2 - 5  # the other cases were not run
 
 
+def test_profile_script_runs(capsys):
+    from test_experiments import load
+
+    load("profile_soft_step").main(["--shape", "4x8x2", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "(soft - AdamW) / floor =" in out and "aten::bmm" in out
+
+
 @pytest.mark.parametrize("many", [False, True])
 def test_cached_step_allocates_nothing_of_the_parameters_size_where_the_cap_is_checked(many):
     # lr·β large enough for the cap's row sums (n·η > 1/4): they need a workspace like R,
