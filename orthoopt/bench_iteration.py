@@ -117,7 +117,8 @@ def _setup(spec: ModelSpec, quick: bool, seed: int, device: torch.device, n_batc
     torch.manual_seed(seed)
     model = spec.build(quick).to(device)
     weights = constrained_weights(model, spec)
-    project_(model.get_submodule(w.module).get_parameter(w.attr) for w in weights)  # start on the manifold
+    for w in weights:  # start on the manifold, in each weight's own layout (an LSTM's gate blocks)
+        project_([model.get_submodule(w.module).get_parameter(w.attr)], layout=str(w.layout))
     g = torch.Generator().manual_seed(seed + 1)
     batches = [tuple(t.to(device) for t in spec.batch(g, quick)) for _ in range(n_batches)]
     return model, weights, batches

@@ -469,6 +469,17 @@ def test_models_benchmark_quick_writes_its_json(tmp_path, capsys):
     assert "x plain" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("model", ["mnist", "lstm", "mlp"])
+def test_models_benchmark_starts_on_the_manifold_of_each_weights_own_layout(model):
+    # An LSTM's weights are constrained per gate block (row_groups:4): the start is snapped
+    # in that layout, not as one whole matrix (which leaves the blocks far from orthogonal).
+    from orthoopt import bench_iteration, bench_models
+
+    spec = bench_models.MODELS[model]
+    net, weights, _ = bench_iteration._setup(spec, True, 0, torch.device("cpu"), 1)
+    assert bench_models.max_error(net, weights) < 1e-5, [str(w.layout) for w in weights]
+
+
 def test_models_benchmark_abandons_a_contender_over_budget():
     from orthoopt import bench_iteration
 
@@ -510,6 +521,14 @@ def test_every_k_experiment_and_targets_table_run(tmp_path, capsys):
     measured = [r for r in rows if r.startswith("| (soft - AdamW) / floor, (256, 64, 16)")]
     assert len(measured) == 1 and measured[0].rstrip(" |").endswith(("met", "**not met**"))
     assert sum("not measured" in r for r in rows) == len(rows) - 2 - 5  # the other cases were not run
+
+
+def test_profile_script_runs(capsys):
+    from test_experiments import load
+
+    load("profile_soft_step").main(["--shape", "4x8x2", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "(soft - AdamW) / floor =" in out and "aten::bmm" in out
 
 
 @pytest.mark.parametrize("many", [False, True])
