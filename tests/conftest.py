@@ -30,6 +30,14 @@ def orthonormal(m: int, l: int, n: int, dtype=torch.float64, generator=None) -> 
     return q.to(dtype)
 
 
+def near_orthonormal(*shape, noise=0.1, seed=0, dtype=torch.float64) -> torch.Tensor:
+    """Orthonormal columns (QR of a Gaussian) plus ``noise``-sized Gaussian entries (scaled by
+    the column length): a start near the manifold but not on it."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(*shape, generator=g, dtype=dtype)).Q
+    return (q + noise * torch.randn(*shape, generator=g, dtype=dtype) / shape[-2] ** 0.5).contiguous()
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "compile: runs torch.compile (slow on a small CPU; deselect with -m 'not compile')"

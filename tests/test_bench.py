@@ -5,14 +5,9 @@ import math
 
 import pytest
 import torch
+from conftest import near_orthonormal
 
 from orthoopt import OrthoAdamW, OrthoSGD, bench, l1_orthogonality
-
-
-def _near_orthonormal(*shape, noise=0.1, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.linalg.qr(torch.randn(*shape, generator=g, dtype=dtype)).Q
-    return (q + noise * torch.randn(*shape, generator=g, dtype=dtype) / shape[-2] ** 0.5).contiguous()
 
 
 # -- the benchmark ----------------------------------------------------------------------
@@ -63,7 +58,7 @@ def test_benchmark_flags(capsys):
 # -- the fast path ----------------------------------------------------------------------
 def _bucketed_params():
     """Five parameters whose matrices are all 12 x 4, through four layouts."""
-    base = _near_orthonormal(8, 12, 4)
+    base = near_orthonormal(8, 12, 4)
     return [
         (base[0].clone(), "columns"),  # (12, 4): its 4 columns
         (base[1].t().contiguous(), "rows"),  # (4, 12): its 4 rows
@@ -101,8 +96,8 @@ def test_cached_step_is_minus_lr_times_the_autograd_gradient():
     # Caps inactive (2 lr β far below both), no task gradient, no weight decay: the soft
     # step is exactly -lr ∂(βL)/∂Φ, on the first (planning) and later (cached) steps.
     lr, beta = 1e-4, 0.5
-    stack = torch.nn.Parameter(_near_orthonormal(3, 12, 4, seed=1))
-    matrix = torch.nn.Parameter(_near_orthonormal(12, 4, seed=2))
+    stack = torch.nn.Parameter(near_orthonormal(3, 12, 4, seed=1))
+    matrix = torch.nn.Parameter(near_orthonormal(12, 4, seed=2))
     opt = OrthoSGD(
         [{"params": [stack], "ortho_layout": "group_axis:0"}, {"params": [matrix], "ortho_layout": "columns"}],
         lr=lr,
@@ -131,8 +126,8 @@ def _sgd_reference(param_specs, options):
 
 
 def test_plan_cache_follows_groups_grads_and_options():
-    a = torch.nn.Parameter(_near_orthonormal(2, 12, 4, seed=4))
-    b = torch.nn.Parameter(_near_orthonormal(2, 12, 4, seed=5))
+    a = torch.nn.Parameter(near_orthonormal(2, 12, 4, seed=4))
+    b = torch.nn.Parameter(near_orthonormal(2, 12, 4, seed=5))
     a.grad = torch.ones_like(a)
     opt = OrthoSGD([{"params": [a], "ortho_layout": "group_axis:0"}], lr=1e-2, ortho=1.0)
     opt.step()
@@ -189,7 +184,7 @@ def test_plan_cache_follows_groups_grads_and_options():
 def test_cached_step_allocates_nothing_of_the_parameters_size():
     from torch.profiler import ProfilerActivity, profile
 
-    p = torch.nn.Parameter(_near_orthonormal(8, 256, 32, dtype=torch.float32))
+    p = torch.nn.Parameter(near_orthonormal(8, 256, 32, dtype=torch.float32))
     p.grad = torch.zeros_like(p)
     opt = OrthoSGD([p], lr=1e-3, ortho=1.0, ortho_layout="group_axis:0")
     opt.step()
@@ -268,7 +263,7 @@ def _reference_sgd_step(params, layouts, lr, beta, **penalty_options):
 def _layout_zoo(dtype=torch.float64):
     """Parameters of every layout (and a channels_last conv weight), all 12 x 4 matrices."""
     specs = _bucketed_params()
-    conv = _near_orthonormal(18, 8, seed=9, dtype=dtype).t().contiguous().reshape(8, 2, 3, 3)
+    conv = near_orthonormal(18, 8, seed=9, dtype=dtype).t().contiguous().reshape(8, 2, 3, 3)
     specs = [(x.to(dtype), lay) for x, lay in specs]
     specs.append((conv.to(memory_format=torch.channels_last), "rows"))
     return specs
@@ -303,7 +298,7 @@ def test_chunked_bucket_is_bitwise_the_whole_bucket_and_holds_a_quarter(monkeypa
             monkeypatch.setattr(soft, "MIN_CHUNK_BYTES", 0)
         else:
             monkeypatch.setattr(soft, "MIN_CHUNK_BYTES", 1 << 40)
-        params = [torch.nn.Parameter(_near_orthonormal(64, 16, seed=i)) for i in range(16)]
+        params = [torch.nn.Parameter(near_orthonormal(64, 16, seed=i)) for i in range(16)]
         # two groups of different lr in one bucket: per-matrix step sizes within a chunk
         groups = [{"params": params[:5], "lr": 2e-2}, {"params": params[5:]}]
         opt = OrthoAdamW(groups, lr=1e-2, ortho=1.0, ortho_layout="columns", weight_decay=0.1)
@@ -332,8 +327,8 @@ def test_chunked_bucket_is_bitwise_the_whole_bucket_and_holds_a_quarter(monkeypa
 def test_auto_step_is_bitwise_the_reference():
     from orthoopt import auto, penalty
 
-    specs = [(_near_orthonormal(24, 6, seed=i), "columns") for i in range(3)] + [
-        (_near_orthonormal(2, 24, 6, seed=7), "group_axis:0")
+    specs = [(near_orthonormal(24, 6, seed=i), "columns") for i in range(3)] + [
+        (near_orthonormal(2, 24, 6, seed=7), "group_axis:0")
     ]
     params = [torch.nn.Parameter(x.clone()) for x, _ in specs]
     shadow = [torch.nn.Parameter(x.clone()) for x, _ in specs]
@@ -357,83 +352,6 @@ def test_auto_step_is_bitwise_the_reference():
         for p, q, state in zip(params, shadow, states):
             assert torch.equal(p, q)
             assert torch.equal(opt.state[p]["ortho_multiplier"], state["ortho_multiplier"])
-
-
-def _every_k_run(every, steps, *, ortho=1.0, save_at=None, tmp_path=None):
-    params = [torch.nn.Parameter(_near_orthonormal(24, 6, seed=i)) for i in range(3)]
-
-    def make(ps):
-        opt = OrthoAdamW(ps, lr=1e-2, ortho=ortho, ortho_every=every, ortho_layout="columns", weight_decay=0.1)
-        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-
-    opt, sched = make(params)
-    g = torch.Generator().manual_seed(8)
-    for k in range(steps):
-        if k == save_at:  # a checkpoint mid-cycle, resumed in a fresh optimizer
-            path = tmp_path / "ckpt.pt"
-            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "params": params}, path)
-            saved = torch.load(path, weights_only=True)
-            params = [torch.nn.Parameter(p.detach().clone()) for p in saved["params"]]
-            opt, sched = make(params)
-            opt.load_state_dict(saved["opt"])
-            sched.load_state_dict(saved["sched"])
-        for p in params:
-            p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
-        opt.step()
-        sched.step()
-    return params, opt
-
-
-def test_every_k_steps_is_k_times_the_step_on_every_kth_call():
-    every, steps = 3, 7
-    got, opt = _every_k_run(every, steps)
-    # The reference: ortho = k·β on the calls 0, k, 2k, ... and 0 (the base step alone) between.
-    params = [torch.nn.Parameter(_near_orthonormal(24, 6, seed=i)) for i in range(3)]
-    ref = OrthoAdamW(params, lr=1e-2, ortho=0.0, ortho_layout="columns", weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
-    g = torch.Generator().manual_seed(8)
-    for k in range(steps):
-        ref.param_groups[0]["ortho"] = float(every) if k % every == 0 else 0.0
-        for p in params:
-            p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
-        ref.step()
-        sched.step()
-    for p, q in zip(got, params):
-        assert torch.equal(p, q)
-    assert opt.param_groups[0]["ortho_steps"] == steps
-
-
-@pytest.mark.parametrize("ortho", [1.0, "auto"])
-def test_every_k_steps_resumes_bitwise_from_a_checkpoint(tmp_path, ortho):
-    straight, _ = _every_k_run(4, 9, ortho=ortho)
-    resumed, opt = _every_k_run(4, 9, ortho=ortho, save_at=5, tmp_path=tmp_path)
-    for p, q in zip(straight, resumed):
-        assert torch.equal(p, q)
-    assert opt.param_groups[0]["ortho_steps"] == 9
-
-
-def test_every_k_auto_updates_its_estimate_on_its_steps_only():
-    params = [torch.nn.Parameter(_near_orthonormal(24, 6, seed=1))]
-    opt = OrthoAdamW(params, lr=1e-2, ortho="auto", ortho_every=2, ortho_layout="columns")
-    g = torch.Generator().manual_seed(9)
-    seen = []
-    for _ in range(4):
-        params[0].grad = 0.1 * torch.randn(params[0].shape, generator=g, dtype=params[0].dtype)
-        opt.step()
-        seen.append(opt.state[params[0]]["ortho_multiplier"].clone())
-    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3]) and not torch.equal(seen[1], seen[2])
-
-
-def test_every_k_option_is_checked():
-    p = torch.nn.Parameter(_near_orthonormal(12, 4, seed=0))
-    for bad in (0, -1, 2.0, True, "2"):
-        with pytest.raises(ValueError, match="ortho_every must be a whole number >= 1"):
-            OrthoAdamW([p], ortho=1.0, ortho_every=bad)
-    with pytest.raises(ValueError, match="ortho_every=2 applies to the soft step"):
-        OrthoAdamW([p], ortho=1.0, ortho_every=2, ortho_mode="hard")
-    opt = OrthoAdamW([p], ortho=1.0)
-    with pytest.raises(ValueError, match="ortho_every"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, 2))], "ortho_every": 0})
 
 
 # -- the whole-iteration benchmark -----------------------------------------------------------
@@ -537,7 +455,7 @@ def test_cached_step_allocates_nothing_of_the_parameters_size_where_the_cap_is_c
     # which S (formed in place of R) does not leave free; the update's memory serves.
     from torch.profiler import ProfilerActivity, profile
 
-    stack = _near_orthonormal(4, 256, 128, dtype=torch.float32)
+    stack = near_orthonormal(4, 256, 128, dtype=torch.float32)
     params = [torch.nn.Parameter(x.clone()) for x in (stack.unbind(0) if many else [stack])]
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -549,16 +467,3 @@ def test_cached_step_allocates_nothing_of_the_parameters_size_where_the_cap_is_c
     size = sum(p.numel() * p.element_size() for p in params)
     assert allocated < 0.05 * size, f"{allocated} bytes allocated for {size} bytes of parameters"
     assert any(e.name == "aten::abs" for e in prof.events())  # the row sums did run
-
-
-def test_every_k_is_refused_on_sharded_parameters_before_any_change(monkeypatch):
-    from orthoopt import distributed
-
-    p = torch.nn.Parameter(_near_orthonormal(12, 4, seed=0))
-    p.grad = torch.ones_like(p)
-    before = p.detach().clone()
-    opt = OrthoAdamW([p], lr=1e-2, ortho=1.0, ortho_every=2, ortho_layout="columns")
-    monkeypatch.setattr(distributed, "is_dtensor", lambda t: t is p)  # as if FSDP2 had sharded it
-    with pytest.raises(NotImplementedError, match="parameter 'group0.param0' is sharded .* ortho_every=2"):
-        opt.step()
-    assert torch.equal(p.detach(), before) and not opt.state[p]
