@@ -347,6 +347,9 @@ def format_table(report: dict) -> str:
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *rows]]
     lines.append("")
+    if report["meta"].get("quick"):
+        # The targets are for the full-size models; --quick's tiny ones say nothing about them.
+        lines.append("(--quick: tiny models; the verdicts below are not the targets' sizes)")
     for key, v in report["targets"].items():
         state = "n/a" if v["met"] is None else ("met" if v["met"] else "NOT met")
         lines.append(f"target {key} <= {v['bound']}x: {state} ({_fmt(v['ratio'], '.3f')}x, {v['status']})")

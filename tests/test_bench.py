@@ -384,7 +384,8 @@ def test_models_benchmark_quick_writes_its_json(tmp_path, capsys):
     assert "Adadelta" in results["mnist"]["contenders"]["hard"]["reason"]
     assert results["lstm"]["contenders"]["hard"]["status"] == "ok"
     assert {"mnist soft", "mnist soft-every", "lstm hard"} <= set(report["targets"])
-    assert "x plain" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "x plain" in out and "--quick: tiny models" in out
 
 
 @pytest.mark.parametrize("model", ["mnist", "lstm", "mlp"])
