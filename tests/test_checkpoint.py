@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -44,7 +46,22 @@ def test_old_checkpoint_without_ortho_keys_gets_defaults():
     opt = orthoopt.OrthoAdamW([w], lr=1e-2, ortho=3.0)
     opt.load_state_dict(plain.state_dict())
     assert opt.param_groups[0]["ortho"] == 3.0 and opt.param_groups[0]["ortho_layout"] == "auto"
+    # The next step continues the plain optimizer's moments and adds the default penalty step
+    # (decoupled, from the value before the step): the same as the two taken apart.
+    before = w.detach().clone()
+    w.grad = torch.randn_like(w)
+    continued = nn.Parameter(before.clone())
+    reference = torch.optim.AdamW([continued], lr=1e-2)
+    reference.load_state_dict(copy.deepcopy(plain.state_dict()))  # torch's load shares the tensors
+    continued.grad = w.grad.clone()
+    reference.step()
+    penalized = nn.Parameter(before.clone())
+    penalized.grad = torch.zeros_like(penalized)
+    orthoopt.OrthoSGD([penalized], lr=1e-2, ortho=3.0).step()  # SGD with a zero gradient: the penalty step alone
     opt.step()
+    assert opt.state[w]["step"].item() == 2
+    torch.testing.assert_close(w.detach(), continued.detach() + (penalized.detach() - before), rtol=0, atol=1e-7)
+    assert (penalized.detach() - before).abs().max() > 1e-3  # the penalty step is there
 
 
 def test_float32_state_of_bfloat16_parameters_stays_float32():
