@@ -57,3 +57,59 @@ def test_spectral_norm_is_four_power_iterations_padded_by_a_tenth():
     # and the row-sum bound where the padded estimate exceeds it
     ones = torch.ones(2, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(penalty.spectral_norm(ones), torch.full((2,), 5.0, dtype=torch.float64))
+
+
+def test_spectral_norm_bound_is_each_matrix_own_row_sum():
+    """The max-row-sum bound is per matrix: a stack of all-ones 5x5 blocks scaled by 1 and 2
+    (‖S‖₂ = row sum = 5 and 10; the padded estimate 5.5 and 11 exceeds it)."""
+    ones = torch.ones(1, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        penalty.spectral_norm(torch.cat([ones, 2 * ones])), torch.tensor([5.0, 10.0], dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("kind, smoothing", [("l1", 0.0), ("l1", 0.05), ("frobenius", 0.0)])
+@pytest.mark.parametrize(
+    "eta", [1e-3, 0.5, torch.tensor([1e-3, 0.5, 0.2], dtype=torch.float64)], ids=["small", "large", "tensor"]
+)
+def test_penalty_step_optional_arguments_change_nothing(kind, smoothing, eta):
+    """``penalty_step`` with only its required arguments computes r_max, the finite mask and its
+    workspaces itself, and gives what the optimizer's call with all of them gives; without
+    ``s_out`` it leaves ``r`` as it was (only with ``s_out`` is ``r`` spent as scratch).  The
+    large η reaches the spectral cap's pass, which uses the scratch."""
+    g = torch.Generator().manual_seed(1)
+    mats = torch.randn(3, 7, 4, generator=g, dtype=torch.float64) / 7**0.5
+    mats[1, 2, 3] = float("nan")  # its matrix gets a zero step, the others their own
+    r = penalty.residual(mats)
+    kept = r.clone()
+    plain = penalty.penalty_step(r, mats, smoothing, kind, eta)
+    assert torch.equal(r.nan_to_num(), kept.nan_to_num()) and torch.equal(r.isnan(), kept.isnan())
+    assert torch.equal(plain[1], torch.zeros_like(plain[1]))
+    assert plain[0].abs().max() > 0 and plain[2].abs().max() > 0
+    r_max = penalty.max_abs(r)
+    full = penalty.penalty_step(
+        r.clone(),
+        mats,
+        smoothing,
+        kind,
+        eta,
+        s_out=torch.empty_like(r),
+        out=torch.empty_like(mats),
+        finite=torch.isfinite(r_max),
+        r_max=r_max,
+    )
+    assert torch.equal(plain, full)
+
+
+def test_cpu_cap_check_skips_the_power_iteration_where_the_cap_cannot_bind(monkeypatch):
+    """On CPU, where n·max|S|·η (or the row sums times η) is below the cap, the step does not run
+    the power iteration at all (its result would not bind); where it could bind, it does."""
+    calls = []
+    real = penalty.spectral_norm
+    monkeypatch.setattr(penalty, "spectral_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r = penalty.residual(torch.randn(2, 9, 5, dtype=torch.float64))
+    s = r.sign()
+    penalty.safe_step_size(r, s, 1e-4)
+    assert calls == []
+    penalty.safe_step_size(r, s, 1.0)
+    assert calls == [1]

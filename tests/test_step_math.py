@@ -149,3 +149,23 @@ def test_shrunk_matrix_step_is_capped_by_its_spectral_norm():
     grad = _penalty_grad(phi, 1.0, "frobenius", 0.0, lambda p: p.unsqueeze(0))  # 4·Φ R = 2·Φ S
     torch.testing.assert_close(w.detach(), phi - cap * grad / 2, rtol=0, atol=1e-15)
     torch.testing.assert_close(w.detach(), 1.25 * phi, rtol=0, atol=1e-15)  # Φ(1 + ⅙·1.5)
+
+
+@pytest.mark.parametrize("policy", ["warn", "skip"])
+def test_matrix_with_a_non_finite_residual_is_left_exactly_as_it_was(policy):
+    """A matrix whose residual is not finite (here finite entries whose Gram overflows float32)
+    gets a zero penalty step: all its entries stay as they were, the finite ones included,
+    while the other matrix of the same parameter takes its step."""
+    b = nn.Parameter(torch.randn(2, 8, 3))  # group_axis:0: two 8x3 matrices
+    with torch.no_grad():
+        b[0, 0, 0] = 1e20  # (1e20)² overflows float32: R of matrix 0 holds inf
+    before = b.detach().clone()
+    b.grad = torch.zeros_like(b)  # SGD's own step is exactly zero
+    opt = orthoopt.OrthoSGD([("b", b)], lr=0.1, ortho=1.0, ortho_layout="group_axis:0", ortho_nonfinite=policy)
+    if policy == "warn":
+        with pytest.warns(RuntimeWarning, match="'b' holds NaN or Inf"):
+            opt.step()
+    else:
+        opt.step()
+    assert torch.equal(b.detach()[0], before[0])
+    assert (b.detach()[1] - before[1]).abs().max() > 1e-3
