@@ -113,3 +113,67 @@ def test_cpu_cap_check_skips_the_power_iteration_where_the_cap_cannot_bind(monke
     assert calls == []
     penalty.safe_step_size(r, s, 1.0)
     assert calls == [1]
+
+
+def test_direction_defaults_to_the_sign_and_writes_where_it_says():
+    """``direction(R)`` is sign(R) (δ = 0, L1), written into R itself; with ``out`` it is
+    written there (the optimizer's workspace), for every penalty."""
+    r = penalty.residual(torch.randn(2, 6, 3, dtype=torch.float64))
+    expected = {"sign": r.sign(), "huber": (r / 0.1).clamp(-1, 1), "frobenius": 2 * r}
+    inplace = r.clone()
+    assert penalty.direction(inplace) is inplace and torch.equal(inplace, expected["sign"])
+    for name, smoothing, kind in (("sign", 0.0, "l1"), ("huber", 0.1, "l1"), ("frobenius", 0.0, "frobenius")):
+        inplace = r.clone()
+        assert penalty.direction(inplace, smoothing, kind) is inplace
+        assert torch.equal(inplace, expected[name])
+        same = r.clone()
+        assert penalty.direction(same, smoothing, kind, out=same) is same and torch.equal(same, expected[name])
+        out = torch.full_like(r, float("nan"))
+        assert penalty.direction(r.clone(), smoothing, kind, out=out) is out
+        assert torch.equal(out, expected[name])
+
+
+def test_max_abs_is_per_matrix():
+    x = torch.tensor(
+        [[[1.0, -3.0], [0.5, 2.0]], [[0.1, 0.2], [-0.05, 0.0]], [[-7.0, 1.0], [1.0, 6.0]]], dtype=torch.float64
+    )
+    assert torch.equal(penalty.max_abs(x), torch.tensor([3.0, 0.2, 7.0], dtype=torch.float64))
+    x[1, 0, 0] = float("nan")
+    got = penalty.max_abs(x)
+    assert torch.isnan(got[1]) and torch.equal(got[[0, 2]], torch.tensor([3.0, 7.0], dtype=torch.float64))
+
+
+def test_spectral_cap_uses_each_matrix_own_row_sum():
+    """All-ones 5x5 blocks scaled by 1 and 2 as R and S (so the no-overshoot bound is 1/2): the
+    spectral cap is 1/4 over each one's ‖S‖₂ = row sum, 5 and 10."""
+    ones = torch.ones(1, 5, 5, dtype=torch.float64)
+    s = torch.cat([ones, 2 * ones])
+    expected = torch.tensor([0.25 / 5, 0.25 / 10], dtype=torch.float64)
+    torch.testing.assert_close(penalty.safe_step_size(s.clone(), s.clone(), 1.0), expected, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("eta", [1e-4, 1e-2, 0.3, 10.0, torch.tensor(0.05, dtype=torch.float64)])
+def test_compiled_and_cuda_branch_of_the_cap_gives_the_cpu_result(monkeypatch, eta):
+    """Under torch.compile (and on CUDA) the cap skips no work; the result is the CPU branch's.
+    ``torch.compiler.is_compiling`` is patched to take that branch in eager mode."""
+    g = torch.Generator().manual_seed(3)
+    r = (
+        torch.randn(12, 7, 7, generator=g, dtype=torch.float64)
+        * torch.logspace(-6, 0, 12, dtype=torch.float64)[:, None, None]
+    )
+    r = r + r.mT
+    for s in (r.sign(), penalty.direction(r.clone(), 0.1), 2 * r):
+        cpu = penalty.safe_step_size(r.clone(), s.clone(), eta)
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            compiled = penalty.safe_step_size(r.clone(), s.clone(), eta)
+        assert torch.equal(compiled, cpu)
+    ones = torch.ones(1, 5, 5, dtype=torch.float64)
+    s = torch.cat([ones, 2 * ones])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(
+        penalty.safe_step_size(s.clone(), s.clone(), 1.0),
+        torch.tensor([0.05, 0.025], dtype=torch.float64),
+        rtol=1e-15,
+        atol=0,
+    )
