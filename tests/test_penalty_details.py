@@ -177,3 +177,14 @@ def test_compiled_and_cuda_branch_of_the_cap_gives_the_cpu_result(monkeypatch, e
         rtol=1e-15,
         atol=0,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_polar_keeps_the_dtype(dtype):
+    """The SVD of a half-precision stack runs in float32; the polar factor comes back in its dtype."""
+    mats = torch.randn(2, 6, 3, dtype=torch.float64).to(dtype)
+    q = penalty.polar(mats)
+    assert q.dtype == dtype
+    u, _, vh = torch.linalg.svd(mats.double(), full_matrices=False)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2 * torch.finfo(dtype).eps)
+    torch.testing.assert_close(q.double(), u @ vh, rtol=0, atol=tol)
