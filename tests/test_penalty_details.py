@@ -188,3 +188,15 @@ def test_polar_keeps_the_dtype(dtype):
     u, _, vh = torch.linalg.svd(mats.double(), full_matrices=False)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2 * torch.finfo(dtype).eps)
     torch.testing.assert_close(q.double(), u @ vh, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_residual_is_written_into_the_workspace(dtype):
+    """The optimizer reuses one (m, n, n) workspace per bucket: ``residual(out=...)`` fills it
+    (float32 for half-precision matrices) and returns it."""
+    mats = torch.randn(3, 7, 4, dtype=torch.float64).to(dtype)
+    wide = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    out = torch.full((3, 4, 4), float("nan"), dtype=wide)
+    assert penalty.residual(mats, out=out) is out
+    expected = mats.double().mT @ mats.double() - torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 if wide == torch.float32 else 1e-14)
