@@ -65,3 +65,10 @@ def test_functional_group_dim_range():
             orthoopt.l1_orthogonality(phi, group_dim=dim)
     with pytest.raises(ValueError, match=r"group_dim=None needs a 2-D matrix, got shape \(5, 4, 3\)"):
         orthoopt.l1_orthogonality(phi, group_dim=None)
+
+
+def test_canonical_layout_names_the_option_by_default():
+    with pytest.raises(ValueError, match=r"^ortho_layout: unknown layout 'diagonal'"):
+        orthoopt.layout.canonical_layout("diagonal")
+    with pytest.raises(TypeError, match=r"^ortho_layout must be a layout string"):
+        orthoopt.layout.canonical_layout(3)
