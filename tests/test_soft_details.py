@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import orthoopt
+from orthoopt import soft
 
 
 def test_workspace_bytes_count_the_buffers_a_bucket_holds():
@@ -25,3 +26,51 @@ def test_workspace_bytes_count_the_buffers_a_bucket_holds():
         grams, mats = 2 * m * 4 * 4, m * 12 * 4
         expected = 8 * (grams + (2 * mats if stacked else mats))
         assert bucket.workspace_bytes() == expected
+
+
+def _mixed_model_params():
+    """Buckets of several parameters through different layouts (some of whose matrices or
+    updates are not views), a bucket of one, a channels_last conv weight, and 'auto'."""
+    g = torch.Generator().manual_seed(5)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    conv = randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    specs = [
+        (randn(12, 4), "columns", 1.0),
+        (randn(4, 12), "rows", 1.0),
+        (randn(3, 12, 4), "group_axis:0", 1.0),
+        (randn(12, 2, 4), "group_axis:1", 1.0),
+        (conv, "rows", 1.0),
+        (randn(9, 3), "columns", 0.5),
+        (randn(10, 4), "columns", "auto"),
+        (randn(4, 10), "rows", "auto"),
+    ]
+    return [(nn.Parameter(x.clone(memory_format=torch.preserve_format)), lay, beta) for x, lay, beta in specs]
+
+
+def _run(specs, steps=3):
+    groups = [{"params": [p], "ortho_layout": lay, "ortho": beta} for p, lay, beta in specs]
+    opt = orthoopt.OrthoSGD(groups, lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(steps):
+        for p, _, _ in specs:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+    return opt
+
+
+def test_the_plan_without_workspaces_steps_like_the_cached_plan(monkeypatch):
+    """torch.compile plans its own buffers (no workspaces, no cached views or updates); the same
+    plan in eager mode takes bitwise the cached plan's steps."""
+    cached = _mixed_model_params()
+    opt = _run(cached)
+    assert any(b.stack is not None for b in opt._soft_plan())  # a bucket of several parameters
+    real = soft.build_plan
+    monkeypatch.setattr(soft, "build_plan", lambda groups, workspaces: real(groups, workspaces=False))
+    bare = _mixed_model_params()
+    opt = _run(bare)
+    assert all(b.updates is None and b.views is None for b in opt._soft_plan())
+    for (p, lay, _), (q, _, _) in zip(bare, cached):
+        assert torch.equal(p, q), lay
