@@ -3,6 +3,7 @@ mutation testing)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -74,3 +75,34 @@ def test_the_plan_without_workspaces_steps_like_the_cached_plan(monkeypatch):
     assert all(b.updates is None and b.views is None for b in opt._soft_plan())
     for (p, lay, _), (q, _, _) in zip(bare, cached):
         assert torch.equal(p, q), lay
+
+
+def test_groups_and_parameters_after_skipped_ones_are_planned_and_tracked():
+    """The plan reaches past an unpenalized group, a parameter without a gradient and one its
+    layout skips (a bias under 'auto'); and the cached plan follows a later group's options,
+    here its β switched to 'auto', as a fresh optimizer's plan would."""
+    g = torch.Generator().manual_seed(7)
+    a, c = nn.Parameter(torch.randn(8, 3, generator=g)), nn.Parameter(torch.randn(8, 3, generator=g))
+    bias, w = nn.Parameter(torch.randn(3, generator=g)), nn.Parameter(torch.randn(8, 3, generator=g))
+    w_ref = nn.Parameter(w.detach().clone())
+    opt = orthoopt.OrthoSGD([{"params": [a]}, {"params": [c, bias, w], "ortho": 1.0}], lr=0.05)
+    ref = orthoopt.OrthoSGD([w_ref], lr=0.05, ortho=1.0)
+    for _ in range(2):
+        a.grad, bias.grad = torch.zeros_like(a), torch.zeros_like(bias)
+        w.grad = torch.randn(8, 3, generator=g)
+        w_ref.grad = w.grad.clone()
+        opt.step()
+        ref.step()
+        assert torch.equal(w, w_ref)
+        opt.param_groups[1]["ortho"] = ref.param_groups[0]["ortho"] = "auto"
+    assert "ortho_multiplier" in opt.state[w] and c not in opt.state
+
+
+def test_a_non_finite_parameter_of_an_unnamed_group_is_named_by_its_group():
+    a, b = nn.Parameter(torch.randn(8, 3)), nn.Parameter(torch.randn(8, 3))
+    opt = orthoopt.OrthoSGD([{"params": [a]}, {"params": [b], "ortho": 1.0}], lr=0.05)
+    a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
+    with torch.no_grad():
+        b[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"parameter 'group1\.param0' holds NaN or Inf"):
+        opt.step()
