@@ -19,6 +19,10 @@ ORDER = [
     ("soft_cap_ablation/procrustes_m64", "2. Ablation of the step cap (Procrustes m=64)"),
     ("classifiers", "3. Digit classifiers (MLP, CNN)"),
     ("soft_cap_ablation/mlp", "3. Ablation of the step cap (MLP)"),
+    ("copying/L100_h128", "4. Copying memory problem, L = 100, hidden 128 (and soft's variants)"),
+    ("copying/L200_h128", "4. Copying memory problem, L = 200, hidden 128"),
+    ("copying/L200_h190", "4. Copying memory problem, L = 200, hidden 190: ms per iteration"),
+    ("mppca/n4", "5. Mixture of probabilistic PCA on the digits, n = 4, against EM"),
 ]
 
 

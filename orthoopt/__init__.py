@@ -18,6 +18,7 @@ from .penalty import (
     l1_orthogonality_grad,
     orthogonality_error,
 )
+from .swap import constrain_
 
 __all__ = [
     "Layout",
@@ -25,6 +26,7 @@ __all__ = [
     "OrthoAdamW",
     "OrthoMixin",
     "OrthoSGD",
+    "constrain_",
     "named_orthogonality_errors",
     "orthogonalize",
     "param_groups",

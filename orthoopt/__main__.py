@@ -2,6 +2,7 @@
 
 orthoopt compare [--task pca] [--methods soft,hard] [--seeds 3] [--steps N] [--quick] [--out DIR]
 orthoopt bench ...   (the step benchmark, orthoopt.bench)
+orthoopt bench --models [mnist,lstm,vit,mlp,wide] ...   (the whole iteration, orthoopt.bench_iteration)
 """
 
 from __future__ import annotations
@@ -10,31 +11,47 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .argtypes import device, out_dir, real, whole
+
 DEFAULT_OUT = "orthoopt-results"
 
 
 def _seeds(text: str) -> list[int]:
     """``"3"`` is seeds 0, 1, 2; ``"0,5,7"`` those seeds."""
+    usage = "must be a count >= 1 (3: seeds 0,1,2) or a list of distinct seeds >= 0 (0,4,5)"
     try:
         if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
-        n = int(text)
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            seeds = list(range(int(text)))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes a count (3) or a list (0,1,2), got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--seeds count must be >= 1, got {n}")
-    return list(range(n))
+        raise argparse.ArgumentTypeError(f"{usage}, got {text!r}") from None
+    # Seeds seed numpy's generator too, which takes no negative ones.
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{usage}, got {text!r}")
+    return seeds
+
+
+def _task(text: str) -> str:
+    """A task name with parameters the task accepts (checked against its bounds)."""
+    from .compare.tasks import get_task
+
+    try:
+        get_task(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _methods(text: str) -> list[str]:
-    from .compare.methods import METHODS
+    from .compare.methods import ALL_METHODS, METHODS
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     if names == ["all"]:
         return list(METHODS)
-    bad = [m for m in names if m not in METHODS]
+    bad = [m for m in names if m not in ALL_METHODS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"--methods: unknown {bad or text!r}; choose from {', '.join(METHODS)} or all")
+        raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {', '.join(ALL_METHODS)} or all")
     return names
 
 
@@ -51,14 +68,20 @@ def compare_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--task",
+        type=_task,
         default="pca",
         help=f"task name, optionally with parameters: {', '.join(TASKS)}; e.g. pca:k=4, procrustes:m=512 "
         "(default: pca, k=8)",
     )
-    p.add_argument("--methods", type=_methods, default=list(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default=None,
+        help=f"comma list of {', '.join(METHODS)}, geotorch (default: the task's; every method but geotorch for most)",
+    )
     p.add_argument("--seeds", type=_seeds, default=None, help="a count (3 = seeds 0,1,2) or a list 0,4,5 (default 3)")
-    p.add_argument("--steps", type=int, default=None, help="step budget (default: the task's)")
-    p.add_argument("--beta", type=float, default=None, help="the penalty weight β (default: the task's)")
+    p.add_argument("--steps", type=whole(1), default=None, help="step budget (default: the task's)")
+    p.add_argument("--beta", type=real(positive=True), default=None, help="the penalty weight β (default: the task's)")
     rel = p.add_mutually_exclusive_group()
     rel.add_argument(
         "--beta-relative",
@@ -70,31 +93,51 @@ def compare_parser() -> argparse.ArgumentParser:
     rel.add_argument(
         "--beta-absolute", dest="beta_relative", action="store_const", const=False, help="read --beta as β itself"
     )
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the task's)")
-    p.add_argument("--base", choices=("sgd", "adamw"), default=None, help="base optimizer (default: the task's)")
-    p.add_argument("--smoothing", type=float, default=None, help="Huber δ of soft-huber (default: the task's)")
-    p.add_argument("--landing-lr", type=float, default=None, help="landing's step (default: the task's, else --lr)")
-    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="lr schedule (cosine to 0)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--lr", type=real(positive=True), default=None, help="base learning rate (default: the task's)")
+    p.add_argument(
+        "--base", choices=("sgd", "adam", "adamw"), default=None, help="base optimizer (default: the task's)"
+    )
+    p.add_argument(
+        "--smoothing",
+        type=real(positive=False),
+        default=None,
+        help="Huber δ of soft-huber (default: the task's)",
+    )
+    p.add_argument(
+        "--landing-lr",
+        type=real(positive=True),
+        default=None,
+        help="landing's step (default: the task's, else --lr)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=("cosine", "constant"),
+        default=None,
+        help="lr schedule (default: the task's; cosine to 0, constant for copying)",
+    )
+    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
-    p.add_argument("--record-every", type=int, default=1, help="record the curves every N steps (default 1)")
+    p.add_argument("--threads", type=whole(1), default=1, help="torch CPU threads (default 1: steadier timings)")
+    p.add_argument(
+        "--record-every",
+        type=whole(1),
+        default=1,
+        help="record the curves every N steps (default 1)",
+    )
     p.add_argument("--quick", action="store_true", help="a run of seconds: the task's short budget, one seed")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
+    p.add_argument("--out", type=out_dir, default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
-    args = compare_parser().parse_args(argv)
+    parser = compare_parser()
+    args = parser.parse_args(argv)  # every argument is checked here, before any work (exit 2)
     import torch
 
     from . import compare
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("orthoopt compare: --device cuda, but torch sees no CUDA device; use --device cpu", file=sys.stderr)
-        return 2
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     try:
         comp = compare.run(
@@ -116,9 +159,8 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             threads=args.threads if args.device == "cpu" else None,
         )
-    except ValueError as e:
-        print(f"orthoopt compare: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a combination found out only once the task is built (no optimum known)
+        parser.error(str(e))
     print(compare.table(comp))
     paths = compare.write(comp, args.out, plots=not args.no_plots)
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
@@ -126,9 +168,14 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
 
 def bench_main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if any(a == "--models" or a.startswith("--models=") for a in argv):
+        from . import bench_iteration  # the whole training iteration on small real models
+
+        return bench_iteration.main(argv) or 0
     from . import bench  # imported here: it pulls in geoopt's optimizers and the profiler
 
-    return bench.main(list(argv)) or 0
+    return bench.main(argv) or 0
 
 
 COMMANDS = {"compare": "compare methods on a task", "bench": "time the optimizer step (orthoopt.bench)"}

@@ -20,23 +20,33 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["AUTO_SAFETY", "AUTO_DECAY", "update_products", "threshold", "remember"]
+__all__ = ["AUTO_SAFETY", "AUTO_DECAY", "STATE", "update_products", "threshold", "remember", "remember_all"]
 
 # β is this factor times the estimated threshold (twice it, as the experiments use).
 AUTO_SAFETY = 2.0
 AUTO_DECAY = 0.99
+# The optimizer-state key of the running estimate.
+STATE = "ortho_multiplier"
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def update_products(before: torch.Tensor, after: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+def update_products(
+    before: torch.Tensor, after: torch.Tensor, lr: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``Φ⁻ᵀ u`` per matrix, ``(m, n, n)``, with ``u = (Φ⁺ - Φ⁻) / lr`` (``lr``: one per matrix);
-    a sum over the rows of ``Φ``, so row blocks of the matrices give partial sums."""
+    a sum over the rows of ``Φ``, so row blocks of the matrices give partial sums.
+
+    ``out``: a workspace like ``before`` for ``u`` (used where no widening is needed; it may
+    be ``after`` itself)."""
     wide = _wide(before.dtype)
     lr = lr.to(wide).clamp_min(torch.finfo(wide).tiny)[:, None, None]
-    u = (after.to(wide) - before.to(wide)) / lr
+    if out is not None and before.dtype == wide:
+        u = torch.sub(after, before, out=out).div_(lr)
+    else:
+        u = (after.to(wide) - before.to(wide)) / lr
     return torch.bmm(before.to(wide).mT, u)
 
 
@@ -47,10 +57,24 @@ def threshold(products: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, lam, 0)
 
 
+def remember_all(states: list[dict], lam: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """:func:`remember` for several parameters at once (``counts``: matrices of each), with
+    one operation where every one of them has an estimate; each state keeps its part."""
+    if len(states) == 1:
+        return remember(states[0], lam)
+    olds = [state.get("ortho_multiplier") for state in states]
+    if any(old is None for old in olds):
+        return torch.cat([remember(state, part) for state, part in zip(states, lam.split(counts))])
+    est = torch.maximum(lam, AUTO_DECAY * torch.cat(olds).to(lam))
+    for state, part in zip(states, est.split(counts)):
+        state["ortho_multiplier"] = part
+    return est
+
+
 def remember(state: dict, lam: torch.Tensor) -> torch.Tensor:
     """The running estimate for one parameter's matrices: ``max(λ, AUTO_DECAY · previous)``,
     kept in ``state['ortho_multiplier']``."""
-    old = state.get("ortho_multiplier")
+    old = state.get(STATE)
     est = lam if old is None else torch.maximum(lam, AUTO_DECAY * old.to(lam))
-    state["ortho_multiplier"] = est
+    state[STATE] = est
     return est

@@ -11,6 +11,7 @@ and a contender's figure is the median over rounds after a warm-up.  At each sha
 ``base``       torch's AdamW step alone (fused where the device supports it, else foreach)
 ``soft``       :class:`orthoopt.OrthoAdamW` with the penalty on; its overhead is
                ``soft - base``
+``soft-auto``  the same with ``ortho='auto'`` (β from the update: one more matmul)
 ``autograd``   ``base`` plus the penalty's gradient by autograd of
                :func:`orthoopt.l1_orthogonality`, as one writes it by hand
 ``hard``       ``ortho_mode='hard'`` (``n/a`` where this tree has no hard mode)
@@ -18,7 +19,7 @@ and a contender's figure is the median over rounds after a warm-up.  At each sha
 ``geoopt-C``   geoopt's RiemannianAdam on CanonicalStiefel (reference)
 =============  ==========================================================================
 
-The ``many`` case puts ``m`` separate ``(l, n)`` parameters in one optimizer and adds
+The ``many`` cases put ``m`` separate ``(l, n)`` parameters in one optimizer and add
 ``soft-stacked`` and ``base-stacked``: one ``(m, l, n)`` parameter of the same size.
 
 Run ``python -m orthoopt bench --help`` (or ``experiments/bench_step.py``).
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from . import penalty
+from . import argtypes, penalty
 from .optim import OrthoAdamW
 
 __all__ = ["main", "run", "Case", "TARGETS", "CPU_SHAPES", "CUDA_SHAPES", "MANY"]
@@ -49,6 +50,7 @@ __all__ = ["main", "run", "Case", "TARGETS", "CPU_SHAPES", "CUDA_SHAPES", "MANY"
 CPU_SHAPES = [(16, 256, 64), (256, 64, 16), (1, 1024, 512)]
 CUDA_SHAPES = [(1, 4096, 4096), (32, 4096, 128), (64, 512, 64), (1024, 64, 64)]
 MANY = (48, 512, 64)  # 48 parameters of shape (512, 64) against one (48, 512, 64)
+CPU_MANY = [(16, 256, 64), MANY]  # and 16 of (256, 64), the issue's separate weights
 QUICK_SHAPES = [(4, 32, 8), (16, 16, 4)]
 QUICK_MANY = (6, 32, 8)
 
@@ -57,13 +59,15 @@ TARGETS = {
     "overhead_over_floor": {"cpu": 1.3, "cuda": 1.15},  # (soft - base) / floor, at most
     "autograd_over_soft": 1.5,  # (base + autograd penalty) / soft, at least
     "many_over_stacked": 1.2,  # soft step, many parameters / one stacked, at most
+    "auto_over_soft": 1.15,  # ortho='auto' step / soft step, at most
+    "workspace_x_params": 0.25,  # workspaces the soft step holds / the parameters' bytes, at most
 }
 
 LR = 1e-3
 WEIGHT_DECAY = 1e-2
 BETA = 1.0
 HARD = ("hard", "geoopt-E", "geoopt-C")
-CONTENDERS = ("floor", "base", "soft", "autograd", *HARD, "base-stacked", "soft-stacked")
+CONTENDERS = ("floor", "base", "soft", "soft-auto", "autograd", *HARD, "base-stacked", "soft-stacked")
 OPTIONAL = ("soft-compiled",)
 
 
@@ -164,9 +168,9 @@ def _base(case, device, dtype, flags, *, stacked=False, name="base") -> Contende
     return Contender(name, opt.step, params, optimizer=opt)
 
 
-def _soft(case, device, dtype, flags, *, stacked=False, name="soft") -> Contender:
+def _soft(case, device, dtype, flags, *, stacked=False, name="soft", ortho=BETA) -> Contender:
     params = _params(case, device, dtype, stacked=stacked)
-    opt = OrthoAdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, ortho=BETA, ortho_layout=_layout(params), **flags)
+    opt = OrthoAdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, ortho=ortho, ortho_layout=_layout(params), **flags)
     return Contender(name, opt.step, params, optimizer=opt)
 
 
@@ -256,6 +260,7 @@ BUILDERS: dict[str, Callable[..., Contender]] = {
     "floor": _floor,
     "base": _base,
     "soft": _soft,
+    "soft-auto": lambda *a: _soft(*a, name="soft-auto", ortho="auto"),
     "autograd": _autograd,
     "hard": _hard,
     "geoopt-E": lambda *a: _geoopt(*a, canonical=False),
@@ -272,8 +277,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_step(c: Contender, device: torch.device) -> float:
-    """Seconds of one step: CUDA events around it on an idle device, else perf_counter."""
+# CPU clocks: wall time, or the process's CPU time (all its threads), which leaves out the
+# time other processes hold the cores (steadier on a shared machine; with one thread it is
+# the step's own time, with more it adds up their work).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_step(c: Contender, device: torch.device, clock=time.perf_counter) -> float:
+    """Seconds of one step: CUDA events around it on an idle device, else ``clock``."""
     if c.prepare is not None:
         c.prepare()
     if device.type == "cuda":
@@ -284,12 +295,12 @@ def _time_step(c: Contender, device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    t0 = clock()
     c.step()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
-def _rounds(contenders: list[Contender], device, repeats: int, few: int, warmup: int) -> None:
+def _rounds(contenders: list[Contender], device, repeats: int, few: int, warmup: int, clock=time.perf_counter) -> None:
     for c in contenders:
         # geoopt's TorchScript functions specialise over their first calls: 3 warm-up steps.
         for _ in range(warmup if not c.few else min(warmup, 3)):
@@ -301,7 +312,7 @@ def _rounds(contenders: list[Contender], device, repeats: int, few: int, warmup:
         for c in contenders:
             if c.few and r >= few:
                 continue
-            c.times.append(_time_step(c, device))
+            c.times.append(_time_step(c, device, clock))
 
 
 # -- memory ----------------------------------------------------------------------------
@@ -373,6 +384,7 @@ def _ratios(ms: dict[str, float | None]) -> dict[str, float | None]:
         "overhead_ms": overhead,
         "overhead_over_floor": div(overhead, ms.get("floor")),
         "autograd_over_soft": div(ms.get("autograd"), ms.get("soft")),
+        "auto_over_soft": div(ms.get("soft-auto"), ms.get("soft")),
     }
     if "soft-stacked" in ms:
         out["many_over_stacked"] = div(ms.get("soft"), ms.get("soft-stacked"))
@@ -405,9 +417,9 @@ def run_case(case: Case, device, dtype, cfg: argparse.Namespace) -> dict:
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
             missing[c.name] = f"{type(e).__name__}: {e}"
             contenders.remove(c)
-    _rounds(contenders, device, cfg.repeats, cfg.hard_repeats, cfg.warmup)
+    _rounds(contenders, device, cfg.repeats, cfg.hard_repeats, cfg.warmup, CLOCKS[cfg.clock])
     ms = {c.name: _median_ms(c) for c in contenders}
-    memory = {c.name: _memory(c, device) for c in contenders if c.name in ("base", "soft", "autograd")}
+    memory = {c.name: _memory(c, device) for c in contenders if c.name in ("base", "soft", "soft-auto", "autograd")}
     return {
         "case": case.name,
         "shape": [case.m, case.l, case.n],
@@ -431,6 +443,7 @@ def _verdicts(results: list[dict], device: torch.device) -> dict:
         ("overhead_over_floor", TARGETS["overhead_over_floor"][kind], max),
         ("autograd_over_soft", TARGETS["autograd_over_soft"], min),
         ("many_over_stacked", TARGETS["many_over_stacked"], max),
+        ("auto_over_soft", TARGETS["auto_over_soft"], max),
     ]
     for key, bound, worst in specs:
         values = {f"{r['case']} {r['dtype']}": r["ratios"].get(key) for r in results}
@@ -444,6 +457,18 @@ def _verdicts(results: list[dict], device: torch.device) -> dict:
     soft_alloc = [r["memory"]["soft"]["allocated_per_step_x_params"] for r in results if "soft" in r["memory"]]
     if soft_alloc:
         out["soft_allocated_per_step_x_params"] = {"worst": max(soft_alloc)}
+    held = {
+        f"{r['case']} {r['dtype']}": r["memory"]["soft"]["workspace_x_params"] for r in results if "soft" in r["memory"]
+    }
+    if held:
+        decider = max(held, key=held.get)
+        bound = TARGETS["workspace_x_params"]
+        out["workspace_x_params"] = {
+            "bound": bound,
+            "worst": held[decider],
+            "worst_case": decider,
+            "met": bool(held[decider] <= bound),
+        }
     return out
 
 
@@ -454,7 +479,7 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 def format_table(report: dict) -> str:
     names = [n for n in (*CONTENDERS, *OPTIONAL) if any(n in r["median_ms"] for r in report["results"])]
-    head = ["case", "dtype", *names, "ovh/floor", "autograd/soft", "many/stacked", "soft alloc/step"]
+    head = ["case", "dtype", *names, "ovh/floor", "autograd/soft", "auto/soft", "many/stacked", "soft alloc/step", "ws"]
     rows = []
     for r in report["results"]:
         ratios = r["ratios"]
@@ -466,8 +491,10 @@ def format_table(report: dict) -> str:
                 *[_fmt(r["median_ms"].get(n)) if n in r["median_ms"] else "" for n in names],
                 _fmt(ratios.get("overhead_over_floor"), ".2f"),
                 _fmt(ratios.get("autograd_over_soft"), ".2f"),
+                _fmt(ratios.get("auto_over_soft"), ".2f"),
                 _fmt(ratios.get("many_over_stacked"), ".2f") if r["many"] else "",
                 _fmt(mem.get("allocated_per_step_x_params"), ".3f") + "x" if mem else "",
+                _fmt(mem.get("workspace_x_params"), ".2f") + "x" if mem else "",
             ]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -476,7 +503,7 @@ def format_table(report: dict) -> str:
     meta = report["meta"]
     out = [
         f"median ms per step over {meta['repeats']} rounds ({meta['hard_repeats']} for hard/geoopt), "
-        f"{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads",
+        f"{meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads, {meta.get('clock', 'wall')} clock",
         *lines,
         "",
     ]
@@ -495,8 +522,8 @@ def format_table(report: dict) -> str:
 def _shapes(text: str | None, device: torch.device, quick: bool) -> list[Case]:
     if text is None:
         shapes = QUICK_SHAPES if quick else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
-        many = QUICK_MANY if quick else MANY
-        return [Case(*s) for s in shapes] + [Case(*many, many=True)]
+        many = [QUICK_MANY] if quick else ([MANY] if device.type == "cuda" else CPU_MANY)
+        return [Case(*s) for s in shapes] + [Case(*m, many=True) for m in many]
     cases = []
     for item in text.split(","):
         item = item.strip()
@@ -517,8 +544,12 @@ def parser() -> argparse.ArgumentParser:
         prog="orthoopt bench",
         description="Time one optimizer step: the soft step against its matmul floor, torch's AdamW, "
         "the autograd penalty, the hard mode and geoopt, side by side in one process.",
+        epilog="orthoopt bench --models [--help] times the whole training iteration of small real models instead "
+        "(orthoopt.bench_iteration).",
     )
-    ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    ap.add_argument(
+        "--device", type=argtypes.device, default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)"
+    )
     ap.add_argument(
         "--shapes", default=None, help="comma-separated MxLxN, 'many' or 'many:MxLxN' (default: the device's set)"
     )
@@ -526,15 +557,33 @@ def parser() -> argparse.ArgumentParser:
         "--dtype", default=None, help="float32, bfloat16 or both comma-separated (default: float32; on CUDA both)"
     )
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few rounds (a smoke test, not a measurement)")
-    ap.add_argument("--out", default=None, help="JSON file to write (default: bench_step_<device>.json)")
     ap.add_argument(
-        "--repeats", type=int, default=None, help="timed rounds per contender (default 50 on CPU, 100 on CUDA)"
+        "--out", type=argtypes.out_file, default=None, help="JSON file to write (default: bench_step_<device>.json)"
     )
     ap.add_argument(
-        "--hard-repeats", type=int, default=None, help="rounds for hard/geoopt (default repeats/5, at least 3)"
+        "--repeats",
+        type=argtypes.whole(1),
+        default=None,
+        help="timed rounds per contender (default 50 on CPU, 100 on CUDA)",
     )
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per contender first (default 5)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
+    ap.add_argument(
+        "--hard-repeats",
+        type=argtypes.whole(1),
+        default=None,
+        help="rounds for hard/geoopt (default repeats/5, at least 3)",
+    )
+    ap.add_argument(
+        "--warmup", type=argtypes.whole(0), default=None, help="untimed steps per contender first (default 5)"
+    )
+    ap.add_argument(
+        "--threads", type=argtypes.whole(1), default=None, help="torch.set_num_threads on CPU (default: torch's)"
+    )
+    ap.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="CPU timer: wall time (default) or the process's CPU time (steadier on a shared machine)",
+    )
     ap.add_argument(
         "--contenders",
         default=",".join(CONTENDERS),
@@ -544,31 +593,42 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _config(argv: Sequence[str] | None) -> argparse.Namespace:
-    cfg = parser().parse_args(argv)
+    """The checked configuration: a bad argument stops here, before any work, with
+    argparse's exit code 2 and a line that says what is allowed."""
+    ap = parser()
+    cfg = ap.parse_args(argv)
     cfg.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available; use --device cpu")
     if cfg.repeats is None:
         cfg.repeats = 3 if cfg.quick else (100 if cfg.device.type == "cuda" else 50)
     if cfg.hard_repeats is None:
         cfg.hard_repeats = 2 if cfg.quick else max(3, cfg.repeats // 5)
     if cfg.warmup is None:
         cfg.warmup = 1 if cfg.quick else 5
-    if cfg.repeats < 1 or cfg.hard_repeats < 1 or cfg.warmup < 0:
-        raise SystemExit("--repeats and --hard-repeats must be >= 1, --warmup >= 0")
     dtypes = cfg.dtype or ("float32,bfloat16" if cfg.device.type == "cuda" and not cfg.quick else "float32")
     cfg.dtypes = []
     for name in dtypes.split(","):
         dt = getattr(torch, name.strip(), None)
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-            raise SystemExit(f"--dtype: {name!r} is not a torch floating dtype; use float32 or bfloat16")
+            ap.error(f"argument --dtype: {name!r} is not a torch floating dtype; use float32 or bfloat16")
         cfg.dtypes.append(dt)
     cfg.contenders = [c.strip() for c in cfg.contenders.split(",") if c.strip()]
     unknown = [c for c in cfg.contenders if c not in BUILDERS]
-    if unknown:
-        raise SystemExit(f"--contenders: unknown {unknown}; choose from {', '.join(CONTENDERS + OPTIONAL)}")
-    cfg.cases = _shapes(cfg.shapes, cfg.device, cfg.quick)
-    cfg.out = cfg.out or f"bench_step_{cfg.device.type}.json"
+    if unknown or not cfg.contenders:
+        what = f"unknown {unknown}" if unknown else "none given"
+        ap.error(f"argument --contenders: {what}; choose from {', '.join(CONTENDERS + OPTIONAL)}")
+    try:
+        cfg.cases = _shapes(cfg.shapes, cfg.device, cfg.quick)
+    except SystemExit as e:  # _shapes says what it cannot read
+        ap.error(f"argument {e.code}")
+    empty = [c.name for c in cfg.cases if min(c.m, c.l, c.n) < 1]
+    if empty:
+        ap.error(f"argument --shapes: {empty[0]} has a dimension < 1; every M, L and N must be >= 1")
+    if cfg.out is None:
+        cfg.out = f"bench_step_{cfg.device.type}.json"
+        try:
+            argtypes.out_file(cfg.out)
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"the default --out: {e}")
     return cfg
 
 
@@ -588,6 +648,23 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def machine(device: torch.device, clock: str) -> dict:
+    """Where and when a benchmark ran: the first entries of its report's ``meta``."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {
+        "command": " ".join(sys.argv),
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "clock": clock if device.type == "cpu" else "cuda events",
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
 def run(cfg: argparse.Namespace) -> dict:
     """Every case and dtype of ``cfg``; returns the report written as JSON."""
     if cfg.threads:
@@ -598,18 +675,9 @@ def run(cfg: argparse.Namespace) -> dict:
         for case in cfg.cases:
             results.append(run_case(case, device, dtype, cfg))
             print(f"  done {case.name} {dtype}", file=sys.stderr, flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     return {
         "meta": {
-            "command": " ".join(sys.argv),
-            "git_commit": _git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": str(device),
-            "device_name": name,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            **machine(device, cfg.clock),
             "repeats": cfg.repeats,
             "hard_repeats": cfg.hard_repeats,
             "warmup": cfg.warmup,
@@ -623,15 +691,20 @@ def run(cfg: argparse.Namespace) -> dict:
     }
 
 
+def publish(report: dict, out: str, table: str) -> None:
+    """Write ``report`` as JSON to ``out`` and print ``table``."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(table)
+    print(f"wrote {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m orthoopt bench [flags]``: print the table and write the JSON."""
     cfg = _config(argv)
     report = run(cfg)
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(format_table(report))
-    print(f"wrote {cfg.out}")
+    publish(report, cfg.out, format_table(report))
     return 0
 
 

@@ -15,6 +15,10 @@ dim 0 is     layouts                                 what a rank does (communica
                                                      for fp32 and half parameters)
 ``n``        ``rows`` (``filters``)                  a slice of the vectors: all-gather the
                                                      parameter, keep the local slice (its size)
+``m`` and    ``row_groups:G``                        dim 0 holds the blocks and, within each, the
+                                                     vectors' index (``n``) or their rows (``l``);
+                                                     a shard may end inside a block: gather, as
+                                                     for ``n``
 ===========  =====================================  =============================================
 
 On the ``l`` path, with :math:`W` ranks,
@@ -74,7 +78,10 @@ def is_dtensor(p: torch.Tensor) -> bool:
 
 
 def sharded_axis(layout: Layout) -> str:
-    """Which axis of the stack ``(m, l, n)`` dim 0 of the parameter becomes: 'm', 'l' or 'n'."""
+    """Which axes of the stack ``(m, l, n)`` dim 0 of the parameter becomes: 'm', 'l' or 'n',
+    or two of them ('mn', 'ml') for a row-block layout, whose dim 0 is (block, row in block)."""
+    if layout.kind == "row_groups":
+        return "ml" if layout.tall else "mn"
     if layout.kind == "rows":
         return "n"
     if layout.kind == "group_axis" and layout.arg == 0:
@@ -138,7 +145,7 @@ def path(p: Any, layout: Layout) -> str:
     dims = shard_dims(p)
     if dims == ():
         return "local"
-    if dims is None or sharded_axis(layout) == "n":
+    if dims is None or sharded_axis(layout) not in ("m", "l"):
         return "gather"
     return "local" if sharded_axis(layout) == "m" else "all_reduce"
 

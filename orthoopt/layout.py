@@ -22,6 +22,12 @@ Layouts are named by short strings, so that they can live in an optimizer's
                               other two axes, in order, are ``l`` and ``n``
 ``"column_groups:H"``         2-D ``(out, in)``: the ``in`` columns split into ``H`` equal
                               groups (attention heads), each orthonormal on its own
+``"row_groups:G"``            2-D ``(out, in)``: the ``out`` rows split into ``G`` equal
+                              blocks (an LSTM's gates, attention's q/k/v), each on its
+                              own and by the ``"auto"`` rule: a block ``(out/G, in)``
+                              has orthonormal rows when ``out/G <= in``, else
+                              orthonormal columns, as :func:`torch.nn.init.orthogonal_`
+                              applied to each block makes them
 ============================  ==========================================================
 """
 
@@ -35,15 +41,21 @@ import torch
 
 __all__ = ["Layout", "resolve_layout", "canonical_layout", "as_matrices", "LAYOUT_NAMES"]
 
-LAYOUT_NAMES = ("auto", "rows", "columns", "group_axis:D", "column_groups:H")
+LAYOUT_NAMES = ("auto", "rows", "columns", "group_axis:D", "column_groups:H", "row_groups:G")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A resolved layout: ``kind`` is one of rows/columns/group_axis/column_groups."""
+    """A resolved layout: ``kind`` is one of rows/columns/group_axis/column_groups/row_groups.
+
+    ``tall`` (row_groups only) says which side of each block is orthonormal: its columns
+    when the blocks are taller than wide, else its rows; :func:`resolve_layout` sets it
+    from the shape.
+    """
 
     kind: str
     arg: int | None = None
+    tall: bool = False
 
     def __str__(self) -> str:
         return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
@@ -61,6 +73,9 @@ class Layout:
             return (shape[self.arg], rest[0], rest[1])
         if self.kind == "column_groups":
             return (self.arg, shape[0], shape[1] // self.arg)
+        if self.kind == "row_groups":
+            block = shape[0] // self.arg
+            return (self.arg, block, shape[1]) if self.tall else (self.arg, shape[1], block)
         raise AssertionError(self.kind)
 
     def matrices(self, p: torch.Tensor) -> torch.Tensor:
@@ -73,6 +88,9 @@ class Layout:
             return p.movedim(self.arg, 0)
         if self.kind == "column_groups":
             return p.reshape(p.shape[0], self.arg, -1).transpose(0, 1)
+        if self.kind == "row_groups":
+            blocks = p.reshape(self.arg, -1, p.shape[1])
+            return blocks if self.tall else blocks.mT
         raise AssertionError(self.kind)
 
     def from_matrices(self, stack: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -85,6 +103,8 @@ class Layout:
             return stack.movedim(0, self.arg)
         if self.kind == "column_groups":
             return stack.transpose(0, 1).reshape(shape)
+        if self.kind == "row_groups":
+            return (stack if self.tall else stack.mT).reshape(shape)
         raise AssertionError(self.kind)
 
     def check(self, shape: torch.Size | tuple[int, ...], name: str, mode: str = "soft") -> None:
@@ -94,7 +114,7 @@ class Layout:
                 f"{name}: layout '{self}' needs a parameter of 2 or more dimensions, got shape "
                 f"{tuple(shape)}; put 0-D and 1-D parameters in a group with ortho=0"
             )
-        need = {"column_groups": 2, "group_axis": 3}.get(self.kind)
+        need = {"column_groups": 2, "row_groups": 2, "group_axis": 3}.get(self.kind)
         if need is not None and len(shape) != need:
             raise ValueError(
                 f"{name}: layout '{self}' needs a {need}-D parameter, got shape {tuple(shape)}; "
@@ -109,6 +129,11 @@ class Layout:
             raise ValueError(
                 f"{name}: layout '{self}' splits {shape[1]} columns into {self.arg} equal groups, "
                 f"which does not divide; choose a number of groups that divides {shape[1]}"
+            )
+        if self.kind == "row_groups" and (self.arg < 1 or shape[0] % self.arg):
+            raise ValueError(
+                f"{name}: layout '{self}' splits {shape[0]} rows into {self.arg} equal blocks, "
+                f"which does not divide; choose a number of blocks that divides {shape[0]}"
             )
         _, length, count = self.stack_shape(shape)
         if count > length:
@@ -125,6 +150,7 @@ def _suggestion(layout: Layout) -> str:
         "columns": "Use ortho_layout='rows' (or 'auto').",
         "group_axis": "Choose another group axis so that the matrices are tall (l >= n).",
         "column_groups": "Use fewer, larger groups only if they stay tall, or 'rows' instead.",
+        "row_groups": "Leave 'tall' to resolve_layout, which picks the shorter side of each block.",
     }[layout.kind]
 
 
@@ -133,10 +159,10 @@ def _parse(spec: str) -> Layout:
     kind, _, arg = spec.partition(":")
     if kind in ("auto", "rows", "columns", "filters") and not arg:
         return Layout("rows" if kind == "filters" else kind)
-    if kind in ("group_axis", "column_groups") and arg.lstrip("-").isdigit():
+    if kind in ("group_axis", "column_groups", "row_groups") and arg.lstrip("-").isdigit():
         return Layout(kind, int(arg))
     raise ValueError(
-        f"unknown layout {spec!r}; expected one of {', '.join(LAYOUT_NAMES)} (D an axis, H a number of groups)"
+        f"unknown layout {spec!r}; expected one of {', '.join(LAYOUT_NAMES)} (D an axis, H and G numbers of groups)"
     )
 
 
@@ -170,6 +196,9 @@ def resolve_layout(spec: str | Layout, shape: torch.Size | tuple[int, ...], name
         layout = Layout("rows" if rows <= cols else "columns")
     elif layout.kind == "group_axis" and len(shape) == 3 and layout.arg < 0:
         layout = Layout("group_axis", layout.arg % 3)
+    elif layout.kind == "row_groups" and len(shape) == 2 and layout.arg >= 1 and shape[0] % layout.arg == 0:
+        # each block by init.orthogonal_'s rule: its rows unless it is taller than wide
+        layout = Layout("row_groups", layout.arg, tall=shape[0] // layout.arg > shape[1])
     layout.check(shape, name)
     return layout
 

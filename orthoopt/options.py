@@ -3,12 +3,18 @@
 Every other module reads a group's options through this one: the optimizer glue
 (:mod:`orthoopt.optim`), the soft step (:mod:`orthoopt.soft`), hard mode
 (:mod:`orthoopt.stiefel`) and the sharded step (:mod:`orthoopt.distributed`).  It imports
-nothing of orthoopt's but the layouts, so that the imports run one way.
+nothing of orthoopt's but the layouts, so that the imports run one way.  What the
+``ortho_nonfinite`` policy does when a matrix is not finite (:func:`report_nonfinite`) is
+here too, so that the soft and the hard step report it in the same words.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import sys
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,9 +26,15 @@ __all__ = [
     "MODES",
     "PENALTIES",
     "NONFINITE",
+    "STARTS",
+    "SECOND_MOMENTS",
     "MANIFOLDS",
     "is_number",
+    "real_number",
     "check_options",
+    "report_nonfinite",
+    "check_step_size",
+    "warn_at_caller",
     "param_key",
     "param_name",
     "same_layout",
@@ -38,10 +50,18 @@ ORTHO_DEFAULTS: dict[str, Any] = {
     "ortho_nonfinite": "warn",
     "ortho_manifold": "euclidean",
     "ortho_stabilize": "auto",
+    "ortho_init": "warn",
+    "ortho_second_moment": "mean",
+    "ortho_every": 1,
 }
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
 NONFINITE = ("warn", "skip", "raise")
+# What the soft step does with a parameter that starts far from the manifold (orthoopt.guard).
+STARTS = ("warn", "project", "keep")
+# Hard mode's Adam second moment per matrix: the mean over its entries (Adam's step size), or
+# geoopt's sum (orthoopt.stiefel).
+SECOND_MOMENTS = ("mean", "sum")
 # Hard mode's geoopt manifolds (orthoopt.stiefel maps each name to its class).
 MANIFOLDS = ("euclidean", "canonical")
 
@@ -50,21 +70,51 @@ def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def real_number(x: Any) -> float | None:
+    """``x`` as a Python float if it is a real number, else None.
+
+    Any :class:`numbers.Real` (``int``, ``np.float32``, ``np.int64``, ``fractions.Fraction``)
+    and any 0-d real tensor count, as torch accepts them for ``lr``; bools do not.  The
+    options keep the Python float: a NumPy scalar or a tensor in a param group would not
+    survive ``torch.load(weights_only=True)`` of the state_dict, and a tensor β would be
+    read with a host sync at every step.  A number too large for a float is inf.
+    """
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0 or x.dtype == torch.bool or x.is_complex():
+            return None
+        x = x.item()
+    elif not isinstance(x, numbers.Real):  # np.bool_ is not one
+        return None
+    try:
+        return float(x)
+    except OverflowError:  # an int beyond the float range
+        return math.inf
+
+
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate the ortho options of a group (or the defaults); return them canonicalised."""
     out = dict(options)
     ortho = out.get("ortho", 0.0)
-    if not (is_number(ortho) or ortho == "auto"):
-        raise TypeError(f"{where}: ortho must be a number >= 0 (the penalty weight β) or 'auto', got {ortho!r}")
-    if is_number(ortho) and not (ortho >= 0 and math.isfinite(ortho)):
-        raise ValueError(f"{where}: ortho must be a finite number >= 0 (0 switches the penalty off), got {ortho!r}")
-    smoothing = out.get("ortho_smoothing", 0.0)
-    if not is_number(smoothing):
-        raise TypeError(f"{where}: ortho_smoothing must be a number >= 0 (the Huber threshold δ), got {smoothing!r}")
+    if not (isinstance(ortho, str) and ortho == "auto"):
+        number = real_number(ortho)
+        if number is None:
+            raise TypeError(f"{where}: ortho must be a number >= 0 (the penalty weight β) or 'auto', got {ortho!r}")
+        if not (number >= 0 and math.isfinite(number)):
+            raise ValueError(f"{where}: ortho must be a finite number >= 0 (0 switches the penalty off), got {ortho!r}")
+        out["ortho"] = number
+    smoothing = real_number(out.get("ortho_smoothing", 0.0))
+    if smoothing is None:
+        raise TypeError(
+            f"{where}: ortho_smoothing must be a number >= 0 (the Huber threshold δ), got {out['ortho_smoothing']!r}"
+        )
     if not (smoothing >= 0 and math.isfinite(smoothing)):
         raise ValueError(
             f"{where}: ortho_smoothing must be a finite number >= 0 (0 means exact sign()), got {smoothing!r}"
         )
+    if "ortho_smoothing" in out:
+        out["ortho_smoothing"] = smoothing
     mode = out.get("ortho_mode", "soft")
     if mode not in MODES:
         raise ValueError(f"{where}: ortho_mode must be one of {MODES}, got {mode!r}")
@@ -74,6 +124,18 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     policy = out.get("ortho_nonfinite", "warn")
     if policy not in NONFINITE:
         raise ValueError(f"{where}: ortho_nonfinite must be one of {NONFINITE}, got {policy!r}")
+    start = out.get("ortho_init", "warn")
+    if start not in STARTS:
+        raise ValueError(
+            f"{where}: ortho_init must be one of {STARTS} (what the soft step does with a parameter that starts "
+            f"far from orthonormal), got {start!r}"
+        )
+    moment = out.get("ortho_second_moment", "mean")
+    if moment not in SECOND_MOMENTS:
+        raise ValueError(
+            f"{where}: ortho_second_moment must be one of {SECOND_MOMENTS} (hard mode's Adam second moment per "
+            f"matrix: the mean over its entries, or geoopt's sum), got {moment!r}"
+        )
     manifold = out.get("ortho_manifold", "euclidean")
     if manifold not in MANIFOLDS:
         raise ValueError(
@@ -86,6 +148,17 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
         raise ValueError(
             f"{where}: ortho_stabilize must be 'auto', None (never) or a whole number >= 1 of hard steps "
             f"between re-projections, got {period!r}"
+        )
+    every = out.get("ortho_every", 1)
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise ValueError(
+            f"{where}: ortho_every must be a whole number >= 1 (the soft step every that many steps, "
+            f"that many times as large), got {every!r}"
+        )
+    if every != 1 and mode == "hard":
+        raise ValueError(
+            f"{where}: ortho_every={every} applies to the soft step; hard mode steps on the manifold at every "
+            "step: use ortho_every=1 with ortho_mode='hard'"
         )
     if "ortho_layout" in out:
         out["ortho_layout"] = canonical_layout(out["ortho_layout"], f"{where}: ortho_layout")
@@ -116,3 +189,60 @@ def same_layout(a: str, b: str, shape: torch.Size) -> bool:
 def penalized(group: dict) -> bool:
     """Whether the group's parameters are under a constraint (soft or hard)."""
     return group["ortho"] == "auto" or group["ortho"] > 0
+
+
+def report_nonfinite(optimizer: Any, names: Sequence[str], policy: str, what: str) -> None:
+    """Apply the ``ortho_nonfinite`` policy to parameters with a non-finite matrix.
+
+    ``what`` says what the step does with them.  ``"raise"`` raises FloatingPointError (the
+    callers check before anything changes); ``"warn"`` warns once per parameter, at the
+    user's ``step()`` line; ``"skip"`` says nothing.
+    """
+    message = (
+        f"{', '.join(names)} holds NaN or Inf: {what} (other matrices and parameters are unaffected). "
+        "Lower the learning rate, or clip gradients"
+    )
+    if policy == "raise":
+        raise FloatingPointError(message + "; nothing was changed by this step")
+    if policy != "warn":
+        return
+    # Kept on the instance, not in its state: a copy or an unpickled optimizer warns afresh.
+    warned = optimizer.__dict__.setdefault("_ortho_warned", set())
+    fresh = [n for n in names if n not in warned]
+    if fresh:
+        warned.update(fresh)
+        warn_at_caller(message + " (warned once per parameter; ortho_nonfinite='raise' to stop instead)")
+
+
+def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """Warn at the caller of ``optimizer.step()``, past orthoopt's and torch's wrappers
+    (``torch.no_grad``, the step-hook wrapper), whose depth a fixed stacklevel cannot know."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("orthoopt", "torch"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def step_size_limit(dtype: torch.dtype) -> float:
+    # The soft step divides R by its cutoff 2η (l1) and rescales by η_i: with 2η above the
+    # square root of the float's largest value, the cutoff and R/2η leave the float's range
+    # (2η = 4e38 in float32 rounds the cutoff to inf, and the step to zero).  No step needs
+    # more: once 2η exceeds max|R| the step no longer depends on η (its caps take over).
+    # Half parameters take their step in float32.
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return math.sqrt(torch.finfo(wide).max)
+
+
+def check_step_size(eta: float, dtype: torch.dtype, name: str, group_index: int | None) -> None:
+    """Refuse ``η = 2·lr·ortho`` that the soft step cannot take in ``dtype``."""
+    if not dtype.is_floating_point:
+        return
+    limit = step_size_limit(dtype)
+    if eta <= limit:
+        return
+    where = "" if group_index is None else f"param group {group_index}: "
+    raise ValueError(
+        f"{where}{name}: 2·lr·ortho = {eta:.3g} is beyond what the soft step can take in {dtype} "
+        f"(at most {limit:.3g}); any 2·lr·ortho above max|ΦᵀΦ - I| already gives the largest step, so "
+        "use a smaller ortho"
+    )

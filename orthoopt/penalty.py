@@ -97,6 +97,7 @@ def safe_step_size(
     *,
     r_max: torch.Tensor | None = None,
     s_max: torch.Tensor | None = None,
+    s_top: float | None = None,
 ) -> torch.Tensor:
     r"""Per-matrix step :math:`\eta_i` for :math:`\Phi_i \leftarrow \Phi_i (I - \eta_i S_i)`.
 
@@ -113,7 +114,8 @@ def safe_step_size(
     value stays within a factor [3/4, 5/4], up to the estimate of :func:`spectral_norm`),
     which bounds what the linearisation leaves out and keeps the step from diverging for
     any ``lr·β``.  ``r`` and ``s`` are ``(m, n, n)``; ``scratch``, like them, is overwritten.
-    ``r_max`` and ``s_max``: :func:`max_abs` of ``r`` and ``s``, if the caller has them.
+    ``r_max`` and ``s_max``: :func:`max_abs` of ``r`` and ``s``, if the caller has them;
+    ``s_top``: the largest entry of ``s_max`` as a Python number, likewise.
     """
     tiny = torch.finfo(r.dtype).tiny
     r_max = max_abs(r) if r_max is None else r_max
@@ -121,9 +123,14 @@ def safe_step_size(
     no_overshoot = r_max / (2 * s_max).clamp_min(tiny)
     if s.device.type == "cpu" and not torch.compiler.is_compiling():
         # Host checks, free on CPU, that skip the cap's work where it cannot bind, with the
-        # same result: ‖S‖₂ <= max row sum <= n·max|S| (a margin covers the sums' rounding).
+        # same result: ‖S‖₂ <= max row sum <= n·max|S| (a margin covers the sums' rounding,
+        # and the host's wider arithmetic).
         n = s.shape[-1]
-        if bool((s_max * eta * n <= _CAP_MARGIN * MAX_MULTIPLIER_STEP).all()):
+        if isinstance(eta, (int, float)):
+            top = float(s_max.max()) if s_top is None else s_top  # NaN fails the test, as it should
+            if top * eta * n <= _CAP_MARGIN * MAX_MULTIPLIER_STEP:
+                return no_overshoot.clamp_(max=eta).nan_to_num_(nan=0.0)
+        elif bool((s_max * eta * n <= _CAP_MARGIN * MAX_MULTIPLIER_STEP).all()):
             return no_overshoot.clamp_(max=eta).nan_to_num_(nan=0.0)
         rowsum = torch.abs(s, out=scratch).sum(-1).amax(-1)
         if bool((rowsum * eta <= _CAP_MARGIN * MAX_MULTIPLIER_STEP).all()):
@@ -151,6 +158,8 @@ def penalty_step(
     out: torch.Tensor | None = None,
     finite: torch.Tensor | bool | None = None,
     r_max: torch.Tensor | None = None,
+    r_top: float | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``-η_i Φ_i S_i`` for a stack, with ``S = direction(R)`` and η_i from :func:`safe_step_size`.
 
@@ -158,15 +167,20 @@ def penalty_step(
     shard): the step of each block is its rows of the whole step.  Matrices whose residual
     is not finite get a zero step, so that a NaN stays where it is (``finite``: which are, or
     True when the caller has checked them all).  ``r_max``: :func:`max_abs` of ``r``, if the
-    caller has it.  ``s_out`` (like ``r``) and ``out`` (like ``mats``) are optional
-    workspaces; with ``s_out`` given, ``r`` is spent as scratch.
+    caller has it, and ``r_top`` its largest entry as a Python number.  ``s_out`` (like ``r``) and ``out`` (like ``mats``) are optional
+    workspaces; with ``s_out`` given, ``r`` is spent as scratch, and ``s_out=r`` forms S in
+    place of R.  ``scratch``: a workspace like ``r`` for the cap's row sums (else ``r`` where
+    it is free, else one is allocated when the cap's check needs it).
     """
     r_max = max_abs(r) if r_max is None else r_max
     finite = torch.isfinite(r_max) if finite is None else finite
     cutoff = _no_crossing(smoothing, kind, eta)
     s = direction(r, cutoff, kind, out=torch.empty_like(r) if s_out is None else s_out)
+    if scratch is None and s_out is not None and s_out is not r:
+        scratch = r
+    s_top = None if r_top is None or isinstance(cutoff, torch.Tensor) else _direction_top(r_top, cutoff, kind)
     eta_i = safe_step_size(
-        r, s, eta, scratch=r if s_out is not None else None, r_max=r_max, s_max=_direction_max(r_max, cutoff, kind)
+        r, s, eta, scratch=scratch, r_max=r_max, s_max=_direction_max(r_max, cutoff, kind), s_top=s_top
     )
     s.mul_(eta_i.neg_()[:, None, None])
     delta = torch.bmm(mats, s.to(mats.dtype), out=out)
@@ -184,6 +198,15 @@ def _direction_max(r_max: torch.Tensor, cutoff: torch.Tensor | float, kind: str)
     if cutoff > 0:
         return (r_max / cutoff).clamp_(max=1)
     return torch.sign(r_max)  # of sign(R): 1, or 0 for R = 0
+
+
+def _direction_top(r_top: float, cutoff: float, kind: str) -> float:
+    # _direction_max of the largest max|R|, on the host (h' is monotone).
+    if kind == "frobenius":
+        return 2 * r_top
+    if cutoff > 0:
+        return min(r_top / cutoff, 1.0)
+    return 1.0 if r_top > 0 else 0.0
 
 
 def _no_crossing(smoothing: float, kind: str, eta: torch.Tensor | float) -> torch.Tensor | float:

@@ -34,3 +34,16 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "compile: runs torch.compile (slow on a small CPU; deselect with -m 'not compile')"
     )
+
+
+def import_or_skip(name: str):
+    """The framework ``name``, or a skip that says why it does not import here (timm needs a
+    torchvision built for this torch, which fails with other errors than ImportError)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - any failure to import means the same: not here
+        pytest.skip(
+            f"{name} does not import in this environment ({type(e).__name__}: {e}); pip install '.[integration]'"
+        )

@@ -1,6 +1,7 @@
 """The benchmark's smoke test, and the soft step's fast path: bucketing, caching, compile."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -21,18 +22,20 @@ def test_quick_benchmark_writes_its_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report) == {"meta", "targets", "results"}
     assert report["meta"]["device"] == "cpu" and report["meta"]["quick"] is True
-    assert set(report["targets"]) >= {"overhead_over_floor", "autograd_over_soft", "many_over_stacked"}
-    for target in ("overhead_over_floor", "autograd_over_soft", "many_over_stacked"):
+    targets = ("overhead_over_floor", "autograd_over_soft", "many_over_stacked", "auto_over_soft", "workspace_x_params")
+    assert set(report["targets"]) >= set(targets)
+    for target in targets:
         assert report["targets"][target]["met"] in (True, False)
     cases = [r["case"] for r in report["results"]]
     assert len(cases) == len(bench.QUICK_SHAPES) + 1
     for r in report["results"]:
-        for name in ("floor", "base", "soft", "autograd", "geoopt-E", "geoopt-C"):
+        for name in ("floor", "base", "soft", "soft-auto", "autograd", "geoopt-E", "geoopt-C"):
             assert r["median_ms"][name] > 0, (r["case"], name, r["n/a"])
         # The hard mode is either timed or says why not.
         assert (r["median_ms"]["hard"] is not None) != ("hard" in r["n/a"])
         assert set(r["ratios"]) >= {"overhead_ms", "overhead_over_floor", "autograd_over_soft"}
-        assert set(r["memory"]) == {"base", "soft", "autograd"}
+        assert set(r["memory"]) == {"base", "soft", "soft-auto", "autograd"}
+        assert r["ratios"]["auto_over_soft"] > 0
         assert set(r["memory"]["soft"]) >= {"allocations_per_step", "peak_extra_x_params", "workspace_x_params"}
         assert r["memory"]["soft"]["workspace_x_params"] > 0
     many = report["results"][-1]
@@ -42,16 +45,19 @@ def test_quick_benchmark_writes_its_json(tmp_path, capsys):
     assert "ovh/floor" in table and "target overhead_over_floor" in table
 
 
-def test_benchmark_flags():
+def test_benchmark_flags(capsys):
     cfg = bench._config(["--device", "cpu", "--shapes", "4x16x4, many:3x8x2", "--repeats", "7", "--out", "x.json"])
     assert cfg.cases == [bench.Case(4, 16, 4), bench.Case(3, 8, 2, many=True)]
     assert cfg.repeats == 7 and cfg.hard_repeats == 3 and cfg.dtypes == [torch.float32]
-    with pytest.raises(SystemExit, match="n=8 > l=4"):
-        bench._config(["--device", "cpu", "--shapes", "2x4x8"])
-    with pytest.raises(SystemExit, match="--dtype"):
-        bench._config(["--device", "cpu", "--dtype", "int8"])
-    with pytest.raises(SystemExit, match="--contenders"):
-        bench._config(["--device", "cpu", "--contenders", "soft,nope"])
+    # argparse's refusal: exit code 2, the reason on stderr (tests/test_cli.py has the whole table)
+    for argv, match in [
+        (["--shapes", "2x4x8"], "n=8 > l=4"),
+        (["--dtype", "int8"], "--dtype"),
+        (["--contenders", "soft,nope"], "--contenders"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            bench._config(["--device", "cpu", *argv])
+        assert e.value.code == 2 and match in capsys.readouterr().err
 
 
 # -- the fast path ----------------------------------------------------------------------
@@ -247,3 +253,300 @@ def test_compiled_step_matches_eager_and_lr_schedule_does_not_recompile():
         torch.compiler.set_stance("default")
         torch._dynamo.reset()
     assert not torch.equal(compiled[1], make()[0][1])  # it moved
+
+
+# -- the step's structure: reference, chunks, 'auto', every k steps -------------------------
+def _reference_sgd_step(params, layouts, lr, beta, **penalty_options):
+    """The soft step of plain SGD written out per parameter with the pure functions of
+    orthoopt.penalty: fresh tensors, no buckets, no workspaces, no host checks."""
+    from orthoopt import penalty
+    from orthoopt.layout import resolve_layout
+
+    deltas = []
+    for p, spec in zip(params, layouts):
+        layout = resolve_layout(spec, p.shape, "p")
+        mats = layout.matrices(p.detach())
+        r = penalty.residual(mats)
+        delta = penalty.penalty_step(r, mats, penalty_options.get("smoothing", 0.0), "l1", 2 * lr * beta)
+        deltas.append(layout.from_matrices(delta, p.shape))
+    return [p.detach().add(p.grad, alpha=-lr).add_(d) for p, d in zip(params, deltas)]  # SGD's own update, then ours
+
+
+def _layout_zoo(dtype=torch.float64):
+    """Parameters of every layout (and a channels_last conv weight), all 12 x 4 matrices."""
+    specs = _bucketed_params()
+    conv = _near_orthonormal(18, 8, seed=9, dtype=dtype).t().contiguous().reshape(8, 2, 3, 3)
+    specs = [(x.to(dtype), lay) for x, lay in specs]
+    specs.append((conv.to(memory_format=torch.channels_last), "rows"))
+    return specs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_is_bitwise_the_per_parameter_reference(dtype):
+    specs = _layout_zoo(dtype)
+    params = [torch.nn.Parameter(x.clone()) for x, _ in specs]
+    layouts = [lay for _, lay in specs]
+    opt = OrthoSGD([{"params": [p], "ortho_layout": lay} for p, lay in zip(params, layouts)], lr=1e-2, ortho=1.0)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        for p in params:
+            p.grad = (0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(dtype)
+        expected = _reference_sgd_step(params, layouts, 1e-2, 1.0)
+        opt.step()
+        for p, e in zip(params[:-1], expected):
+            assert torch.equal(p.detach(), e)
+        # The channels_last weight's product is written through a parameter-shaped buffer
+        # in another memory order (a transposed matmul output): equal to its rounding.
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(params[-1].detach(), expected[-1], rtol=0, atol=4 * eps)
+        assert not torch.equal(params[-1].detach(), specs[-1][0])  # it moved
+
+
+def test_chunked_bucket_is_bitwise_the_whole_bucket_and_holds_a_quarter(monkeypatch):
+    from orthoopt import soft
+
+    def run(chunked):
+        if chunked:
+            monkeypatch.setattr(soft, "MIN_CHUNK_BYTES", 0)
+        else:
+            monkeypatch.setattr(soft, "MIN_CHUNK_BYTES", 1 << 40)
+        params = [torch.nn.Parameter(_near_orthonormal(64, 16, seed=i)) for i in range(16)]
+        # two groups of different lr in one bucket: per-matrix step sizes within a chunk
+        groups = [{"params": params[:5], "lr": 2e-2}, {"params": params[5:]}]
+        opt = OrthoAdamW(groups, lr=1e-2, ortho=1.0, ortho_layout="columns", weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 / (1 + k))
+        g = torch.Generator().manual_seed(5)
+        for _ in range(4):
+            for p in params:
+                p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+            opt.step()
+            sched.step()
+        return params, opt
+
+    whole, whole_opt = run(False)
+    chunked, chunked_opt = run(True)
+    (bucket,) = chunked_opt._soft_plan()
+    assert len(bucket.chunks) == 4 and len(whole_opt._soft_plan()[0].chunks) == 1
+    for p, q in zip(whole, chunked):
+        assert torch.equal(p, q)
+    size = sum(p.numel() * p.element_size() for p in chunked)
+    # The stack of Φ⁻ and the residual are a chunk's; the update (which must live across
+    # the base step) is the one buffer of the parameters' size.
+    assert bucket.stack.numel() * bucket.stack.element_size() <= 0.25 * size
+    assert bucket.workspace_bytes() - size <= 0.25 * size + bucket.r.numel() * bucket.r.element_size()
+
+
+def test_auto_step_is_bitwise_the_reference():
+    from orthoopt import auto, penalty
+
+    specs = [(_near_orthonormal(24, 6, seed=i), "columns") for i in range(3)] + [
+        (_near_orthonormal(2, 24, 6, seed=7), "group_axis:0")
+    ]
+    params = [torch.nn.Parameter(x.clone()) for x, _ in specs]
+    shadow = [torch.nn.Parameter(x.clone()) for x, _ in specs]
+    opt = OrthoSGD([{"params": [p], "ortho_layout": lay} for p, (_, lay) in zip(params, specs)], lr=1e-2, ortho="auto")
+    states = [{} for _ in params]
+    g = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        for p, q in zip(params, shadow):
+            p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        for q, state, (_, lay) in zip(shadow, states, specs):
+            layout = opt._resolve({"ortho_layout": lay}, q, "q")
+            before = layout.matrices(q.detach()).clone()
+            q.detach().add_(q.grad, alpha=-1e-2)  # SGD's step
+            lr = torch.full((before.shape[0],), 1e-2, dtype=q.dtype)
+            lam = auto.threshold(auto.update_products(before, layout.matrices(q.detach()), lr), lr > 0)
+            eta = 2 * lr * (auto.AUTO_SAFETY * auto.remember(state, lam))
+            delta = penalty.penalty_step(penalty.residual(before), before, 0.0, "l1", eta)
+            q.detach().add_(layout.from_matrices(delta, q.shape))
+        for p, q, state in zip(params, shadow, states):
+            assert torch.equal(p, q)
+            assert torch.equal(opt.state[p]["ortho_multiplier"], state["ortho_multiplier"])
+
+
+def _every_k_run(every, steps, *, ortho=1.0, save_at=None, tmp_path=None):
+    params = [torch.nn.Parameter(_near_orthonormal(24, 6, seed=i)) for i in range(3)]
+
+    def make(ps):
+        opt = OrthoAdamW(ps, lr=1e-2, ortho=ortho, ortho_every=every, ortho_layout="columns", weight_decay=0.1)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    opt, sched = make(params)
+    g = torch.Generator().manual_seed(8)
+    for k in range(steps):
+        if k == save_at:  # a checkpoint mid-cycle, resumed in a fresh optimizer
+            path = tmp_path / "ckpt.pt"
+            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "params": params}, path)
+            saved = torch.load(path, weights_only=True)
+            params = [torch.nn.Parameter(p.detach().clone()) for p in saved["params"]]
+            opt, sched = make(params)
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+        for p in params:
+            p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+        sched.step()
+    return params, opt
+
+
+def test_every_k_steps_is_k_times_the_step_on_every_kth_call():
+    every, steps = 3, 7
+    got, opt = _every_k_run(every, steps)
+    # The reference: ortho = k·β on the calls 0, k, 2k, ... and 0 (the base step alone) between.
+    params = [torch.nn.Parameter(_near_orthonormal(24, 6, seed=i)) for i in range(3)]
+    ref = OrthoAdamW(params, lr=1e-2, ortho=0.0, ortho_layout="columns", weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
+    g = torch.Generator().manual_seed(8)
+    for k in range(steps):
+        ref.param_groups[0]["ortho"] = float(every) if k % every == 0 else 0.0
+        for p in params:
+            p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+        ref.step()
+        sched.step()
+    for p, q in zip(got, params):
+        assert torch.equal(p, q)
+    assert opt.param_groups[0]["ortho_steps"] == steps
+
+
+@pytest.mark.parametrize("ortho", [1.0, "auto"])
+def test_every_k_steps_resumes_bitwise_from_a_checkpoint(tmp_path, ortho):
+    straight, _ = _every_k_run(4, 9, ortho=ortho)
+    resumed, opt = _every_k_run(4, 9, ortho=ortho, save_at=5, tmp_path=tmp_path)
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+    assert opt.param_groups[0]["ortho_steps"] == 9
+
+
+def test_every_k_auto_updates_its_estimate_on_its_steps_only():
+    params = [torch.nn.Parameter(_near_orthonormal(24, 6, seed=1))]
+    opt = OrthoAdamW(params, lr=1e-2, ortho="auto", ortho_every=2, ortho_layout="columns")
+    g = torch.Generator().manual_seed(9)
+    seen = []
+    for _ in range(4):
+        params[0].grad = 0.1 * torch.randn(params[0].shape, generator=g, dtype=params[0].dtype)
+        opt.step()
+        seen.append(opt.state[params[0]]["ortho_multiplier"].clone())
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3]) and not torch.equal(seen[1], seen[2])
+
+
+def test_every_k_option_is_checked():
+    p = torch.nn.Parameter(_near_orthonormal(12, 4, seed=0))
+    for bad in (0, -1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="ortho_every must be a whole number >= 1"):
+            OrthoAdamW([p], ortho=1.0, ortho_every=bad)
+    with pytest.raises(ValueError, match="ortho_every=2 applies to the soft step"):
+        OrthoAdamW([p], ortho=1.0, ortho_every=2, ortho_mode="hard")
+    opt = OrthoAdamW([p], ortho=1.0)
+    with pytest.raises(ValueError, match="ortho_every"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, 2))], "ortho_every": 0})
+
+
+# -- the whole-iteration benchmark -----------------------------------------------------------
+def test_models_benchmark_quick_writes_its_json(tmp_path, capsys):
+    from orthoopt import bench_contenders, bench_iteration
+
+    out = tmp_path / "models.json"
+    assert bench_iteration.main(["--quick", "--models", "mnist,lstm,vit", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["quick"] is True and report["meta"]["every"] == bench_iteration.EVERY
+    results = {r["model"]: r for r in report["results"]}
+    assert list(results) == ["mnist", "lstm", "vit"]
+    if "skipped" in results["vit"]:  # timm absent: skipped with the reason
+        assert "timm" in results["vit"]["skipped"]
+    for name in ("mnist", "lstm"):
+        entries = results[name]["contenders"]
+        assert list(entries) == list(bench_contenders.CONTENDERS)
+        assert entries["plain"]["ratio"] == 1.0 and entries["plain"]["extra_held_bytes"] == 0
+        for contender, e in entries.items():
+            if e["status"] != "ok":
+                assert e["status"] == "n/a" and e["reason"], (name, contender)
+                continue
+            assert e["median_ms"] > 0 and e["q1_ms"] <= e["median_ms"] <= e["q3_ms"]
+            assert e["ratio"] > 0 and 0 <= e["max_error"] < math.inf, (name, contender, e)
+            if contender in ("soft", "soft-auto", "hard", "geotorch"):
+                assert e["max_error"] < 0.1, (name, contender, e)
+        assert entries["soft"]["extra_held_bytes"] > 0  # its workspaces
+    # Adadelta has no Riemannian counterpart in hard mode: n/a, with the reason.
+    assert results["mnist"]["contenders"]["hard"]["status"] == "n/a"
+    assert "Adadelta" in results["mnist"]["contenders"]["hard"]["reason"]
+    assert results["lstm"]["contenders"]["hard"]["status"] == "ok"
+    assert {"mnist soft", "mnist soft-every", "lstm hard"} <= set(report["targets"])
+    assert "x plain" in capsys.readouterr().out
+
+
+def test_models_benchmark_abandons_a_contender_over_budget():
+    from orthoopt import bench_iteration
+
+    cfg = bench_iteration.config(["--quick", "--device", "cpu"])
+    job = ("wide", "geotorch")
+    assert bench_iteration.probe([job], 1e-4, cfg) == {job: ("over budget", "setup")}  # no setup takes 0.1 ms
+    status, seconds = bench_iteration.probe([job], 120, cfg)[job]
+    assert status == "ok" and 0 < seconds < 120
+
+
+def test_models_benchmark_through_the_cli(tmp_path):
+    from orthoopt import __main__ as cli
+    from orthoopt import bench_iteration
+
+    out = tmp_path / "m.json"
+    assert cli.main(["bench", "--models", "mlp", "--quick", "--contenders", "plain,soft-every", "--out", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["model"] == "mlp" and result["contenders"]["soft-every"]["status"] == "ok"
+    # a round times one whole cycle of the every-k step (k = 4 by default) of every contender
+    assert result["contenders"]["plain"]["iterations_per_round"] == 4
+    assert result["contenders"]["soft-every"]["iterations_per_round"] == 4
+    report = bench_iteration.run(bench_iteration.config(["--models", "mlp", "--quick", "--runs", "3"]))
+    soft = report["results"][0]["contenders"]["soft"]
+    assert len(soft["ratio_runs"]) == 3 and soft["ratio"] == sorted(soft["ratio_runs"])[1]  # the runs' median
+    with pytest.raises(SystemExit, match="--models: unknown"):
+        cli.main(["bench", "--models", "resnet"])
+
+
+def test_every_k_experiment_and_targets_table_run(tmp_path, capsys):
+    from test_experiments import load
+
+    load("bench_every_k").main(["--quick", "--out", str(tmp_path), "--archs", "mlp", "--every", "1,2"])
+    text = (tmp_path / "bench_every_k-quick" / "README.md").read_text()
+    assert text.count("| digits MLP 64-128-128-10 |") == 4  # β and 'auto', k = 1 and 2
+    out = tmp_path / "step.json"
+    shapes = ["--shapes", "256x64x16,many:16x256x64", "--repeats", "2", "--warmup", "0"]
+    bench.main(["--device", "cpu", *shapes, "--out", str(out), "--contenders", "floor,base,soft,soft-auto"])
+    rows = load("bench_targets").main([str(out)]).splitlines()
+    measured = [r for r in rows if r.startswith("| (soft - AdamW) / floor, (256, 64, 16)")]
+    assert len(measured) == 1 and measured[0].rstrip(" |").endswith(("met", "**not met**"))
+    assert sum("not measured" in r for r in rows) == len(rows) - 2 - 5  # the other cases were not run
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_cached_step_allocates_nothing_of_the_parameters_size_where_the_cap_is_checked(many):
+    # lr·β large enough for the cap's row sums (n·η > 1/4): they need a workspace like R,
+    # which S (formed in place of R) does not leave free; the update's memory serves.
+    from torch.profiler import ProfilerActivity, profile
+
+    stack = _near_orthonormal(4, 256, 128, dtype=torch.float32)
+    params = [torch.nn.Parameter(x.clone()) for x in (stack.unbind(0) if many else [stack])]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = OrthoSGD(params, lr=1e-2, ortho=1.0, ortho_layout="columns" if many else "group_axis:0")
+    opt.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    allocated = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    size = sum(p.numel() * p.element_size() for p in params)
+    assert allocated < 0.05 * size, f"{allocated} bytes allocated for {size} bytes of parameters"
+    assert any(e.name == "aten::abs" for e in prof.events())  # the row sums did run
+
+
+def test_every_k_is_refused_on_sharded_parameters_before_any_change(monkeypatch):
+    from orthoopt import distributed
+
+    p = torch.nn.Parameter(_near_orthonormal(12, 4, seed=0))
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    opt = OrthoAdamW([p], lr=1e-2, ortho=1.0, ortho_every=2, ortho_layout="columns")
+    monkeypatch.setattr(distributed, "is_dtensor", lambda t: t is p)  # as if FSDP2 had sharded it
+    with pytest.raises(NotImplementedError, match="parameter 'group0.param0' is sharded .* ortho_every=2"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state[p]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
+import pytest
 import torch
 from torch import nn
 
@@ -120,3 +122,104 @@ def test_auto_state_round_trip_is_bitwise(tmp_path):
     del opt3.state[model3[0].weight]["ortho_multiplier"]
     steps(model3, opt3, 10)
     assert (model3[0].weight - model[0].weight).abs().max() > 1e-5
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+
+
+def _train(model, opt, n=3):
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(n):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def test_plain_checkpoint_keeps_each_groups_ortho_options():
+    # The README's swap, then a resume from the checkpoint of the plain optimizer it replaced.
+    model = _model()
+    groups = orthoopt.param_groups(model, ortho=3.0, ortho_smoothing=0.01)
+    plain = torch.optim.AdamW([{"params": g["params"]} for g in groups], lr=1e-2)
+    _train(model, plain)
+    opt = orthoopt.OrthoAdamW(orthoopt.param_groups(model, ortho=3.0, ortho_smoothing=0.01), lr=1e-2)
+    opt.load_state_dict(plain.state_dict())
+    assert [g["ortho"] for g in opt.param_groups] == [3.0, 0.0]
+    assert opt.param_groups[0]["ortho_smoothing"] == 0.01
+    assert set(opt.orthogonality_errors()) == {"0.weight", "2.weight"}
+    assert torch.equal(opt.state[model[0].weight]["exp_avg"], plain.state[model[0].weight]["exp_avg"])
+    _train(model, opt, 1)  # and it steps
+
+
+def test_ortho_checkpoint_loads_into_the_plain_class():
+    model = _model()
+    opt = orthoopt.OrthoAdamW(orthoopt.param_groups(model, ortho=1.0), lr=1e-2)
+    _train(model, opt)
+    saved = opt.state_dict()
+    plain_model, stripped_model = _model(), _model()
+    for m in (plain_model, stripped_model):
+        m.load_state_dict(model.state_dict())
+
+    def same_groups(m):
+        named = dict(m.named_parameters())
+        return [{"params": [named[n] for n in g["param_names"]]} for g in saved["param_groups"]]
+
+    plain = torch.optim.AdamW(same_groups(plain_model), lr=1e-2)
+    plain.load_state_dict(copy.deepcopy(saved))  # torch's load shares the checkpoint's tensors
+    ortho_keys = set(orthoopt.optim.ORTHO_DEFAULTS) | {"param_names"}
+    stripped = {
+        "state": saved["state"],
+        "param_groups": [{k: v for k, v in g.items() if k not in ortho_keys} for g in saved["param_groups"]],
+    }
+    reference = torch.optim.AdamW(same_groups(stripped_model), lr=1e-2)
+    reference.load_state_dict(stripped)
+    _train(plain_model, plain)
+    _train(stripped_model, reference)
+    for a, b in zip(plain_model.parameters(), stripped_model.parameters()):
+        assert torch.equal(a, b)  # the ortho keys ride along and change nothing
+
+
+def test_load_state_dict_pre_hook_runs_before_orthoopts_checks():
+    # A pre-hook that drops the state of a resized head, as one does for fine-tuning: torch runs
+    # pre-hooks first, so orthoopt's shape check must see the checkpoint after the hook.
+    old = _model()
+    opt = orthoopt.OrthoAdamW(orthoopt.param_groups(old, ortho=1.0), lr=1e-2)
+    _train(old, opt)
+    saved = opt.state_dict()
+    new = _model()
+    new[2] = nn.Linear(12, 5)  # a new head
+    fresh = orthoopt.OrthoAdamW(orthoopt.param_groups(new, ortho=1.0), lr=1e-2)
+    with pytest.raises(ValueError, match="belongs to another model"):
+        fresh.load_state_dict(saved)
+    calls = []
+
+    def drop_head(optimizer, state_dict):
+        calls.append("pre")
+        names = [n for g in state_dict["param_groups"] for n in g["param_names"]]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        state = {i: s for i, s, n in zip(ids, [state_dict["state"].get(i) for i in ids], names) if s and "2." not in n}
+        return {**state_dict, "state": state}
+
+    fresh.register_load_state_dict_pre_hook(drop_head)
+    fresh.register_load_state_dict_post_hook(lambda optimizer: calls.append("post"))
+    fresh.load_state_dict(saved)
+    assert calls == ["pre", "post"]
+    assert new[2].weight not in fresh.state and new[0].weight in fresh.state
+    assert len(fresh._optimizer_load_state_dict_pre_hooks) == 1  # orthoopt's own check hook is gone again
+
+
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "pickle"])
+def test_copies_keep_the_ortho_defaults_and_add_param_group(copy_kind):
+    w = nn.Parameter(torch.randn(8, 3))
+    opt = orthoopt.OrthoSGD([w], lr=0.1, ortho=2.0, ortho_smoothing=0.01)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    other = copy.deepcopy(opt) if copy_kind == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    extra = nn.Parameter(torch.randn(6, 2))
+    other.add_param_group({"params": [extra]})
+    assert other.param_groups[1]["ortho"] == 2.0 and other.param_groups[1]["ortho_smoothing"] == 0.01
+    for p in (extra, *other.param_groups[0]["params"]):
+        p.grad = torch.randn_like(p)
+    other.step()
+    assert set(other.orthogonality_errors()) == {"group0.param0", "group1.param0"}

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from orthoopt import __main__ as cli
 
@@ -62,7 +66,9 @@ def test_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.main(["compare", "--methods", "soft,bogus"])
     assert "bogus" in capsys.readouterr().err
-    assert cli.main(["compare", "--task", "nope", "--quick", "--no-plots", "--no-progress"]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse's refusal now, before any work
+        cli.main(["compare", "--task", "nope", "--quick", "--no-plots", "--no-progress"])
+    assert e.value.code == 2
     assert "unknown task" in capsys.readouterr().err
     assert cli.main(["frobnicate"]) == 2
 
@@ -102,3 +108,118 @@ def test_bench_dispatch(monkeypatch, capsys):
     monkeypatch.setattr(orthoopt, "bench", fake, raising=False)
     assert cli.main(["bench", "--x", "1"]) == 0
     assert calls == [["--x", "1"]]
+
+
+# -- every bad argument: argparse's exit 2, one line saying what is allowed, nothing written --
+COMPARE_BAD = [
+    (["--beta", "-1"], r"--beta: must be a finite number > 0"),
+    (["--beta", "nan"], r"--beta: must be a finite number > 0"),
+    (["--lr", "-1"], r"--lr: must be a finite number > 0"),
+    (["--lr", "0"], r"--lr: must be a finite number > 0"),
+    (["--landing-lr", "-0.1"], r"--landing-lr: must be a finite number > 0"),
+    (["--smoothing", "-1"], r"--smoothing: must be a finite number >= 0"),
+    (["--record-every", "0"], r"--record-every: must be a whole number >= 1"),
+    (["--steps", "0"], r"--steps: must be a whole number >= 1"),
+    (["--steps", "2.5"], r"--steps: must be a whole number >= 1"),
+    (["--threads", "0"], r"--threads: must be a whole number >= 1"),
+    (["--seeds", ","], r"--seeds: must be a count >= 1"),
+    (["--seeds", "0"], r"--seeds: must be a count >= 1"),
+    (["--seeds=-1,2"], r"--seeds: must be a count >= 1 .* distinct seeds >= 0"),
+    (["--seeds", "1,1"], r"--seeds: must be a count >= 1 .* distinct seeds >= 0"),
+    (["--task", "nope"], r"--task: unknown task 'nope'; choose one of pca"),
+    (["--task", "pca:k=abc"], r"--task: task 'pca': k must be a whole number from 1 to 63"),
+    (["--task", "pca:k=0"], r"--task: task 'pca': k must be a whole number from 1 to 63"),
+    (["--task", "pca:k=100"], r"--task: task 'pca': k must be a whole number from 1 to 63"),
+    (["--task", "copying:foo=1"], r"--task: task 'copying': unknown parameter 'foo'; it takes L, K, hidden"),
+    (["--task", "copying:L=0"], r"--task: task copying: L must be an integer >= 1, got 0"),
+    (["--task", "copying:hidden=abc"], r"--task: task copying: hidden must be an integer >= 2"),
+    (
+        ["--task", "mppca:n=64"],
+        r"--task: task mppca: n \(latent dimensions per component\) must be an integer in 1..63",
+    ),
+    (["--task", "mppca:supervised=2"], r"--task: task mppca: supervised must be 0 or 1"),
+    (["--task", "pca:x=1"], r"--task: task 'pca': unknown parameter 'x'; it takes k"),
+    (["--task", "pca:k"], r"--task: task 'pca:k': expected key=value"),
+    (["--task", "procrustes:n=16"], r"--task: task 'procrustes': n must be a whole number from 1 to 15"),
+    (["--task", "mlp:batch=0"], r"--task: task 'mlp': batch must be a whole number from 1 to"),
+    (["--device", "foo"], r"--device: must be cpu or cuda\[:N\]"),
+    (["--device", "gpu"], r"--device: must be cpu or cuda\[:N\]"),
+    (["--methods", "soft,bogus"], r"--methods: unknown \['bogus'\]"),
+    (["--dtype", "float16"], r"--dtype: invalid choice"),
+    (["--out", "{file}"], r"--out: '.*' is a file; give a folder"),
+    (["--out", "{file}/sub"], r"--out: '.*' is a file, not a folder"),
+    (["--out", "{readonly}/res"], r"--out: cannot write in"),
+]
+if not torch.cuda.is_available():
+    COMPARE_BAD.append((["--device", "cuda"], r"--device: 'cuda': torch sees no CUDA device; use --device cpu"))
+
+BENCH_BAD = [
+    (["--repeats", "0"], r"--repeats: must be a whole number >= 1"),
+    (["--hard-repeats", "0"], r"--hard-repeats: must be a whole number >= 1"),
+    (["--warmup", "-1"], r"--warmup: must be a whole number >= 0"),
+    (["--threads", "0"], r"--threads: must be a whole number >= 1"),
+    (["--device", "gpu"], r"--device: must be cpu or cuda\[:N\]"),
+    (["--dtype", "int8"], r"--dtype: 'int8' is not a torch floating dtype"),
+    (["--contenders", "soft,nope"], r"--contenders: unknown \['nope'\]"),
+    (["--contenders", ","], r"--contenders: none given"),
+    (["--shapes", "4x2x3"], r"--shapes: '4x2x3' has n=3 > l=2"),
+    (["--shapes", "0x4x2"], r"--shapes: \(0,4,2\) has a dimension < 1"),
+    (["--shapes", "abc"], r"--shapes: cannot read 'abc'"),
+    (["--out", "{dir}"], r"--out: '.*' is a folder; give a file name"),
+    (["--out", "{file}/x.json"], r"--out: '.*' is a file, not a folder"),
+    (["--out", "{readonly}/x.json"], r"--out: cannot write in"),
+]
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the run started despite a bad argument")
+
+
+def _bad_run(tmp_path, monkeypatch, capsys, argv):
+    """Run the CLI in an empty folder; return the exit code, stderr, and what was written."""
+    work, readonly = tmp_path / "work", tmp_path / "readonly"
+    work.mkdir()
+    readonly.mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    readonly.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    monkeypatch.chdir(work)
+    argv = [a.format(file=tmp_path / "file", dir=tmp_path, readonly=readonly) for a in argv]
+    if os.geteuid() == 0 and any(str(readonly) in a for a in argv):
+        # root may write in a read-only folder; what refuses it then is, say, a read-only mount
+        monkeypatch.setattr(tempfile, "TemporaryFile", _refuse_write)
+    from orthoopt import bench, compare
+
+    monkeypatch.setattr(compare, "run", _no_work)  # "before any work"
+    monkeypatch.setattr(bench, "run", _no_work)
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+    finally:
+        readonly.chmod(stat.S_IRWXU)
+    written = sorted(str(p) for p in (*work.rglob("*"), *readonly.rglob("*")))
+    return e.value.code, capsys.readouterr().err, written
+
+
+def _refuse_write(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+
+@pytest.mark.parametrize("argv,message", COMPARE_BAD, ids=[" ".join(a) for a, _ in COMPARE_BAD])
+def test_compare_bad_argument_exits_2_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    out = [] if any(a.startswith("--out") for a in argv) else ["--out", "res"]
+    code, err, written = _bad_run(tmp_path, monkeypatch, capsys, ["compare", *argv, *out, "--no-progress"])
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("orthoopt compare: error: argument "), err
+    assert re.search(message, last), last
+    assert written == []
+
+
+@pytest.mark.parametrize("argv,message", BENCH_BAD, ids=[" ".join(a) for a, _ in BENCH_BAD])
+def test_bench_bad_argument_exits_2_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    code, err, written = _bad_run(tmp_path, monkeypatch, capsys, ["bench", "--quick", *argv])
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("orthoopt bench: error: argument "), err
+    assert re.search(message, last), last
+    assert written == []

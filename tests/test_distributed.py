@@ -195,6 +195,34 @@ def _fsdp_optimizer(model: nn.Module, mode: str = "soft", smoothing: float = 0.0
     return orthoopt.OrthoAdamW(groups, lr=0.02)
 
 
+class _GateNet(nn.Module):
+    """Row-block layouts whose blocks a ``Shard(0)`` cuts: dim 0 holds (block, row in block).
+
+    ``wide.weight`` (9, 4), 'row_groups:3': blocks (3, 4), rows orthonormal; rows split 5 + 4.
+    ``tall.weight`` (12, 2), 'row_groups:3': blocks (4, 2), columns orthonormal; rows split 6 + 6.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wide = nn.Linear(4, 9)
+        self.tall = nn.Linear(2, 12)
+        self.head = nn.Linear(21, 1)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([torch.tanh(self.wide(x)), torch.tanh(self.tall(x[:, :2]))], dim=1))
+
+
+def _gate_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    named = dict(model.named_parameters())
+    blocks = [(n, named[n]) for n in ("wide.weight", "tall.weight")]
+    rest = [(n, p) for n, p in named.items() if n not in ("wide.weight", "tall.weight")]
+    return orthoopt.OrthoAdamW(
+        [{"params": blocks, "ortho": 0.5, "ortho_layout": "row_groups:3"}, {"params": rest}], lr=0.02
+    )
+
+
 def _fsdp_worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
@@ -228,6 +256,15 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
             "comm": odist.communication_per_step(opt),
         }
         results["hard"] = _try_hard_step()
+        model = _GateNet()
+        fully_shard(model)
+        opt = _gate_optimizer(model)
+        _train(model, opt, FSDP_STEPS, 4, rank)
+        results["row_groups"] = {
+            "params": {n: p.full_tensor() for n, p in model.named_parameters()},
+            "comm": odist.communication_per_step(opt),
+            "errors": opt.orthogonality_errors(),
+        }
         model = _Net()
         fully_shard(model)
         opt = _fsdp_optimizer(model, ortho="auto")
@@ -336,16 +373,36 @@ def test_fsdp2_hard_mode_refused_before_any_change(fsdp_runs):
 
 
 def test_sharded_axis_is_where_dim0_lands():
-    """The path table's premise, for every layout: dim 0 of the parameter becomes this stack axis."""
+    """The path table's premise, for every layout: dim 0 of the parameter becomes these stack axes."""
     cases = [("rows", (4, 6)), ("columns", (6, 4)), ("column_groups:2", (6, 4))]
     cases += [(f"group_axis:{d}", (5, 4, 3)) for d in range(3)]
+    cases += [("row_groups:3", (9, 4)), ("row_groups:3", (12, 2))]  # wide blocks (m, n), tall blocks (m, l)
     for spec, shape in cases:
         layout = orthoopt.layout.resolve_layout(spec, shape, spec)
         row = torch.arange(shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1)).expand(shape)
         mats = layout.matrices(row)
         axis = odist.sharded_axis(layout)
         varying = [a for a, name in enumerate("mln") if mats.shape[a] > 1 and not (mats == mats.narrow(a, 0, 1)).all()]
-        assert varying == ["mln".index(axis)], (spec, axis, varying)
+        assert varying == sorted("mln".index(a) for a in axis), (spec, axis, varying)
+
+
+def test_fsdp2_row_groups_take_the_gather_path_and_match_unsharded(fsdp_runs):
+    """Shards that end inside a row block (5 + 4 rows of 3-row blocks; 6 + 6 of 4-row blocks)."""
+    model = _GateNet()
+    opt = _gate_optimizer(model)
+    _train(model, opt, FSDP_STEPS, 4)
+    free = _GateNet()
+    _train(free, _plain(free), FSDP_STEPS, 4)
+    for r in range(WORLD):
+        run = fsdp_runs[r]["row_groups"]
+        assert run["comm"] == {"wide.weight": ("gather", 9 * 4 * 8), "tall.weight": ("gather", 12 * 2 * 8)}
+        for name, ref in model.named_parameters():
+            torch.testing.assert_close(run["params"][name], ref.detach(), rtol=0, atol=1e-5, msg=name)
+        for name, ref in opt.orthogonality_errors().items():
+            assert run["errors"][name] == pytest.approx(ref, abs=1e-6), name
+    for name in ("wide.weight", "tall.weight"):
+        moved = (dict(model.named_parameters())[name] - dict(free.named_parameters())[name]).abs().max()
+        assert moved > 1e-3, name
 
 
 def test_project_on_sharded_parameters_is_the_unsharded_projection(fsdp_runs):

@@ -25,6 +25,8 @@ SCRIPTS = [
     "soft_cap_ablation",
     "seed_tensor",
     "mlp_swap",
+    "copying",
+    "mppca",
 ]
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from orthoopt.layout import Layout, as_matrices, canonical_layout, resolve_layout
+from orthoopt.penalty import polar
 
 
 def shares_storage(a, b):
@@ -19,6 +20,9 @@ CASES = [
     ("filters", (4, 3, 2, 2), (1, 12, 4)),
     ("rows", (4, 3, 2, 2), (1, 12, 4)),
     ("column_groups:2", (8, 6), (2, 8, 3)),
+    ("row_groups:4", (8, 6), (4, 6, 2)),  # wide blocks (2, 6): their rows
+    ("row_groups:2", (8, 3), (2, 4, 3)),  # tall blocks (4, 3): their columns
+    ("row_groups:2", (6, 3), (2, 3, 3)),  # square blocks: their rows
     ("group_axis:0", (5, 7, 3), (5, 7, 3)),
     ("group_axis:1", (7, 5, 3), (5, 7, 3)),
     ("group_axis:2", (7, 3, 5), (5, 7, 3)),
@@ -80,6 +84,9 @@ def test_auto_skips_vectors_but_explicit_layout_refuses(shape):
         ("filters", (64, 3, 2, 2), "64 orthonormal vectors of length 12"),
         ("column_groups:4", (8, 6), "does not divide"),
         ("column_groups:1", (3, 8), "8 orthonormal vectors of length 3"),
+        ("row_groups:3", (8, 6), "8 rows into 3 equal blocks"),
+        ("row_groups:0", (8, 6), "8 rows into 0 equal blocks"),
+        ("row_groups:2", (8, 6, 3), "2-D"),
         ("group_axis:3", (4, 3, 2), "axis 3"),
         ("group_axis:1", (4, 3), "3-D"),
         ("group_axis:1", (2, 3, 4), "4 orthonormal vectors of length 2"),
@@ -91,7 +98,7 @@ def test_infeasible_or_wrong_layouts_name_the_parameter(spec, shape, match):
     assert "layer.weight" in str(info.value)
 
 
-@pytest.mark.parametrize("bad", ["diagonal", "rows:2", "group_axis:x", "", "group_axis"])
+@pytest.mark.parametrize("bad", ["diagonal", "rows:2", "group_axis:x", "", "group_axis", "row_groups"])
 def test_unknown_layout_string(bad):
     with pytest.raises(ValueError, match="unknown layout"):
         canonical_layout(bad)
@@ -99,6 +106,53 @@ def test_unknown_layout_string(bad):
 
 def test_layout_objects_and_strings():
     assert canonical_layout(Layout("group_axis", 1)) == "group_axis:1"
+    assert canonical_layout(Layout("row_groups", 4, tall=True)) == "row_groups:4"
     assert canonical_layout("filters") == "rows"
     with pytest.raises(TypeError, match="layout string"):
         canonical_layout(3)
+
+
+def _orthogonal_blocks(out: int, cols: int, blocks: int) -> torch.Tensor:
+    """A weight whose ``blocks`` row blocks are each ``torch.nn.init.orthogonal_``."""
+    w = torch.empty(out, cols, dtype=torch.float64)
+    for block in w.chunk(blocks):
+        torch.nn.init.orthogonal_(block)
+    return w
+
+
+@pytest.mark.parametrize(
+    "out,cols,blocks",
+    [(32, 8, 4), (32, 16, 4), (12, 10, 3), (30, 10, 3), (16, 4, 1), (6, 10, 2)],
+)
+def test_row_groups_is_init_orthogonal_per_block(out, cols, blocks):
+    """Each block is on target exactly when ``init.orthogonal_`` made it so (its shorter side),
+    and the whole-matrix 'auto' layout is not what a per-block init gives."""
+    w = _orthogonal_blocks(out, cols, blocks)
+    layout = resolve_layout(f"row_groups:{blocks}", w.shape, "w")
+    mats = layout.matrices(w)
+    eye = torch.eye(mats.shape[-1], dtype=w.dtype)
+    assert (mats.mT @ mats - eye).abs().max() < 1e-12
+    for block, mat in zip(w.chunk(blocks), mats):
+        # the same vectors init.orthogonal_ made orthonormal: rows of a wide block, columns of a tall one
+        torch.testing.assert_close(mat, block if block.shape[0] > block.shape[1] else block.T, rtol=0, atol=0)
+    if blocks > 1 and out // blocks < cols:
+        whole = resolve_layout("auto", w.shape, "w").matrices(w)
+        assert (whole.mT @ whole - torch.eye(whole.shape[-1], dtype=w.dtype)).abs().max() > 0.05
+    # a random weight is far from it; the polar factor of the stack makes each block, read
+    # directly off the weight, orthonormal on its shorter side
+    v = torch.randn(out, cols, dtype=torch.float64)
+    vm = layout.matrices(v)
+    assert (vm.mT @ vm - eye).abs().max() > 0.1
+    snapped = layout.from_matrices(polar(vm), v.shape)
+    for block in snapped.chunk(blocks):
+        short = block if block.shape[0] <= block.shape[1] else block.T
+        torch.testing.assert_close(short @ short.T, torch.eye(short.shape[0], dtype=w.dtype), rtol=0, atol=1e-12)
+
+
+def test_row_groups_orientation_follows_each_block():
+    """LSTM(10, 20)'s weight_ih (80, 10): blocks (20, 10) are tall, columns orthonormal;
+    LSTM(30, 20)'s (80, 30): blocks (20, 30) are wide, rows orthonormal."""
+    tall = resolve_layout("row_groups:4", (80, 10), "weight_ih_l0")
+    wide = resolve_layout("row_groups:4", (80, 30), "weight_ih_l0")
+    assert tall.tall and tall.stack_shape((80, 10)) == (4, 20, 10)
+    assert not wide.tall and wide.stack_shape((80, 30)) == (4, 30, 20)

@@ -201,7 +201,9 @@ def test_one_line_swap_on_a_small_mlp():
 def test_param_groups_routes_parameters():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 8), nn.LayerNorm(8), nn.Conv1d(8, 4, 3), nn.Linear(8, 2))
     model.register_parameter("phi", nn.Parameter(torch.randn(6, 2, 3)))
-    groups = orthoopt.param_groups(model, ortho=2.0, exclude=["4"], ortho_smoothing=0.1)
+    # A raw parameter is constrained only when include names it (issue 9: timm's cls_token/pos_embed).
+    assert orthoopt.param_groups(model, ortho=2.0, exclude=["4"])[0]["param_names"] == ["1.weight", "3.weight"]
+    groups = orthoopt.param_groups(model, ortho=2.0, include=["phi", "1", "3"], ortho_smoothing=0.1)
     on, off = groups
     assert on["param_names"] == ["phi", "1.weight", "3.weight"]
     assert on["ortho"] == 2.0 and on["ortho_smoothing"] == 0.1

@@ -106,7 +106,10 @@ def test_canonical_layouts_stay_on_the_manifold_with_the_default_stabilize():
     model, x, layout, pname = make_case("group_axis:1")
     target = torch.randn(64, 3)
     opt = orthoopt.OrthoAdam(
-        param_groups(model, ortho=1.0, ortho_layout=layout, ortho_mode="hard", ortho_manifold="canonical"), lr=1e-2
+        param_groups(
+            model, ortho=1.0, include=[pname], ortho_layout=layout, ortho_mode="hard", ortho_manifold="canonical"
+        ),
+        lr=1e-2,
     )
     orthoopt.project_(opt)
     for _ in range(300):
@@ -151,7 +154,13 @@ def test_matches_geoopt_riemannian_adam(manifold, amsgrad):
     kw = {"lr": 3e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 1e-2, "amsgrad": amsgrad}
     run_pair(
         lambda ps: orthoopt.OrthoAdam(
-            ps, **kw, **HARD, ortho_layout="columns", ortho_manifold=manifold, ortho_stabilize=None
+            ps,
+            **kw,
+            **HARD,
+            ortho_layout="columns",
+            ortho_manifold=manifold,
+            ortho_stabilize=None,
+            ortho_second_moment="sum",
         ),
         lambda ps: geoopt.optim.RiemannianAdam(ps, **kw),
         manifold,
@@ -644,3 +653,23 @@ def test_soft_mode_is_unchanged_by_the_hard_hook():
         opt_c.step()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.equal(c.weight, b.weight) and torch.equal(c.bias, b.bias)
+
+
+@pytest.mark.parametrize("manifold", ["euclidean", "canonical"])
+def test_the_mean_second_moment_is_geoopts_rule_at_sqrt_n_times_the_lr(manifold):
+    # (10, 4): N = 40 entries; eps scaled with the moment, the two rules are the same steps.
+    kw = {"betas": (0.8, 0.99), "weight_decay": 1e-2, "ortho_layout": "columns", "ortho_manifold": manifold}
+    kw["ortho_stabilize"] = None
+    n = 40
+    run_pair(
+        lambda ps: orthoopt.OrthoAdam(ps, lr=3e-2, eps=1e-6, **kw, **HARD),
+        lambda ps: geoopt.optim.RiemannianAdam(
+            ps, lr=3e-2 * n**0.5, eps=1e-6 * n**0.5, betas=(0.8, 0.99), weight_decay=1e-2
+        ),
+        manifold,
+    )
+
+
+def test_bad_second_moment_is_refused():
+    with pytest.raises(ValueError, match="ortho_second_moment must be one of"):
+        orthoopt.OrthoAdam([nn.Parameter(torch.randn(8, 4))], ortho=1.0, ortho_second_moment="per-entry")

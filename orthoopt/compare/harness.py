@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .. import penalty
-from .methods import METHODS, Settings, build_optimizers, constrained_parameters
+from .methods import ALL_METHODS, METHODS, Settings, build_optimizers, constrained_parameters, prepared
 from .tasks import Problem, Task, get_task
 
 __all__ = ["RunResult", "Comparison", "run", "summarize", "multiplier_threshold", "orthogonality"]
@@ -61,6 +61,15 @@ class Comparison:
 
     def by_method(self, method: str) -> list[RunResult]:
         return [r for r in self.runs if r.method == method]
+
+
+def _current(model: torch.nn.Module, params: Sequence[tuple[str, torch.Tensor, Any]]):
+    """The constrained tensors as the model computes them now (a parametrized weight is re-evaluated)."""
+    out = []
+    for name, _, layout in params:
+        module, _, attr = name.rpartition(".")
+        out.append((name, getattr(model.get_submodule(module), attr), layout))
+    return out
 
 
 @torch.no_grad()
@@ -148,68 +157,82 @@ def run_one(
     with torch.no_grad():
         model.load_state_dict(snapshot)
     model.zero_grad(set_to_none=True)
-    device = next(model.parameters()).device
     result = RunResult(task_name, method, seed, steps, _fingerprint(model), {k: [] for k in HISTORY_KEYS})
     constrained = constrained_parameters(model, problem)
-    f_star = problem.f_star
+
+    def on_target(value: float, gap: float, orth: float) -> bool:
+        return _on_target(problem, value, gap, orth, target_gap, target_orth)
+
     try:
-        optimizers = build_optimizers(method, model, problem, settings)
-        factor = _schedule(schedule, steps)
-        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
-        scale = None
-        elapsed = 0.0
-        h = result.history
-        for t in range(steps):
-            record = t % record_every == 0 or t == steps - 1
-            if record:
-                orth_max, orth_fro = orthogonality(constrained) if constrained else (math.nan, math.nan)
-            _sync(device)
-            t0 = time.perf_counter()
-            for o in optimizers:
-                o.zero_grad(set_to_none=True)
-            loss = problem.loss(t)
-            loss.backward()
-            _sync(device)
-            t1 = time.perf_counter()
-            for o in optimizers:
-                o.step()
-            _sync(device)
-            t2 = time.perf_counter()
-            for s in schedulers:
-                s.step()
-            _sync(device)
-            t3 = time.perf_counter()
-            elapsed += t3 - t0
-            value = loss.item()
-            if scale is None:
-                scale = max(abs(value), abs(f_star) if f_star is not None else 0.0, 1.0)
-            if record:
-                gap = value - f_star if f_star is not None else math.nan
-                for key, v in zip(HISTORY_KEYS, (t, value, gap, orth_max, orth_fro, t2 - t1, t3 - t0, elapsed)):
-                    h[key].append(v)
-                if result.step_to_target is None and _on_target(gap, orth_max, f_star, target_gap, target_orth):
-                    result.step_to_target, result.time_to_target = t, elapsed - (t3 - t0)
-            if not math.isfinite(value) or abs(value) > blowup * scale:
-                result.diverged, result.diverged_at = True, t
-                break
-            result.completed = t + 1
-            if progress is not None:
-                progress.update(1)
-        if not result.diverged:
-            _finish(result, problem, constrained, f_star, target_gap, target_orth)
+        with prepared(method, model, problem):
+            optimizers = build_optimizers(method, model, problem, settings)
+            factor = _schedule(schedule, steps)
+            _train(result, problem, constrained, optimizers, factor, record_every, blowup, on_target, progress)
+            if not result.diverged:
+                _finish(result, problem, _current(model, constrained), on_target)
     except Exception as e:  # a failing method must not take the other runs with it
         result.error = f"{type(e).__name__}: {e}"
         result.final["traceback"] = traceback.format_exc(limit=3)
     return result
 
 
-def _on_target(gap, orth, f_star, target_gap, target_orth) -> bool:
+def _train(result, problem, constrained, optimizers, factor, record_every, blowup, on_target, progress) -> None:
+    """The training loop: step, record, stop at divergence."""
+    model, f_star = problem.model, problem.f_star
+    device = next(model.parameters()).device
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
+    scale = None
+    elapsed = 0.0
+    h = result.history
+    for t in range(result.steps):
+        record = t % record_every == 0 or t == result.steps - 1
+        if record:
+            orth_max, orth_fro = orthogonality(_current(model, constrained)) if constrained else (math.nan, math.nan)
+        _sync(device)
+        t0 = time.perf_counter()
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        loss = problem.loss(t)
+        loss.backward()
+        _sync(device)
+        t1 = time.perf_counter()
+        for o in optimizers:
+            o.step()
+        _sync(device)
+        t2 = time.perf_counter()
+        for s in schedulers:
+            s.step()
+        _sync(device)
+        t3 = time.perf_counter()
+        elapsed += t3 - t0
+        value = loss.item()
+        if scale is None:
+            scale = max(abs(value), abs(f_star) if f_star is not None else 0.0, 1.0)
+        if record:
+            gap = value - f_star if f_star is not None else math.nan
+            for key, v in zip(HISTORY_KEYS, (t, value, gap, orth_max, orth_fro, t2 - t1, t3 - t0, elapsed)):
+                h[key].append(v)
+            if result.step_to_target is None and on_target(value, gap, orth_max):
+                result.step_to_target, result.time_to_target = t, elapsed - (t3 - t0)
+        if not math.isfinite(value) or abs(value) > blowup * scale:
+            result.diverged, result.diverged_at = True, t
+            return
+        result.completed = t + 1
+        if progress is not None:
+            progress.update(1)
+
+
+def _on_target(problem, value, gap, orth, target_gap, target_orth) -> bool:
+    if problem.target is not None:
+        return math.isfinite(value) and bool(problem.target(value))
+    f_star = problem.f_star
     if target_gap is None or f_star is None or not math.isfinite(gap):
         return False
     return abs(gap) <= target_gap * abs(f_star) and (target_orth is None or orth <= target_orth)
 
 
-def _finish(result, problem, constrained, f_star, target_gap, target_orth) -> None:
+def _finish(result, problem, constrained, on_target) -> None:
+    f_star = problem.f_star
     value = _objective(problem)
     orth_max, orth_fro = orthogonality(constrained) if constrained else (math.nan, math.nan)
     weights_finite = all(torch.isfinite(p).all() for p in problem.model.parameters())
@@ -230,7 +253,7 @@ def _finish(result, problem, constrained, f_star, target_gap, target_orth) -> No
         "iter_ms": 1e3 * t_iter[len(t_iter) // 2],
         "total_s": h["time"][-1] if h["time"] else 0.0,
     }
-    if result.step_to_target is None and _on_target(gap, orth_max, f_star, target_gap, target_orth):
+    if result.step_to_target is None and on_target(value, gap, orth_max):
         result.step_to_target, result.time_to_target = result.steps, result.final["total_s"]
     if problem.evaluate is not None:
         result.final.update(problem.evaluate())
@@ -263,7 +286,8 @@ def summarize(runs: Iterable[RunResult], methods: Sequence[str]) -> list[dict[st
             "failed": sum(r.error is not None for r in mine),
             "error": next((r.error for r in mine if r.error), None),
         }
-        for key in SUMMARY_KEYS:
+        extra = sorted({k for r in ok for k, v in r.final.items() if isinstance(v, (int, float))} - set(SUMMARY_KEYS))
+        for key in SUMMARY_KEYS + tuple(extra):
             row[key], row[key + "_std"] = _mean_std([r.final.get(key) for r in ok])
         hits = [r.time_to_target for r in ok if r.time_to_target is not None]
         row["reached_target"] = len(hits)
@@ -276,7 +300,7 @@ def summarize(runs: Iterable[RunResult], methods: Sequence[str]) -> list[dict[st
 
 def run(
     task: str | Task = "pca",
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     seeds: Sequence[int] | int = (0, 1, 2),
     steps: int | None = None,
     *,
@@ -286,7 +310,7 @@ def run(
     smoothing: float | None = None,
     momentum: float | None = None,
     landing_lr: float | None = None,
-    schedule: str = "cosine",
+    schedule: str | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     record_every: int = 1,
@@ -295,22 +319,27 @@ def run(
     progress: bool = False,
     beta_relative: bool | None = None,
     threads: int | None = None,
+    constrained_lr_scale: float | None = None,
 ) -> Comparison:
     """Run ``task`` under each of ``methods`` for every seed; return runs and a summary.
 
     ``beta_relative=True`` reads ``beta`` as a multiple of the task's exactness threshold
-    β* (:func:`multiplier_threshold`).  Settings left ``None`` take the task's defaults.
+    β* (:func:`multiplier_threshold`).  Settings left ``None`` take the task's defaults
+    (methods: the task's, else every method of ``METHODS``; schedule: the task's, mostly cosine).
     ``threads`` sets ``torch.set_num_threads`` for the run (timings on a loaded machine
-    are steadier with one thread).
+    are steadier with one thread).  ``constrained_lr_scale``: the constrained parameters'
+    lr as a multiple of ``lr`` (default: the task's).
     """
     task = get_task(task)
     if beta_relative is None:
         beta_relative = task.beta_relative
     if threads is not None:
         torch.set_num_threads(threads)
+    methods = list(methods if methods is not None else task.methods or METHODS)
+    schedule = schedule if schedule is not None else task.schedule
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in ALL_METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     steps = steps if steps is not None else (task.quick_steps if quick else task.steps)
     if steps < 1:
@@ -322,6 +351,8 @@ def run(
         beta=beta if beta is not None else task.beta,
         smoothing=smoothing if smoothing is not None else task.smoothing,
         landing_lr=landing_lr if landing_lr is not None else task.landing_lr,
+        betas=task.betas,
+        constrained_lr_scale=constrained_lr_scale if constrained_lr_scale is not None else task.constrained_lr_scale,
     )
     bar = None
     if progress:
@@ -333,6 +364,7 @@ def run(
     for seed in seeds:
         problem = task.build(seed=seed, dtype=dtype, device=device, **task.params)
         if seed == seeds[0]:
+            first = problem
             threshold = multiplier_threshold(problem)
             if beta_relative:
                 if threshold is None:
@@ -375,6 +407,9 @@ def run(
         "threads": torch.get_num_threads(),
         "target_gap": task.target_gap,
         "target_orth": task.target_orth,
+        "target_text": first.target_text,
+        "reference": first.reference,
+        "metrics": task.metrics,
         **asdict(settings),
     }
     return Comparison(task.name, config, runs, summarize(runs, methods))

@@ -9,22 +9,32 @@
 ``landing``     the landing update (:mod:`orthoopt.compare.landing`) on the constrained
                 parameters, the base optimizer on the others
 ``hard``        ``ortho_mode='hard'``: the Stiefel manifold through geoopt
+``geotorch``    geotorch's ``orthogonal`` parametrization (``W = B·expm(A)``, ``A`` skew, the
+                base ``B`` the initial weights), the base optimizer on ``A``; not in the
+                default set (it needs the ``geotorch`` package and 2-D ``auto`` layouts)
 ==============  ===========================================================================
+
+Every method uses the base optimizer's settings; the constrained parameters take the lr
+times ``constrained_lr_scale`` (geotorch's copying example trains ``W`` at 1/5 of the lr).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.utils import parametrize
 
 from .. import optim as ortho_optim
 from .landing import Landing
 
-__all__ = ["METHODS", "Settings", "build_optimizers"]
+__all__ = ["METHODS", "ALL_METHODS", "Settings", "build_optimizers", "prepared"]
 
 METHODS = ("none", "soft", "soft-huber", "soft-auto", "frobenius", "landing", "hard")
+ALL_METHODS = METHODS + ("geotorch",)
 
 
 @dataclass
@@ -39,24 +49,43 @@ class Settings:
     landing_lr: float | None = None
     landing_lam: float = 1.0
     landing_eps: float = 0.5
+    betas: tuple[float, float] = (0.9, 0.999)
+    constrained_lr_scale: float = 1.0
 
 
 def _base_kwargs(s: Settings) -> tuple[str, dict[str, Any]]:
     if s.base == "sgd":
         return "SGD", {"lr": s.lr, "momentum": s.momentum}
-    if s.base == "adamw":
+    if s.base in ("adam", "adamw"):
         # No weight decay: it fights a unit-norm constraint and is not what is compared.
-        return "AdamW", {"lr": s.lr, "weight_decay": 0.0}
-    raise ValueError(f"base optimizer must be 'sgd' or 'adamw', got {s.base!r}")
+        return ("Adam" if s.base == "adam" else "AdamW"), {"lr": s.lr, "betas": tuple(s.betas), "weight_decay": 0.0}
+    raise ValueError(f"base optimizer must be 'sgd', 'adam' or 'adamw', got {s.base!r}")
+
+
+def _split_lr(groups: list[dict[str, Any]], s: Settings) -> list[dict[str, Any]]:
+    """The constrained groups at lr × ``constrained_lr_scale`` (unchanged when the scale is 1)."""
+    if s.constrained_lr_scale != 1.0:
+        for g in groups:
+            if g["ortho"]:
+                g["lr"] = s.lr * s.constrained_lr_scale
+    return groups
 
 
 def build_optimizers(method: str, model: torch.nn.Module, problem, s: Settings) -> list[torch.optim.Optimizer]:
-    """The optimizer(s) of ``method`` for ``problem``'s model (a list: landing uses two)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    """The optimizer(s) of ``method`` for ``problem``'s model (a list: landing uses two).
+
+    For ``geotorch`` the model must be :func:`prepared` (its parametrization registered).
+    """
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     base_name, kwargs = _base_kwargs(s)
+    if method == "geotorch":
+        return [getattr(torch.optim, base_name)(_geotorch_groups(model, s), **kwargs)]
     if method == "none":
-        return [getattr(torch.optim, base_name)(model.parameters(), **kwargs)]
+        if s.constrained_lr_scale == 1.0:
+            return [getattr(torch.optim, base_name)(model.parameters(), **kwargs)]
+        groups = ortho_optim.param_groups(model, ortho=1.0, include=problem.include, exclude=problem.exclude)
+        return [getattr(torch.optim, base_name)([_plain(g) for g in _split_lr(groups, s)], **kwargs)]
     options = {"ortho_layout": problem.layout}
     if method == "soft-huber":
         options["ortho_smoothing"] = s.smoothing
@@ -66,12 +95,13 @@ def build_optimizers(method: str, model: torch.nn.Module, problem, s: Settings) 
         options["ortho_mode"] = "hard"
     beta = "auto" if method == "soft-auto" else s.beta
     groups = ortho_optim.param_groups(model, ortho=beta, include=problem.include, exclude=problem.exclude, **options)
+    groups = _split_lr(groups, s)
     if method == "landing":
         on = [g for g in groups if g["ortho"]]
         off = [g for g in groups if not g["ortho"]]
         landing = Landing(
             [p for g in on for p in g["params"]],
-            lr=s.landing_lr if s.landing_lr is not None else s.lr,
+            lr=s.landing_lr if s.landing_lr is not None else s.lr * s.constrained_lr_scale,
             lam=s.landing_lam,
             eps=s.landing_eps,
             momentum=s.momentum,
@@ -98,3 +128,68 @@ def constrained_parameters(model: torch.nn.Module, problem) -> list[tuple[str, t
                 if lay is not None:
                     out.append((n, named[n], lay))
     return out
+
+
+def _plain(group: dict[str, Any]) -> dict[str, Any]:
+    """A torch optimizer's group: the parameters and the lr, no ortho options."""
+    return {k: v for k, v in group.items() if k in ("params", "lr")}
+
+
+# -- geotorch, the outside anchor -------------------------------------------------------------
+def _geotorch():
+    try:
+        import geotorch
+    except ImportError:
+        raise ImportError(
+            "method 'geotorch' needs the geotorch package: pip install geotorch "
+            "(or the 'experiments' extra: pip install -e '.[experiments]')"
+        ) from None
+    return geotorch
+
+
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    module, _, attr = name.rpartition(".")
+    return model.get_submodule(module), attr
+
+
+@contextmanager
+def prepared(method: str, model: torch.nn.Module, problem) -> Iterator[None]:
+    """The model as ``method`` needs it, for the duration of a run.
+
+    For ``geotorch``: each constrained parameter gets geotorch's ``orthogonal``
+    parametrization with the parameter's current value as its base (``A = 0``), and on exit
+    the parametrization is removed, leaving a plain parameter with the trained value (so
+    that the next method can load the shared initial weights).  Other methods: nothing.
+    """
+    if method != "geotorch":
+        yield
+        return
+    geotorch = _geotorch()
+    owners = []
+    try:
+        for name, p, _ in constrained_parameters(model, problem):
+            if p.dim() != 2 or problem.layout != "auto":
+                raise ValueError(
+                    f"method 'geotorch': parameter '{name}' has shape {tuple(p.shape)} and layout "
+                    f"{problem.layout!r}; geotorch's orthogonal applies to 2-D weights with the 'auto' "
+                    "layout (orthonormal along the shorter side); compare this task without 'geotorch'"
+                )
+            module, attr = _owner(model, name)
+            start = p.detach().clone()
+            geotorch.orthogonal(module, attr)
+            owners.append((module, attr))
+            setattr(module, attr, start)  # right_inverse: base = start, A = 0, so W = start exactly
+        yield
+    finally:
+        for module, attr in owners:
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+
+
+def _geotorch_groups(model: torch.nn.Module, s: Settings) -> list[dict[str, Any]]:
+    """The parametrizations' free parameters at the constrained lr, the rest at the lr."""
+    free = {id(p) for m in model.modules() if parametrize.is_parametrized(m) for p in m.parametrizations.parameters()}
+    if not free:
+        raise RuntimeError("method 'geotorch': the model has no geotorch parametrization; run it inside prepared()")
+    on = [p for p in model.parameters() if id(p) in free]
+    off = [p for p in model.parameters() if id(p) not in free]
+    return [{"params": on, "lr": s.lr * s.constrained_lr_scale}] + ([{"params": off}] if off else [])

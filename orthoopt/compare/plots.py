@@ -20,6 +20,7 @@ COLORS = {
     "frobenius": "#2ca02c",
     "landing": "#9467bd",
     "hard": "#1f77b4",
+    "geotorch": "#17becf",
 }
 
 
@@ -46,7 +47,8 @@ def _curves(comp: Comparison, method: str, key: str, xkey: str):
     return xs.mean(0), np.nanmedian(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
 
 
-def _plot(comp, out: Path, name: str, key: str, xkey: str, ylabel: str, xlabel: str, log: bool, transform=None):
+def _plot(comp, out: Path, name: str, key: str, xkey: str, ylabel: str, xlabel: str, log, transform=None):
+    """One curve per method; ``log`` is True (log scale), ``"symlog"`` (signed values) or False."""
     fig, ax = figure()
     drawn = False
     for method in comp.config["methods"]:
@@ -57,7 +59,7 @@ def _plot(comp, out: Path, name: str, key: str, xkey: str, ylabel: str, xlabel: 
         if transform is not None:
             med, lo, hi = transform(med), transform(lo), transform(hi)
             lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
-        if log:
+        if log is True:
             floor = 1e-12
             med, lo, hi = (np.clip(v, floor, None) for v in (med, lo, hi))
         diverged = sum(r.diverged for r in comp.by_method(method))
@@ -67,7 +69,14 @@ def _plot(comp, out: Path, name: str, key: str, xkey: str, ylabel: str, xlabel: 
         if np.any(hi > lo):
             ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
         drawn = True
-    if log:
+    if key == "loss":
+        for (text, level), style in zip(comp.config.get("reference", {}).items(), ("--", ":", "-.")):
+            ax.axhline(level, color="k", ls=style, lw=0.8, label=text)
+            drawn = True
+    if log == "symlog":
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.axhline(0.0, color="k", lw=0.6)
+    elif log:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -92,10 +101,11 @@ def _params(c) -> str:
 def plot_comparison(comp: Comparison, out: str | Path) -> dict[str, Path]:
     """``loss_vs_step.png``, ``loss_vs_time.png`` and ``orth_vs_step.png`` in ``out``."""
     out = Path(out)
-    known = comp.config.get("target_gap") is not None and any(
-        r.history.get("gap") and math.isfinite(r.history["gap"][0]) for r in comp.runs if r.history.get("gap")
-    )
-    if known:
+    gaps = [v for r in comp.runs for v in r.history.get("gap") or () if v is not None and math.isfinite(v)]
+    if comp.config.get("target_gap") is None and any(v < 0 for v in gaps):
+        # f* is a reference that can be beaten (EM's local optimum): the signed gap
+        key, label, log, tr = "gap", "f - f* (f* = the reference)", "symlog", None
+    elif gaps:
         key, label, log, tr = "gap", "|f - f*|", True, np.abs
     else:
         key, label, log, tr = "loss", "training loss (minibatch)", True, None

@@ -9,9 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .harness import Comparison
+from .harness import Comparison, RunResult
 
-__all__ = ["table", "write", "fmt"]
+__all__ = ["table", "write", "load", "fmt"]
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -47,16 +47,20 @@ def _status(row: dict) -> str:
 def table(comp: Comparison) -> str:
     """A markdown table of the summary (mean ± std over seeds)."""
     rows = comp.summary
-    has_gap = any(r.get("gap") is not None for r in rows) or comp.config.get("target_gap")
-    has_acc = any(r.get("test_acc") is not None for r in rows)
+    c = comp.config
+    has_gap = any(r.get("gap") is not None for r in rows) or c.get("target_gap")
+    has_target = has_gap or c.get("target_text")
+    metrics = c.get("metrics") or {}
+    has_acc = "test_acc" not in metrics and any(r.get("test_acc") is not None for r in rows)
     head = ["method", "final loss"]
     if has_gap:
         head += ["f - f*", "rel gap"]
     head += ["orth max-abs", "orth Frobenius"]
     if has_acc:
         head += ["test acc %"]
+    head += [label for label, _ in metrics.values()]
     head += ["step ms", "iter ms"]
-    if has_gap:
+    if has_target:
         head += ["to target s (step)"]
     head += ["status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -67,8 +71,9 @@ def table(comp: Comparison) -> str:
         cells += [_pm(r, "orth_max"), _pm(r, "orth_fro")]
         if has_acc:
             cells += [_pm(r, "test_acc", 100.0, 4)]
+        cells += [_pm(r, key, scale, 4) for key, (_, scale) in metrics.items()]
         cells += [fmt(r.get("step_ms")), fmt(r.get("iter_ms"))]
-        if has_gap:
+        if has_target:
             tt = r.get("time_to_target")
             cells += [
                 "-"
@@ -77,18 +82,21 @@ def table(comp: Comparison) -> str:
             ]
         cells += [_status(r)]
         lines.append("| " + " | ".join(cells) + " |")
-    c = comp.config
     note = (
         f"task {c['task']} {c['task_params']}, {len(c['seeds'])} seed(s), {c['steps']} steps, base {c['base']} "
         f"lr {fmt(c['lr'])} ({c['schedule']}), β {fmt(c['beta'])}"
     )
     if c.get("threshold") is not None:
         note += f" (= {fmt(c['beta'] / c['threshold'])} × threshold β* {fmt(c['threshold'])})"
+    if c.get("constrained_lr_scale", 1.0) != 1.0:
+        note += f", constrained lr × {fmt(c['constrained_lr_scale'])}"
     note += f", {c['device']} {c['dtype']}; times are medians per step"
     if has_gap:
         note += "; rel gap = abs(f - f*)/abs(f*)"
-        if c.get("target_gap") is not None:
-            note += f"; target: rel gap <= {fmt(c['target_gap'])} and orth max-abs <= {fmt(c['target_orth'])}"
+    if c.get("target_text"):
+        note += f"; target: {c['target_text']}"
+    elif has_gap and c.get("target_gap") is not None:
+        note += f"; target: rel gap <= {fmt(c['target_gap'])} and orth max-abs <= {fmt(c['target_orth'])}"
     if any(r["seeds"] > 1 for r in rows):
         note += "; mean ± std over seeds"
     return note + "\n\n" + "\n".join(lines)
@@ -110,6 +118,13 @@ def _clean(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     return x
+
+
+def load(path: str | Path) -> Comparison:
+    """The comparison saved by :func:`write` in ``results.json`` (histories as thinned there), e.g. to re-plot."""
+    data = json.loads(Path(path).read_text())
+    runs = [RunResult(**r) for r in data["runs"]]
+    return Comparison(data["config"]["task"], data["config"], runs, data["summary"])
 
 
 def write(comp: Comparison, out: str | Path, *, plots: bool = True, history_points: int = 1000) -> dict[str, Path]:

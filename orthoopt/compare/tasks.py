@@ -10,6 +10,7 @@ for every method that runs it.  Tasks are named by strings such as ``"pca"``,
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from . import copying, mppca
 
 __all__ = ["Task", "Problem", "get_task", "TASKS", "digits_class_covariances", "pca_optimum"]
 
@@ -31,6 +34,9 @@ class Problem:
     full objective at the current weights (defaults to the loss of step 0's data when the
     task is deterministic); ``phi_star`` the constrained optimum, where known, as a dict
     ``{param name: tensor}``; ``evaluate()`` extra end-of-run figures (test accuracy).
+    ``target(loss)``, where given, is the task's own target on the recorded training loss
+    (described by ``target_text``) in place of the task's ``target_gap``; ``reference`` are
+    levels drawn into the loss plots.
     """
 
     model: nn.Module
@@ -42,6 +48,9 @@ class Problem:
     f_star: float | None = None
     phi_star: dict[str, torch.Tensor] | None = None
     evaluate: Callable[[], dict[str, float]] | None = None
+    target: Callable[[float], bool] | None = None
+    target_text: str | None = None
+    reference: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,6 +72,11 @@ class Task:
     target_gap: float | None = None  # |f - f*| <= target_gap * |f*|
     target_orth: float | None = None  # max-abs orthogonality error
     params: dict[str, Any] = field(default_factory=dict)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's
+    constrained_lr_scale: float = 1.0  # the constrained parameters' lr is lr times this
+    schedule: str = "cosine"
+    metrics: dict[str, tuple[str, float]] = field(default_factory=dict)  # evaluate() key -> (column, scale)
+    methods: tuple[str, ...] | None = None  # the default methods (None: every method of METHODS)
 
     def with_params(self, **kwargs: Any) -> Task:
         return dataclasses.replace(self, params={**self.params, **kwargs})
@@ -296,6 +310,9 @@ TASKS: dict[str, Callable[[], Task]] = {
     ),
     "mlp": lambda: _classifier_task("mlp", "digits MLP 64-128-128-10, orthogonal hidden weights"),
     "cnn": lambda: _classifier_task("cnn", "digits CNN conv3x3(16)-conv3x3(32)-pool-linear, orthogonal conv filters"),
+    # Their own modules: the copying memory problem (orthogonal RNN) and a mixture of PPCA.
+    "copying": lambda: Task("copying", _from_fields(copying.problem_fields), **copying.TASK_SETTINGS),
+    "mppca": lambda: Task("mppca", _from_fields(mppca.problem_fields, _split), **mppca.TASK_SETTINGS),
 }
 
 
@@ -306,6 +323,19 @@ def _value(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+def _from_fields(fields: Callable[..., dict[str, Any]], *split: Callable[[], Any]) -> Callable[..., Problem]:
+    """A task's ``build`` from its module's ``problem_fields`` (``split``: a data split to pass
+    first, made when the problem is built), with that function's signature, which
+    :func:`check_params` reads."""
+
+    def build(**kwargs: Any) -> Problem:
+        return Problem(**fields(*(make() for make in split), **kwargs))
+
+    signature = inspect.signature(fields)
+    build.__signature__ = signature.replace(parameters=list(signature.parameters.values())[len(split) :])
+    return build
 
 
 def get_task(spec: str | Task) -> Task:
@@ -322,4 +352,63 @@ def get_task(spec: str | Task) -> Task:
         if not eq:
             raise ValueError(f"task {spec!r}: expected key=value after ':', got {item!r}")
         kwargs[key.strip()] = _value(val.strip())
-    return task.with_params(**kwargs) if kwargs else task
+    task = task.with_params(**kwargs) if kwargs else task
+    check_params(task)
+    return task
+
+
+# -- the parameters a task accepts ------------------------------------------------------
+def check_params(task: Task) -> None:
+    """Refuse, before anything is built, a parameter the task's ``build`` does not take or a
+    value outside the task's bounds (``pca:k=100`` would ask for 100 directions among the
+    64 pixels); the message says what is allowed."""
+    signature = inspect.signature(task.build).parameters
+    accepted = [n for n in signature if n not in ("seed", "dtype", "device")]
+    unknown = [k for k in task.params if k not in accepted]
+    if unknown:
+        raise ValueError(f"task {task.name!r}: unknown parameter {unknown[0]!r}; it takes {', '.join(accepted)}")
+    check = _PARAM_CHECKS.get(task.name)
+    if check is not None:
+        values = {n: q.default for n, q in signature.items() if n in accepted}
+        check(task.name, {**values, **task.params})
+
+
+def _whole(task: str, params: dict[str, Any], key: str, low: int, high: float, meaning: str) -> None:
+    value = params[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        bound = f"from {low} to {high}" if math.isfinite(high) else f">= {low}"
+        raise ValueError(f"task {task!r}: {key} must be a whole number {bound} ({meaning}), got {value!r}")
+
+
+def _check_pca(task: str, params: dict[str, Any]) -> None:
+    # At k = 64 every orthonormal basis of the 64 pixels is optimal: nothing to compare.
+    _whole(task, params, "k", 1, 63, "directions per class among the 64 pixels")
+
+
+def _check_procrustes(task: str, params: dict[str, Any]) -> None:
+    _whole(task, params, "m", 1, math.inf, "matrices")
+    _whole(task, params, "l", 2, math.inf, "rows of each Φ_i")
+    # Square Φ_i would split the manifold in two (see build_procrustes): n < l.
+    _whole(task, params, "n", 1, params["l"] - 1, "orthonormal columns of each Φ_i, fewer than l")
+    _whole(task, params, "q", params["l"], math.inf, "rows of A_i, at least l")
+    noise = params["noise"]
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (noise >= 0 and math.isfinite(noise)):
+        raise ValueError(f"task {task!r}: noise must be a finite number >= 0, got {noise!r}")
+
+
+def _check_classifier(task: str, params: dict[str, Any]) -> None:
+    if params["arch"] != task:
+        raise ValueError(f"task {task!r}: arch is the task's own ({task!r}); use --task {params['arch']} instead")
+    train = len(_split()[2])
+    _whole(task, params, "batch", 1, train, f"examples per step, at most the {train} training digits")
+    _whole(task, params, "steps", 1, math.inf, "steps")
+
+
+_PARAM_CHECKS: dict[str, Callable[[str, dict[str, Any]], None]] = {
+    "pca": _check_pca,
+    "procrustes": _check_procrustes,
+    "mlp": _check_classifier,
+    "cnn": _check_classifier,
+    "copying": lambda task, params: copying.check(**params),
+    "mppca": lambda task, params: mppca.check(**params),
+}

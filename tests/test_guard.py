@@ -1,0 +1,188 @@
+"""ortho_init and the drift check (orthoopt.guard): a soft constraint that will not hold is reported."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+
+import orthoopt
+from orthoopt import guard
+
+
+def _error(p: torch.Tensor) -> float:
+    return orthoopt.orthogonality_error(p.detach().unsqueeze(1), group_dim=1).max().item()
+
+
+def _far(seed: int = 0) -> torch.nn.Parameter:
+    """A (64, 16) weight with timm's std-0.02 init: max |ΦᵀΦ - I| close to 1."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.Parameter(0.02 * torch.randn(64, 16, dtype=torch.float64, generator=g))
+
+
+def _step(opt: torch.optim.Optimizer, grad_scale: float = 1.0) -> None:
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = grad_scale * torch.ones_like(p)
+    opt.step()
+
+
+def _records(fn) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [w for w in caught if issubclass(w.category, guard.OrthogonalityWarning)]
+
+
+def test_project_starts_on_the_manifold_after_the_first_step():
+    w = _far()
+    opt = orthoopt.OrthoAdamW([w], lr=1e-3, ortho=1.0, ortho_init="project")
+    assert _error(w) > 0.9
+    assert not _records(lambda: _step(opt))
+    assert _error(w) < 1e-12
+    assert opt.state[w][guard.STARTED] is True
+
+
+def test_project_happens_once_not_at_later_steps():
+    w = _far()
+    opt = orthoopt.OrthoSGD([w], lr=1e-3, ortho=1e-6, ortho_init="project")
+    _step(opt)
+    with torch.no_grad():
+        w.mul_(1.5)  # off the manifold again, by the user or the task
+    _step(opt, grad_scale=0.0)
+    assert _error(w) == pytest.approx(1.25, abs=1e-3)  # (1.5² - 1): pulled a little, not snapped
+
+
+def test_project_mark_survives_a_checkpoint_so_a_resume_is_bitwise():
+    def run(resume_at: int | None) -> torch.Tensor:
+        torch.manual_seed(0)
+        w = _far()
+        opt = orthoopt.OrthoAdamW([w], lr=1e-2, ortho=1.0, ortho_init="project")
+        for k in range(6):
+            if k == resume_at:
+                buf = io.BytesIO()
+                torch.save({"w": w.detach().clone(), "opt": opt.state_dict()}, buf)
+                buf.seek(0)
+                saved = torch.load(buf, weights_only=True)
+                w = torch.nn.Parameter(saved["w"])
+                opt = orthoopt.OrthoAdamW([w], lr=1e-2, ortho=1.0, ortho_init="project")
+                opt.load_state_dict(saved["opt"])
+            torch.manual_seed(k)
+            w.grad = torch.randn_like(w)
+            opt.step()
+        return w.detach()
+
+    assert torch.equal(run(None), run(3))
+
+
+def test_warn_names_the_parameter_the_steps_needed_and_the_fix_at_the_callers_line():
+    w = _far()
+    opt = orthoopt.OrthoAdamW(
+        [{"params": [w], "param_names": ["encoder.weight"]}], lr=1e-4, ortho=1.0
+    )  # ortho_init="warn" is the default
+    w.grad = torch.ones_like(w)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()  # the line the warning must point at
+    (record,) = [c for c in caught if issubclass(c.category, guard.OrthogonalityWarning)]
+    text = str(record.message)
+    assert "encoder.weight" in text and "ortho_init='project'" in text
+    # 4·lr·β = 4e-4 per step, error ~0.99: about 2500 steps
+    assert "at least 2.4" in text or "at least 2.5" in text, text
+    assert record.filename == __file__
+    assert not _records(lambda: _step(opt))  # once, at the first step only
+
+
+def test_warn_stays_quiet_on_the_manifold_or_where_the_pull_is_fast():
+    q, _ = torch.linalg.qr(torch.randn(64, 16, dtype=torch.float64))
+    on = torch.nn.Parameter(q)
+    assert not _records(lambda: _step(orthoopt.OrthoAdamW([on], lr=1e-4, ortho=1.0)))
+    far = _far()
+    # lr·β = 1: the pull moves an entry by 4 per step, one step covers the distance
+    assert not _records(lambda: _step(orthoopt.OrthoSGD([far], lr=1.0, ortho=1.0)))
+
+
+def test_keep_is_silent_and_leaves_the_weights_to_the_step():
+    w, ref = _far(), _far()
+    opt = orthoopt.OrthoAdamW([w], lr=1e-4, ortho=1.0, ortho_init="keep")
+    ref_opt = orthoopt.OrthoAdamW([ref], lr=1e-4, ortho=1.0)
+    assert not _records(lambda: _step(opt))
+    _records(lambda: _step(ref_opt))
+    assert torch.equal(w, ref)  # 'warn' and 'keep' take the same step
+
+
+def test_auto_uses_the_estimated_beta_in_the_estimate():
+    w = _far()
+    opt = orthoopt.OrthoAdamW([w], lr=1e-4, ortho="auto")
+    (record,) = _records(lambda: _step(opt))
+    beta = guard.auto.AUTO_SAFETY * opt.state[w][guard.auto.STATE].max().item()
+    assert beta > 0
+    assert f"lr·ortho = {1e-4 * beta:.3g}" in str(record.message)
+
+
+def test_drift_is_reported_once_when_the_error_grows():
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(32, 8, dtype=torch.float64))
+    w = torch.nn.Parameter(q)
+    # β far below what holds this task's pull: the gradient -Φ grows every column each step
+    opt = orthoopt.OrthoSGD([w], lr=2e-3, ortho=1e-4)
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            w.grad = -w.detach().clone()
+            opt.step()
+
+    first = _records(lambda: train(guard.WATCH_EVERY))
+    assert _error(w) > guard.FAR
+    assert len(first) == 1 and "moving away from orthonormality" in str(first[0].message)
+    assert not _records(lambda: train(2 * guard.WATCH_EVERY))
+
+
+def test_no_drift_report_where_the_constraint_holds():
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(32, 8, dtype=torch.float64))
+    w = torch.nn.Parameter(q)
+    opt = orthoopt.OrthoSGD([w], lr=2e-3, ortho="auto")
+
+    def train() -> None:
+        for _ in range(3 * guard.WATCH_EVERY):
+            w.grad = -w.detach().clone()
+            opt.step()
+
+    assert not _records(train)
+    # what one base step adds after the penalty step, 2·lr: the floor of a constant lr
+    assert _error(w) < 5e-3
+
+
+def test_bad_ortho_init_is_refused():
+    with pytest.raises(ValueError, match="ortho_init must be one of"):
+        orthoopt.OrthoAdamW([_far()], ortho=1.0, ortho_init="snap")
+
+
+def test_project_judges_the_start_not_the_first_step():
+    # On the manifold at the start: the first step moves it off (error ~1e-2), and 'project' must
+    # leave that step alone, as 'keep' does; only a start off the manifold is snapped.
+    def first_step(policy: str) -> torch.Tensor:
+        q, _ = torch.linalg.qr(torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+        w = torch.nn.Parameter(q)
+        opt = orthoopt.OrthoAdamW([w], lr=1e-2, ortho=1e-3, ortho_init=policy)
+        w.grad = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        opt.step()
+        return w.detach()
+
+    projected, kept = first_step("project"), first_step("keep")
+    assert _error(kept) > 1e-3
+    assert torch.equal(projected, kept)
+
+
+def test_a_parameter_that_gets_its_first_gradient_later_is_judged_then():
+    far, later = _far(0), _far(1)
+    opt = orthoopt.OrthoSGD([far, later], lr=1e-3, ortho=1.0, ortho_init="project")
+    far.grad = torch.zeros_like(far)
+    opt.step()  # `later` has no gradient yet: torch skips it, and so does the constraint
+    assert _error(far) < 1e-12 and _error(later) > 0.9
+    later.grad = torch.zeros_like(later)
+    opt.step()
+    assert _error(later) < 1e-12

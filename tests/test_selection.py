@@ -1,0 +1,298 @@
+"""Which parameters are constrained, with which layout: the module-aware rule, patterns, names."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from unittest import mock
+
+import pytest
+import torch
+from conftest import import_or_skip
+from torch import nn
+
+import orthoopt
+from orthoopt.layout import resolve_layout
+from orthoopt.selection import bare_name, select
+
+
+class Zoo(nn.Module):
+    """One of every kind of layer the rule knows, and the parameters it must leave out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))  # timm's raw 3-D parameters
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 8))
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.deconv = nn.ConvTranspose1d(4, 2, 3)
+        self.norm = nn.LayerNorm(8)
+        self.bn = nn.BatchNorm1d(8)
+        self.lstm = nn.LSTM(8, 6, num_layers=2, bidirectional=True, proj_size=3)
+        self.gru = nn.GRU(8, 4)
+        self.rnn = nn.RNN(8, 4)
+        self.cell = nn.LSTMCell(8, 4)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.cross = nn.MultiheadAttention(8, 2, kdim=6, vdim=5)
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 20)
+        self.dec = nn.Linear(8, 20, bias=False)
+        self.dec.weight = self.emb.weight  # tied, as word_language_model's --tied
+
+
+def chosen(model, **kwargs) -> dict[str, str]:
+    return {name: spec for name, _, spec in select(model, **kwargs)}
+
+
+def test_the_default_rule_on_every_layer_kind():
+    got = chosen(Zoo())
+    lstm = {f"lstm.weight_{k}_l{i}{s}": "row_groups:4" for k in ("ih", "hh") for i in (0, 1) for s in ("", "_reverse")}
+    lstm |= {f"lstm.weight_hr_l{i}{s}": "auto" for i in (0, 1) for s in ("", "_reverse")}
+    assert got == {
+        "conv.weight": "auto",
+        "deconv.weight": "auto",
+        **lstm,
+        "gru.weight_ih_l0": "row_groups:3",
+        "gru.weight_hh_l0": "row_groups:3",
+        "rnn.weight_ih_l0": "auto",
+        "rnn.weight_hh_l0": "auto",
+        "cell.weight_ih": "row_groups:4",
+        "cell.weight_hh": "row_groups:4",
+        "attn.in_proj_weight": "row_groups:3",
+        "attn.out_proj.weight": "auto",
+        "cross.q_proj_weight": "auto",
+        "cross.k_proj_weight": "auto",
+        "cross.v_proj_weight": "auto",
+        "cross.out_proj.weight": "auto",
+        "qkv.weight": "row_groups:3",
+        "head.weight": "auto",
+    }
+    # left out: the embedding and the decoder tied to it, norms, biases, cls_token, pos_embed
+
+
+def test_param_groups_has_one_penalized_group_per_layout_with_names():
+    model = Zoo()
+    groups = orthoopt.param_groups(model, ortho=3.0, ortho_smoothing=1e-2, exclude=["head"])
+    on = [g for g in groups if g["ortho"]]
+    assert [g["ortho_layout"] for g in on] == ["auto", "row_groups:4", "row_groups:3"]
+    assert all(g["ortho"] == 3.0 and g["ortho_smoothing"] == 1e-2 for g in on)
+    names = [n for g in groups for n in g["param_names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each parameter once, named
+    opt = orthoopt.OrthoAdamW(groups, lr=1e-3)
+    assert set(opt.orthogonality_errors()) == set(chosen(model)) - {"head.weight"}
+
+
+def test_lstm_gates_are_each_orthogonal_not_the_stack():
+    """issue 9: 'auto' made the whole (4h, h) weight_hh column-orthonormal, which leaves every
+    gate's h x h block with singular values below 1; the gate blocks make each gate orthogonal."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(16, 8)  # weight_ih (32, 16): gate blocks (8, 16) wide; weight_hh (32, 8): blocks (8, 8)
+    orthoopt.project_(lstm)
+    for name in ("weight_ih_l0", "weight_hh_l0"):
+        for gate in getattr(lstm, name).detach().chunk(4):
+            torch.testing.assert_close(torch.linalg.svdvals(gate), torch.ones(8), rtol=0, atol=1e-5)
+    assert max(orthoopt.named_orthogonality_errors(lstm).values()) < 1e-5
+    whole = nn.LSTM(16, 8)
+    orthoopt.project_([whole.weight_hh_l0])  # the old default: 'auto' on the whole stack
+    sv = torch.cat([torch.linalg.svdvals(g) for g in whole.weight_hh_l0.detach().chunk(4)])
+    assert sv.max() < 0.999  # no gate is orthogonal
+
+
+def test_mha_in_proj_blocks_are_q_k_v():
+    """MultiheadAttention splits in_proj_weight into q, k, v by rows: the three blocks of row_groups:3."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(8, 2, batch_first=True)
+    orthoopt.project_(attn)
+    for block in attn.in_proj_weight.detach().chunk(3):
+        torch.testing.assert_close(block @ block.T, torch.eye(8), rtol=0, atol=1e-5)
+    x = torch.randn(1, 3, 8)
+    with torch.no_grad():
+        _, weights = attn(x, x, x, need_weights=True, average_attn_weights=False)
+        (wq, wk, _), (bq, bk, _) = attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)
+        q = (x @ wq.T + bq).view(1, 3, 2, 4).transpose(1, 2)
+        k = (x @ wk.T + bk).view(1, 3, 2, 4).transpose(1, 2)
+        torch.testing.assert_close(weights, torch.softmax(q @ k.mT / 2.0, dim=-1))
+
+
+# -- patterns ---------------------------------------------------------------------------
+def _mlp() -> nn.Module:
+    return nn.Sequential(OrderedDict(body=nn.Linear(16, 8), act=nn.Tanh(), head=nn.Linear(8, 3)))
+
+
+def test_a_string_is_one_pattern():
+    """issue 8, bug 9: exclude='head' was read as the patterns h, e, a, d and the head stayed penalized."""
+    assert chosen(_mlp(), exclude="head") == {"body.weight": "auto"}
+    assert chosen(_mlp(), include="head") == {"head.weight": "auto"}
+    groups = orthoopt.param_groups(_mlp(), exclude="head")
+    assert [n for g in groups if g["ortho"] for n in g["param_names"]] == ["body.weight"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            {"exclude": ["classifier"]},
+            r"exclude pattern 'classifier' matches no parameter of Sequential.*modules are body, head",
+        ),
+        ({"include": ["bodyy"]}, r"include pattern 'bodyy'.*closest: 'body'"),
+        ({"exclude": ["head", "*.wieght"]}, r"'\*\.wieght' matches no parameter.*'body\.weight'"),
+        ({"layouts": {"tail": "rows"}}, r"layouts pattern 'tail' matches no parameter"),
+    ],
+)
+def test_a_pattern_that_matches_nothing_raises_with_real_names(kwargs, match):
+    model = _mlp()
+    with pytest.raises(ValueError, match=match):
+        orthoopt.param_groups(model, **kwargs)
+
+
+def test_resnet_exclude_head_raises_naming_fc():
+    """issue 9: exclude=['head'] on a ResNet, whose classifier is 'fc', was silent."""
+    tv = import_or_skip("torchvision")
+    model = tv.models.resnet18(num_classes=10)
+    with pytest.raises(ValueError, match=r"'head' matches no parameter of ResNet.*layer4, fc.*'fc\.weight'"):
+        orthoopt.param_groups(model, exclude=["head"])
+    assert "fc.weight" not in chosen(model, exclude=["fc"])
+
+
+def test_wrapped_model_names_match_the_bare_patterns():
+    model = _mlp()
+    compiled = torch.compile(model)  # names gain '_orig_mod.' (nothing is compiled until called)
+    parallel = nn.DataParallel(model)  # names gain 'module.', as under DDP
+    assert [n for n, _ in compiled.named_parameters()][0] == "_orig_mod.body.weight"
+    for wrapped, prefix in ((compiled, "_orig_mod."), (parallel, "module.")):
+        assert chosen(wrapped, exclude=["head"]) == {prefix + "body.weight": "auto"}
+        assert chosen(wrapped, include=["head.weight"]) == {prefix + "head.weight": "auto"}
+        assert chosen(wrapped, include=[prefix + "head"]) == {prefix + "head.weight": "auto"}
+    assert bare_name("module._orig_mod.layers.0._checkpoint_wrapped_module.fc.weight") == "layers.0.fc.weight"
+    assert bare_name("module") == "module"
+
+
+def test_include_of_a_weight_tied_to_an_embedding_wins():
+    """issue 8: include=['dec.weight'] on a weight tied to an nn.Embedding was ignored silently."""
+    model = Zoo()
+    got = select(model, include=["dec.weight"])
+    assert [(n, p is model.emb.weight, spec) for n, p, spec in got] == [("dec.weight", True, "auto")]
+    assert "dec.weight" not in chosen(model) and "emb.weight" not in chosen(model)
+
+
+def test_include_adds_raw_parameters_and_filters_modules():
+    model = Zoo()
+    assert chosen(model, include=["cls_token", "pos_embed"]) == {"cls_token": "auto", "pos_embed": "auto"}
+    assert chosen(model, include=["gru"]) == {"gru.weight_ih_l0": "row_groups:3", "gru.weight_hh_l0": "row_groups:3"}
+    # a glob names parameters: it passes over 1-D ones and takes an embedding it names
+    assert chosen(model, include=["emb.*"]) == {"emb.weight": "auto"}
+    assert chosen(model, include=["gru.*"]) == chosen(model, include=["gru"])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"include": ["head.bias"]}, r"'head\.bias' of shape \(20,\).*fewer than 2 dimensions"),
+        ({"include": ["norm"]}, r"'norm' matches 2 parameter\(s\) but selects none: 'norm\.weight' \(fewer than"),
+        ({"include": ["attn", "emb"]}, r"'emb' matches 1 parameter\(s\) .*'emb\.weight' \(of an embedding or norm"),
+        ({"exclude": ["conv", "deconv", "lstm", "gru", "rnn", "cell", "attn", "cross", "qkv", "head"]}, "no parameter"),
+        ({"include": ["dec"]}, r"'dec' matches 1 parameter\(s\) but selects none.*name a parameter in full"),
+        ({"include": ["head"], "layouts": {"qkv": "rows"}}, r"layouts pattern 'qkv' matches no constrained"),
+        ({"include": 3}, r"include must be a string or a list of strings"),
+    ],
+)
+def test_selection_errors_name_the_parameter_and_the_fix(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        orthoopt.param_groups(Zoo(), **kwargs)
+
+
+def test_nothing_to_constrain_is_an_error():
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.phi = nn.Parameter(torch.randn(4, 3, 2))
+
+    with pytest.raises(ValueError, match=r"no parameter of Raw is constrained.*include"):
+        orthoopt.param_groups(Raw())
+    assert chosen(Raw(), include=["phi"], layout="group_axis:1") == {"phi": "group_axis:1"}
+
+
+def test_layout_overrides():
+    model = Zoo()
+    assert set(chosen(model, layout="rows", include=["head", "conv"]).values()) == {"rows"}
+    assert chosen(model, layouts={"qkv.weight": "rows", "qkv": "columns"})["qkv.weight"] == "rows"  # the first wins
+    assert chosen(model, layouts={"qkv": "columns"})["qkv.weight"] == "columns"
+    assert chosen(model, layouts={"qkv": "columns"})["head.weight"] == "auto"
+    with pytest.raises(ValueError, match="unknown layout"):
+        chosen(model, layouts={"qkv": "diagonal"})
+
+
+def test_lazy_modules_must_be_initialized_first():
+    model = nn.Sequential(nn.LazyLinear(4))
+    with pytest.raises(ValueError, match=r"'0\.weight' is not initialized yet.*forward pass"):
+        orthoopt.param_groups(model)
+    model(torch.randn(2, 3))
+    assert chosen(model) == {"0.weight": "auto"}
+
+
+def test_every_default_layout_resolves_on_its_parameter():
+    model = Zoo()
+    for name, p, spec in select(model):
+        assert resolve_layout(spec, p.shape, name) is not None
+
+
+# -- the frameworks' models ---------------------------------------------------------------
+def test_hf_bert_selects_the_projections_not_embeddings_or_norms():
+    transformers = import_or_skip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
+    model = transformers.BertForSequenceClassification(config)
+    got = chosen(model, exclude=["classifier"])
+    per_layer = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"]
+    per_layer += ["intermediate.dense", "output.dense"]
+    want = {f"bert.encoder.layer.{i}.{m}.weight": "auto" for i in range(2) for m in per_layer}
+    assert got == {**want, "bert.pooler.dense.weight": "auto"}
+
+
+def test_hf_gpt2_c_attn_gets_its_three_column_blocks():
+    transformers = import_or_skip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_positions=8, n_embd=12, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    got = chosen(model)
+    assert got == {
+        "transformer.h.0.attn.c_attn.weight": "column_groups:3",
+        "transformer.h.0.attn.c_proj.weight": "auto",
+        "transformer.h.0.mlp.c_fc.weight": "auto",
+        "transformer.h.0.mlp.c_proj.weight": "auto",
+    }  # lm_head is tied to the token embedding
+    attn = model.transformer.h[0].attn
+    x = torch.randn(1, 3, 12)
+    q, k, v = attn.c_attn(x).split(12, dim=2)  # GPT-2's own split, by columns of the (in, 3·in) weight
+    w = attn.c_attn.weight
+    torch.testing.assert_close(k, x @ w[:, 12:24] + attn.c_attn.bias[12:24])
+
+
+def test_timm_vit_selects_blocks_not_tokens_and_qkv_rows_are_q_k_v():
+    timm = import_or_skip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
+    got = chosen(model)
+    assert "cls_token" not in got and "pos_embed" not in got  # issue 9: they were penalized
+    assert got["patch_embed.proj.weight"] == "auto" and got["head.weight"] == "auto"
+    assert got["blocks.0.attn.qkv.weight"] == "row_groups:3"
+    assert {n.split(".", 2)[2] for n in got if n.startswith("blocks.0.")} == {
+        "attn.qkv.weight",
+        "attn.proj.weight",
+        "mlp.fc1.weight",
+        "mlp.fc2.weight",
+    }
+    # timm's forward reads q, k, v off the three row blocks of qkv (as nn.MultiheadAttention does)
+    attn = model.blocks[0].attn
+    x = torch.randn(1, 5, 192)
+    seen = {}
+
+    def capture(q, k, v, *args, **kwargs):
+        seen.update(q=q, k=k, v=v)
+        return torch.zeros_like(q)
+
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", capture), torch.no_grad():
+        attn(x)
+    assert seen, "timm's attention did not call scaled_dot_product_attention"
+    w, b = attn.qkv.weight, attn.qkv.bias
+    for i, key in enumerate("qkv"):
+        block = (x @ w[192 * i : 192 * (i + 1)].T + b[192 * i : 192 * (i + 1)]).view(1, 5, 3, 64).transpose(1, 2)
+        torch.testing.assert_close(seen[key], block)
