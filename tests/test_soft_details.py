@@ -12,21 +12,21 @@ from orthoopt import soft
 
 
 def test_workspace_bytes_count_the_buffers_a_bucket_holds():
-    """r and S (m, n, n), and the stacked matrices with their delta (m, l, n) for a bucket of
-    several parameters, or one parameter-sized update for a bucket of one (the benchmark's
+    """R (m, n, n; S is formed in its place), and the stacked matrices with their delta
+    (m, l, n) for a bucket of several parameters, or one parameter-sized update for a bucket
+    of one, with Φ⁻ (m, l, n) kept across the base update for 'auto' (the benchmark's
     'workspace_x_params')."""
     a = nn.Parameter(torch.randn(3, 12, 4, dtype=torch.float64))
     b = nn.Parameter(torch.randn(12, 4, dtype=torch.float64))
     groups = [{"params": [a], "ortho_layout": "group_axis:0"}, {"params": [b], "ortho_layout": "columns"}]
-    for params, m, stacked in ((groups, 4, True), ([b], 1, False)):
-        opt = orthoopt.OrthoSGD(params, lr=0.1, ortho=1.0)
+    for params, beta, m, mats_held in ((groups, 1.0, 4, 2), ([b], 1.0, 1, 1), ([b], "auto", 1, 2)):
+        opt = orthoopt.OrthoSGD(params, lr=0.1, ortho=beta)
         for p in (a, b):
             p.grad = torch.zeros_like(p)
         opt.step()
         (bucket,) = opt._soft_plan()
-        grams, mats = 2 * m * 4 * 4, m * 12 * 4
-        expected = 8 * (grams + (2 * mats if stacked else mats))
-        assert bucket.workspace_bytes() == expected
+        grams, mats = m * 4 * 4, m * 12 * 4
+        assert bucket.workspace_bytes() == 8 * (grams + mats_held * mats)
 
 
 def _mixed_model_params():
