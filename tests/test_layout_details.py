@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import orthoopt
 from orthoopt.layout import LAYOUT_NAMES, resolve_layout
@@ -35,16 +36,18 @@ def test_column_groups_needs_a_matrix(spec, shape):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resolve_layout wraps a negative group axis with `% 3` before Layout.check sees it, so "
-    "ortho_layout='group_axis:-4' on a 3-D parameter is silently taken as axis 2 (-5 as 1, -6 as 0), "
-    "where group_axis:3 and the functional API's group_dim=-4 are refused",
-)
 @pytest.mark.parametrize("axis", [-4, -5, -6])
 def test_group_axis_below_minus_three_is_refused(axis):
-    with pytest.raises(ValueError, match=f"names axis {axis}"):
+    """Was silently taken as axis axis % 3 (-4 as 2): resolve_layout wrapped negative axes before the check."""
+    with pytest.raises(ValueError) as info:
         resolve_layout(f"group_axis:{axis}", (5, 4, 3), "w")
+    assert str(info.value) == (
+        f"w: layout 'group_axis:{axis}' names axis {axis}, but the parameter has 3 axes "
+        "(-3..2: 0, 1, 2, or -3, -2, -1 from the end); use group_axis:0, group_axis:1 or group_axis:2"
+    )
+    w = nn.Parameter(torch.randn(5, 4, 3))
+    with pytest.raises(ValueError, match=rf"'w'.*names axis {axis}.*-3\.\.2"):
+        orthoopt.OrthoSGD([("w", w)], lr=0.1, ortho=1.0, ortho_layout=f"group_axis:{axis}")
 
 
 def test_negative_group_axes_that_exist_are_the_positive_ones():
