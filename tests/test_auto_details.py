@@ -26,3 +26,18 @@ def test_update_products_of_half_matrices_take_an_lr_of_any_dtype():
         assert products.dtype == torch.float32
         expected = before.float().mT @ ((after.float() - before.float()) / lr.float()[:, None, None])
         torch.testing.assert_close(products, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_update_products_of_half_matrices_widen_whatever_workspace_is_given():
+    """The optimizer passes its update buffer (of the parameters' dtype, possibly ``after``
+    itself) as ``out``: for half matrices u must still be formed in float32, not in it."""
+    g = torch.Generator().manual_seed(3)
+    before = torch.randn(2, 6, 3, generator=g).to(torch.bfloat16)
+    after = (before.float() + 1e-2 * torch.randn(2, 6, 3, generator=g)).to(torch.bfloat16)
+    lr = torch.full((2,), 1e-2)
+    expected = before.float().mT @ ((after.float() - before.float()) / lr[:, None, None])
+    spare = after.clone()
+    for moved, out in ((after, torch.empty_like(before)), (spare, spare)):
+        products = auto.update_products(before, moved, lr, out=out)
+        assert products.dtype == torch.float32
+        torch.testing.assert_close(products, expected, rtol=1e-6, atol=1e-6)
