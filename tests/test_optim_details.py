@@ -7,6 +7,7 @@ test_torch_contract's and test_errors' since issue 8.)"""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -189,3 +190,120 @@ def test_orthogonalized_class_names_its_base_in_its_doc():
     RMSprop = orthoopt.orthogonalize(torch.optim.RMSprop)
     assert RMSprop.__doc__.startswith("RMSprop with a decoupled group-orthogonality step")
     assert ":class:`torch.optim.RMSprop`" in RMSprop.__doc__
+
+
+# -- found by the mutation run on today's optim.py (tests/MUTATION.md) -----------------------
+def test_module_getattr_makes_the_class_of_a_torch_optimizer_by_name():
+    """What unpickling a generated class calls in a process that has not made it yet
+    (test_torch_contract checks that in a child process, which mutmut does not see)."""
+    cls = orthoopt.optim.__getattr__("OrthoAdagrad")
+    assert cls is orthoopt.orthogonalize(torch.optim.Adagrad) and cls.__name__ == "OrthoAdagrad"
+    for name in ("OrthoNoSuchOptimizer", "Adagrad", "Orthoswa_utils", "OrthoOrthoSGD"):
+        with pytest.raises(AttributeError) as info:
+            orthoopt.optim.__getattr__(name)
+        assert str(info.value) == f"module 'orthoopt.optim' has no attribute {name!r}"
+
+
+class _OwnSGD(torch.optim.SGD):
+    """A user's optimizer outside torch.optim: its generated class exists only where it was made."""
+
+
+def test_a_generated_class_of_a_users_optimizer_unpickles_where_it_was_never_made(monkeypatch):
+    cls = orthoopt.orthogonalize(_OwnSGD)
+    w = nn.Parameter(torch.randn(8, 3))
+    opt = cls([w], lr=0.1, momentum=0.9, ortho=2.0)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    blob = pickle.dumps(opt)
+    # a fresh process: neither the module attribute nor the cache holds the class
+    monkeypatch.delattr(orthoopt.optim, cls.__name__)
+    monkeypatch.delitem(orthoopt.optim._ORTHO_CLASSES, _OwnSGD)
+    other = pickle.loads(blob)
+    assert isinstance(other, _OwnSGD) and type(other).__name__ == cls.__name__
+    assert other.param_groups[0]["ortho"] == 2.0
+    (v,) = other.param_groups[0]["params"]
+    assert torch.equal(other.state[v]["momentum_buffer"], opt.state[w]["momentum_buffer"])
+
+
+def test_a_pickle_without_the_newer_ortho_keys_gets_this_optimizers_defaults():
+    w = nn.Parameter(torch.randn(8, 3))
+    opt = orthoopt.OrthoSGD([w], lr=0.1, ortho=2.0, ortho_smoothing=0.01, ortho_every=2)
+    state = opt.__getstate__()
+    state["param_groups"] = [
+        {k: v for k, v in g.items() if k not in ("ortho_smoothing", "ortho_every")} for g in state["param_groups"]
+    ]
+    old = orthoopt.OrthoSGD.__new__(orthoopt.OrthoSGD)
+    old.__setstate__(state)
+    group = old.param_groups[0]
+    assert (group["ortho"], group["ortho_smoothing"], group["ortho_every"]) == (2.0, 0.01, 2)
+    w.grad = torch.zeros_like(w)
+    old.step()
+
+
+def test_plain_optimizers_and_a_models_layout_in_named_orthogonality_errors():
+    model = nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 8))
+    with pytest.raises(TypeError) as info:
+        orthoopt.named_orthogonality_errors(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert str(info.value) == (
+        "named_orthogonality_errors got a plain SGD, which constrains nothing: turn it into an orthoopt "
+        "optimizer first with orthoopt.constrain_(optimizer, model, ortho=...)"
+    )
+    # the (8, 3) weight: 'auto' takes its 3 columns, 'rows' cannot (8 rows of length 3) and is refused
+    auto = orthoopt.named_orthogonality_errors(model)
+    with torch.no_grad():
+        expected = orthoopt.orthogonality_error(model[0].weight, group_dim=None).item()
+    assert auto["0.weight"] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="'0.weight'.*layout 'rows'"):
+        orthoopt.named_orthogonality_errors(model, "rows")
+
+
+def test_differentiable_groups_are_refused_with_the_whole_reason():
+    w = nn.Parameter(torch.randn(8, 3))
+    with pytest.raises(ValueError) as info:
+        orthoopt.OrthoSGD([w], lr=0.1, ortho=1.0, differentiable=True)
+    assert str(info.value) == (
+        "param group 0: differentiable=True with ortho=1.0: orthoopt's orthogonality step is not "
+        "differentiable, so autograd through step() would treat it as a constant and give wrong "
+        "gradients. Put the parameters you differentiate through in a group with ortho=0, or use "
+        "differentiable=False"
+    )
+
+
+class _NoClosureStep(torch.optim.Optimizer):
+    """A user's optimizer whose step takes no closure (plain gradient descent)."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def test_a_base_step_without_a_closure_argument_is_called_without_one():
+    w = nn.Parameter(torch.randn(8, 3, dtype=torch.float64))
+    v = nn.Parameter(w.detach().clone())
+    w.grad = torch.randn_like(w)
+    v.grad = w.grad.clone()
+    orthoopt.orthogonalize(_NoClosureStep)([w], lr=0.05, ortho=1.0).step()
+    orthoopt.OrthoSGD([v], lr=0.05, ortho=1.0).step()  # the same base update: p - lr·g
+    assert torch.equal(w.detach(), v.detach()) and not torch.equal(w.detach(), w.grad)
+
+
+def test_float32_state_of_a_half_parameter_is_a_copy_of_the_checkpoints():
+    """Stepping a resumed optimizer must not write into the checkpoint it was loaded from
+    (torch's cast to bfloat16 copies; orthoopt's kept float32 state must too)."""
+    w = nn.Parameter(torch.randn(8, 3, dtype=torch.bfloat16))
+    opt = orthoopt.OrthoSGD([w], lr=0.1, momentum=0.9, ortho=1.0)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    opt.state[w]["momentum_buffer"] = opt.state[w]["momentum_buffer"].float()
+    saved = opt.state_dict()
+    kept = copy.deepcopy(saved)
+    fresh = orthoopt.OrthoSGD([w], lr=0.1, momentum=0.9, ortho=1.0)
+    fresh.load_state_dict(saved)
+    assert fresh.state[w]["momentum_buffer"].dtype == torch.float32
+    fresh.step()
+    assert not torch.equal(fresh.state[w]["momentum_buffer"], kept["state"][0]["momentum_buffer"])
+    assert torch.equal(saved["state"][0]["momentum_buffer"], kept["state"][0]["momentum_buffer"])
