@@ -307,3 +307,16 @@ def test_float32_state_of_a_half_parameter_is_a_copy_of_the_checkpoints():
     fresh.step()
     assert not torch.equal(fresh.state[w]["momentum_buffer"], kept["state"][0]["momentum_buffer"])
     assert torch.equal(saved["state"][0]["momentum_buffer"], kept["state"][0]["momentum_buffer"])
+
+
+def test_a_groups_own_differentiable_setting_decides_at_construction():
+    w, v = nn.Parameter(torch.randn(8, 3)), nn.Parameter(torch.randn(8, 3))
+    with pytest.raises(ValueError, match=r"^param group 1: differentiable=True with ortho=1.0"):
+        orthoopt.OrthoSGD([{"params": [w]}, {"params": [v], "differentiable": True}], lr=0.1, ortho=1.0)
+    # differentiable by default, but not the penalized group: accepted
+    opt = orthoopt.OrthoSGD(
+        [{"params": [w], "ortho": 0.0}, {"params": [v], "differentiable": False, "ortho": 1.0}],
+        lr=0.1,
+        differentiable=True,
+    )
+    assert [g["differentiable"] for g in opt.param_groups] == [True, False]
