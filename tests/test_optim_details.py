@@ -320,3 +320,11 @@ def test_a_groups_own_differentiable_setting_decides_at_construction():
         differentiable=True,
     )
     assert [g["differentiable"] for g in opt.param_groups] == [True, False]
+
+
+def test_the_step_size_check_takes_each_groups_own_lr():
+    w, v = nn.Parameter(torch.randn(8, 3)), nn.Parameter(torch.randn(8, 3))
+    with pytest.raises(ValueError, match=r"^param group 1: parameter 'v': 2·lr·ortho = 2e\+20 is beyond"):
+        orthoopt.OrthoSGD([{"params": [("w", w)]}, {"params": [("v", v)], "lr": 1e20}], lr=0.1, ortho=1.0)
+    opt = orthoopt.OrthoSGD([{"params": [w], "lr": 0.1}], lr=1e20, ortho=1.0)  # its own lr is fine
+    assert opt.param_groups[0]["lr"] == 0.1
