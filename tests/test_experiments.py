@@ -57,10 +57,15 @@ ROWS = {
         "OrthoAdamW β=3, δ=1e-2",
         "OrthoAdamW β='auto'",
     },
+    "copying": {"none", "soft", "soft-auto", "hard", "geotorch"},
+    "mppca": {"none", "soft", "soft-huber", "soft-auto", "hard"},
 }
 # On the manifold or pulled to it: at least 10x below the unconstrained run's error (measured
 # in quick mode: 60x for landing on Procrustes, 200x or more for the others).
 CONSTRAINED = ("soft", "soft-auto", "hard", "landing")
+# The copying task's recurrent matrix starts orthonormal, so 40 unconstrained steps stay close
+# (quick mode: 2.2e-3, against soft's 5.6e-4 and hard's 5e-7): there, at least 2x below.
+CLOSER = {"copying": 2}
 
 
 def tables(text: str) -> list[list[dict[str, str]]]:
@@ -96,8 +101,9 @@ def test_script_runs_quick(name, tmp_path):
     found = [table for f in written for table in tables(f.read_text())]
     assert found, f"{name}: no table in {written}"
     for table in found:
-        label = next(k for k in ("method", "optimizer", "run") if k in table[0])
-        assert {row[label] for row in table} >= ROWS[name], (name, [row[label] for row in table])
+        label = next(k for k in ("method", "optimizer", "run", "variant") if k in table[0])
+        if label != "variant":  # the copying task's variants of soft and hard, besides its methods
+            assert {row[label] for row in table} >= ROWS[name], (name, [row[label] for row in table])
         for row in table:
             assert row.get("status", "ok") == "ok", (name, row)
             for key, cell in row.items():
@@ -105,8 +111,8 @@ def test_script_runs_quick(name, tmp_path):
                 assert value is None or math.isfinite(value), (name, row[label], key, cell)
         errors = {row[label]: _number(row["orth max-abs"]) for row in table if "orth max-abs" in row}
         if "none" in errors:
-            for method in CONSTRAINED:
-                assert errors[method] < errors["none"] / 10, (name, method, errors)
+            for method in (m for m in CONSTRAINED if m in ROWS[name]):
+                assert errors[method] < errors["none"] / CLOSER.get(name, 10), (name, method, errors)
         for row in table:
             if "final max error" in row:  # the seed tensor, penalty alone: from O(1) to rounding
                 assert _number(row["final max error"]) < 1e-3 * _number(row["start"]), (name, row)
