@@ -232,10 +232,12 @@ def test_a_pickle_without_the_newer_ortho_keys_gets_this_optimizers_defaults():
     state["param_groups"] = [
         {k: v for k, v in g.items() if k not in ("ortho_smoothing", "ortho_every")} for g in state["param_groups"]
     ]
+    del state["defaults"]["ortho_nonfinite"]  # a key the pickle's orthoopt did not have at all
     old = orthoopt.OrthoSGD.__new__(orthoopt.OrthoSGD)
     old.__setstate__(state)
     group = old.param_groups[0]
     assert (group["ortho"], group["ortho_smoothing"], group["ortho_every"]) == (2.0, 0.01, 2)
+    assert group["ortho_nonfinite"] == orthoopt.optim.ORTHO_DEFAULTS["ortho_nonfinite"] == "warn"
     w.grad = torch.zeros_like(w)
     old.step()
 
@@ -328,3 +330,12 @@ def test_the_step_size_check_takes_each_groups_own_lr():
         orthoopt.OrthoSGD([{"params": [("w", w)]}, {"params": [("v", v)], "lr": 1e20}], lr=0.1, ortho=1.0)
     opt = orthoopt.OrthoSGD([{"params": [w], "lr": 0.1}], lr=1e20, ortho=1.0)  # its own lr is fine
     assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_a_set_of_parameters_is_refused_with_torchs_own_message():
+    params = {nn.Parameter(torch.randn(8, 3))}
+    with pytest.raises(TypeError) as plain:
+        torch.optim.SGD([{"params": params}], lr=0.1)
+    with pytest.raises(TypeError) as ortho:
+        orthoopt.OrthoSGD([{"params": params}], lr=0.1, ortho=1.0)
+    assert str(ortho.value) == str(plain.value)
