@@ -331,6 +331,9 @@ def test_the_step_size_check_takes_each_groups_own_lr():
         orthoopt.OrthoSGD([{"params": [("w", w)]}, {"params": [("v", v)], "lr": 1e20}], lr=0.1, ortho=1.0)
     opt = orthoopt.OrthoSGD([{"params": [w], "lr": 0.1}], lr=1e20, ortho=1.0)  # its own lr is fine
     assert opt.param_groups[0]["lr"] == 0.1
+    # every 4th step with 4 times the step size: 2·lr·ortho·4 = 4e19 is checked, not 1e19
+    with pytest.raises(ValueError, match=r"2·lr·ortho = 4e\+19 is beyond"):
+        orthoopt.OrthoSGD([w], lr=5e18, ortho=1.0, ortho_every=4)
 
 
 def test_a_set_of_parameters_is_refused_with_torchs_own_message():
