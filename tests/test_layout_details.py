@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import orthoopt
-from orthoopt.layout import LAYOUT_NAMES, resolve_layout
+from orthoopt.layout import LAYOUT_NAMES, Layout, resolve_layout
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,15 @@ def test_an_impossible_layout_ends_with_its_fix(spec, shape, fix):
     with pytest.raises(ValueError) as info:
         resolve_layout(spec, shape, "layer.weight")
     assert str(info.value).endswith(" can be orthonormal. " + fix)
+
+
+def test_a_hand_made_row_groups_layout_of_the_wrong_side_is_refused_with_its_fix():
+    """resolve_layout always picks each block's shorter side; a Layout made by hand may not."""
+    with pytest.raises(ValueError) as info:
+        Layout("row_groups", 2, tall=True).check((4, 12), "w")  # blocks 2 x 12: their 12 columns
+    assert str(info.value).endswith(
+        " can be orthonormal. Leave 'tall' to resolve_layout, which picks the shorter side of each block."
+    )
 
 
 @pytest.mark.parametrize("spec, shape", [("column_groups:2", (4, 6, 2)), ("column_groups:1", (4, 6, 1, 1))])
