@@ -84,3 +84,24 @@ def test_canonical_layout_names_the_option_by_default():
         orthoopt.layout.canonical_layout("diagonal")
     with pytest.raises(TypeError, match=r"^ortho_layout must be a layout string"):
         orthoopt.layout.canonical_layout(3)
+
+
+@pytest.mark.parametrize(
+    "spec, shape, message",
+    [
+        (
+            "row_groups:3",
+            (8, 5),
+            "splits 8 rows into 3 equal blocks, which does not divide; choose a number of blocks that divides 8",
+        ),
+        (
+            "column_groups:3",
+            (5, 8),
+            "splits 8 columns into 3 equal groups, which does not divide; choose a number of groups that divides 8",
+        ),
+    ],
+)
+def test_groups_that_do_not_divide_name_the_side_to_divide(spec, shape, message):
+    with pytest.raises(ValueError) as info:
+        resolve_layout(spec, shape, "w")
+    assert str(info.value) == f"w: layout '{spec}' {message}"
