@@ -123,7 +123,7 @@ class Layout:
         if self.kind == "group_axis" and not -3 <= self.arg < 3:
             raise ValueError(
                 f"{name}: layout '{self}' names axis {self.arg}, but the parameter has 3 axes "
-                f"(0, 1, 2); use group_axis:0, group_axis:1 or group_axis:2"
+                f"(-3..2: 0, 1, 2, or -3, -2, -1 from the end); use group_axis:0, group_axis:1 or group_axis:2"
             )
         if self.kind == "column_groups" and (self.arg < 1 or shape[1] % self.arg):
             raise ValueError(
@@ -194,8 +194,8 @@ def resolve_layout(spec: str | Layout, shape: torch.Size | tuple[int, ...], name
         for s in shape[1:]:
             cols *= s
         layout = Layout("rows" if rows <= cols else "columns")
-    elif layout.kind == "group_axis" and len(shape) == 3 and layout.arg < 0:
-        layout = Layout("group_axis", layout.arg % 3)
+    elif layout.kind == "group_axis" and len(shape) == 3 and -3 <= layout.arg < 0:
+        layout = Layout("group_axis", layout.arg + 3)  # below -3 is left for check to refuse
     elif layout.kind == "row_groups" and len(shape) == 2 and layout.arg >= 1 and shape[0] % layout.arg == 0:
         # each block by init.orthogonal_'s rule: its rows unless it is taller than wide
         layout = Layout("row_groups", layout.arg, tall=shape[0] // layout.arg > shape[1])

@@ -53,9 +53,24 @@ def test_shared_init_is_shared(quick_pca):
 
 
 def test_methods_differ(quick_pca):
-    finals = {r.method: r.final["loss"] for r in quick_pca.runs if r.seed == 0}
-    assert finals["soft"] != finals["none"] and finals["frobenius"] != finals["soft"]
-    assert finals["landing"] != finals["none"]
+    """PCA's objective -½ Σ tr(ΦᵢᵀCᵢΦᵢ) falls as the columns of Φ grow.  In 12 steps from the
+    same orthonormal draw, the base optimizer alone grows them (error 2e-2, measured); the L1
+    step, 'auto', landing and hard mode hold them at least 50x closer (measured: 100x for
+    soft-auto, 350x for soft, 1000x for landing); the quadratic Frobenius penalty, flat near the
+    manifold, only halves the drift.  The unconstrained run buys its lower objective with that
+    drift, Frobenius about half of it (measured: 2.4e-3 to 3.3e-3 in loss between each)."""
+    for seed in (0, 1):
+        final = {r.method: r.final for r in quick_pca.runs if r.seed == seed}
+        error = {m: f["orth_max"] for m, f in final.items()}
+        loss = {m: f["loss"] for m, f in final.items()}
+        assert error["none"] > 1e-2
+        for method in ("soft", "soft-auto", "landing", "hard"):
+            assert error[method] < error["none"] / 50, (seed, method, error)
+        assert error["soft-huber"] < error["none"] / 10  # Huber holds |R| to about δλ/(2β) (measured 30x)
+        assert 10 * error["soft"] < error["frobenius"] < 0.8 * error["none"], (seed, error)
+        assert loss["none"] < loss["frobenius"] - 1e-3 and loss["frobenius"] < loss["soft"] - 1e-3, (seed, loss)
+        # On the manifold the methods differ only in their path: within 1e-3 of each other.
+        assert max(abs(loss[m] - loss["soft"]) for m in ("soft-auto", "soft-huber", "hard")) < 1e-3, (seed, loss)
 
 
 def test_divergence_is_reported_and_others_finish(monkeypatch):

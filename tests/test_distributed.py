@@ -343,6 +343,10 @@ def test_fsdp2_soft_matches_unsharded(fsdp_runs):
         for name in ("up.weight", "down.weight", "head.weight", "mix", "heads"):
             moved = (dict(model.named_parameters())[name] - dict(free.named_parameters())[name]).abs().max()
             assert moved > 1e-3, name
+    # δ reaches the sharded step: the runs at δ = 0.05 and δ = 0 differ (on every path).
+    for name in ("up.weight", "down.weight", "head.weight", "mix", "heads"):
+        smoothed, exact = (ranks[0][s]["params"][name] for s in (0.05, 0.0))
+        assert (smoothed - exact).abs().max() > 1e-4, name
 
 
 def _plain(model: nn.Module) -> torch.optim.Optimizer:

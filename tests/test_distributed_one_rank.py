@@ -1,0 +1,157 @@
+"""The FSDP2 sharded soft step in the test process itself, on a one-rank gloo group.
+
+With one rank every path of :mod:`orthoopt.distributed` runs (the Gram all-reduce, the gather,
+the local step) with trivial communication, in a second or two and without a spawn, so that the
+sharded code is exercised (and seen by tools that trace the test process, such as mutmut).
+``tests/test_distributed.py`` checks 2 ranks with uneven and empty shards.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import orthoopt
+from orthoopt import distributed as odist
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60)
+    )
+    yield
+    dist.destroy_process_group()
+
+
+class _Net(nn.Module):
+    """``up.weight`` (7, 3) tall: Gram all-reduce; ``down.weight`` (3, 7) wide: gather;
+    ``mix`` (3, 5, 2) group_axis:0: local; ``heads`` (6, 4) column_groups:2: Gram all-reduce."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(3, 7)
+        self.down = nn.Linear(7, 3)
+        self.mix = nn.Parameter(torch.randn(3, 5, 2) / 2)
+        self.heads = nn.Parameter(torch.randn(6, 4) / 2)
+        self.head = nn.Linear(2, 1)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.down(torch.tanh(self.up(x))))
+        z = torch.einsum("bm,mlk->bk", h, self.mix) + torch.tanh(h @ self.heads[:3]).sum(-1, keepdim=True) * 0.1
+        return self.head(z)
+
+
+CONSTRAINED = ("up.weight", "down.weight", "mix", "heads")
+
+
+def _optimizer(model: nn.Module, **options) -> torch.optim.Optimizer:
+    named = dict(model.named_parameters())
+    groups = [
+        {"params": [(n, named[n]) for n in ("up.weight", "down.weight")], **options},
+        {"params": [("mix", named["mix"])], "ortho_layout": "group_axis:0", **options},
+        {"params": [("heads", named["heads"])], "ortho_layout": "column_groups:2", **options},
+        {"params": [(n, named[n]) for n in ("up.bias", "down.bias", "head.weight", "head.bias")]},
+    ]
+    return orthoopt.OrthoAdamW(groups, lr=0.05)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _sharded() -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Net()
+    fully_shard(model)
+    return model
+
+
+def _full(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if odist.is_dtensor(p) else p).detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"ortho": 0.5},
+        {"ortho": 0.1, "ortho_smoothing": 0.05},
+        {"ortho": 2.0, "ortho_penalty": "frobenius"},
+        {"ortho": "auto"},
+    ],
+    ids=["l1", "huber", "frobenius", "auto"],
+)
+def test_one_rank_sharded_step_is_the_unsharded_step(one_rank, options):
+    # Huber: 2η = 4·lr·β = 0.02 is below δ = 0.05, so that δ (not the no-crossing cutoff) shapes S.
+    model, ref, free = _sharded(), _Net(), _Net()
+    opt = _optimizer(model, **options)
+    _train(model, opt)
+    ref_opt = _optimizer(ref, **options)
+    _train(ref, ref_opt)
+    _train(free, torch.optim.AdamW(free.parameters(), lr=0.05))
+    got, want = _full(model), dict(ref.named_parameters())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name].detach(), rtol=0, atol=1e-12, msg=name)
+    for name in CONSTRAINED:  # the penalty moved them: the comparison is not of idle steps
+        assert (want[name] - dict(free.named_parameters())[name]).abs().max() > 1e-3, name
+    errors = opt.orthogonality_errors()
+    assert errors.keys() == set(CONSTRAINED)
+    for name, value in ref_opt.orthogonality_errors().items():
+        assert errors[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+    if options["ortho"] == "auto":
+        for p, q in zip(opt.param_groups[0]["params"], ref_opt.param_groups[0]["params"]):
+            torch.testing.assert_close(opt.state[p]["ortho_multiplier"], ref_opt.state[q]["ortho_multiplier"])
+
+
+def test_one_rank_paths_and_bytes(one_rank):
+    model = _sharded()
+    f64 = 8
+    expected = {
+        "up.weight": ("all_reduce", 1 * 3 * 3 * f64),
+        "down.weight": ("gather", 3 * 7 * f64),
+        "mix": ("local", 0),
+        "heads": ("all_reduce", 2 * 2 * 2 * f64),
+    }
+    assert odist.communication_per_step(_optimizer(model, ortho=0.5)) == expected
+    auto = {n: (how, nbytes * (2 if how == "all_reduce" else 3)) for n, (how, nbytes) in expected.items()}
+    assert odist.communication_per_step(_optimizer(model, ortho="auto")) == auto
+    assert odist.communication_per_step(_optimizer(model, ortho=0.0)) == {}
+    assert odist.communication_per_step(_optimizer(model, ortho=0.5, ortho_mode="hard")) == {}
+
+
+def test_one_rank_project_and_hard_refusal(one_rank):
+    model, ref = _sharded(), _Net()
+    orthoopt.project_(_optimizer(model, ortho=0.5))
+    orthoopt.project_(_optimizer(ref, ortho=0.5))
+    got = _full(model)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(got[name], p.detach(), rtol=0, atol=1e-12, msg=name)
+    hard = _optimizer(model, ortho=0.5, ortho_mode="hard")
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    before = _full(model)
+    with pytest.raises(NotImplementedError, match="parameter 'up.weight' is a DTensor.*ortho_mode='soft'"):
+        hard.step()
+    assert all(torch.equal(before[n], v) for n, v in _full(model).items())
+    assert len(hard.state) == 0
