@@ -365,7 +365,7 @@ def _fits(key: str, value: torch.Tensor, p: torch.Tensor, total: int) -> bool:
     parameter's shape, of a shape that broadcasts to it (Adafactor's factored row and column
     variances), scalars, or, LBFGS, vectors over all the parameters at once; orthoopt keeps
     stacked views of the parameter and per-matrix state (``ortho_*``, ``stiefel_*``)."""
-    if value.dim() == 0 or value.shape == p.shape or value.numel() == p.numel():
+    if value.dim() == 0 or value.shape == p.shape or (value.dim() == 1 and value.numel() == p.numel()):
         return True
     if key.startswith(("ortho", "stiefel")):
         return True

@@ -223,3 +223,17 @@ def test_copies_keep_the_ortho_defaults_and_add_param_group(copy_kind):
         p.grad = torch.randn_like(p)
     other.step()
     assert set(other.orthogonality_errors()) == {"group0.param0", "group1.param0"}
+
+
+def test_state_of_a_transposed_parameter_is_refused_at_load():
+    # Momentum of a (4, 6) weight loaded into a (6, 4) one has the right size but not the right
+    # shape: refused by load_state_dict, not left to fail at the first step (or worse).
+    old = nn.Parameter(torch.randn(4, 6))
+    opt = orthoopt.OrthoAdamW([old], lr=1e-2, ortho=1.0)
+    old.grad = torch.randn_like(old)
+    opt.step()
+    new = nn.Parameter(torch.randn(6, 4))
+    fresh = orthoopt.OrthoAdamW([new], lr=1e-2, ortho=1.0)
+    with pytest.raises(ValueError, match=r"shape \(4, 6\), but the parameter has shape \(6, 4\).*another model"):
+        fresh.load_state_dict(opt.state_dict())
+    assert not fresh.state
