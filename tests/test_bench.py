@@ -248,6 +248,9 @@ def test_compiled_step_matches_eager_and_lr_schedule_does_not_recompile():
         torch.compiler.set_stance("default")
         torch._dynamo.reset()
     assert not torch.equal(compiled[1], make()[0][1])  # it moved
+    # Dynamo runs a frame eagerly where tracing it fails, so matching eager alone would not show
+    # that the compiled step took its own plan: eager's would have been cached on the optimizer.
+    assert getattr(compiled_opt, "_soft_cache", None) is None and eager_opt._soft_cache is not None
 
 
 # -- the step's structure: reference, chunks, 'auto', every k steps -------------------------
