@@ -151,7 +151,13 @@ def test_one_rank_project_and_hard_refusal(one_rank):
     hard = _optimizer(model, ortho=0.5, ortho_mode="hard")
     model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
     before = _full(model)
-    with pytest.raises(NotImplementedError, match="parameter 'up.weight' is a DTensor.*ortho_mode='soft'"):
+    message = (
+        "and ortho_mode='hard' needs each whole matrix on one rank for its retraction; orthoopt does not "
+        "gather them. Use ortho_mode='soft' for sharded parameters (it supports FSDP2), or train with "
+        "DistributedDataParallel, under which hard mode works unchanged"
+    )
+    with pytest.raises(NotImplementedError, match=r"^parameter 'up.weight' is a DTensor \(placements .*\), ") as e:
         hard.step()
+    assert str(e.value).endswith(message)
     assert all(torch.equal(before[n], v) for n, v in _full(model).items())
     assert len(hard.state) == 0
