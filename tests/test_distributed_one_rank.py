@@ -161,3 +161,25 @@ def test_one_rank_project_and_hard_refusal(one_rank):
     assert str(e.value).endswith(message)
     assert all(torch.equal(before[n], v) for n, v in _full(model).items())
     assert len(hard.state) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_one_rank_bytes_past_other_groups_and_parameters(one_rank, dtype):
+    # An unpenalized group and an unsharded parameter come first, and nothing is named: every
+    # sharded parameter after them is still counted, under its group and index; a half
+    # parameter's Gram is all-reduced in float32.
+    net = _Net().to(dtype)
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(net)
+    plain = nn.Parameter(torch.randn(5, 2, dtype=dtype))
+    groups = [
+        {"params": [net.head.weight], "ortho": 0.0},
+        {"params": [plain, net.up.weight]},
+        {"params": [net.mix], "ortho_layout": "group_axis:0"},
+    ]
+    gram = 4 if dtype == torch.bfloat16 else 8
+    assert odist.communication_per_step(orthoopt.OrthoAdamW(groups, lr=0.05, ortho=0.5)) == {
+        "group1.param1": ("all_reduce", 1 * 3 * 3 * gram),
+        "group2.param0": ("local", 0),
+    }
