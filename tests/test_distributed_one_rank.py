@@ -172,14 +172,21 @@ def test_one_rank_bytes_past_other_groups_and_parameters(one_rank, dtype):
     from torch.distributed.fsdp import fully_shard
 
     fully_shard(net)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
     plain = nn.Parameter(torch.randn(5, 2, dtype=dtype))
+    mesh = init_device_mesh("cpu", (1,))
+    replicated = nn.Parameter(distribute_tensor(torch.randn(6, 3, dtype=dtype), mesh, [Replicate()]))
     groups = [
         {"params": [net.head.weight], "ortho": 0.0},
         {"params": [plain, net.up.weight]},
         {"params": [net.mix], "ortho_layout": "group_axis:0"},
+        {"params": [replicated]},  # a DTensor not sharded along dim 0: local, nothing sent
     ]
     gram = 4 if dtype == torch.bfloat16 else 8
     assert odist.communication_per_step(orthoopt.OrthoAdamW(groups, lr=0.05, ortho=0.5)) == {
         "group1.param1": ("all_reduce", 1 * 3 * 3 * gram),
         "group2.param0": ("local", 0),
+        "group3.param0": ("local", 0),
     }
