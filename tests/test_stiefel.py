@@ -267,17 +267,21 @@ def test_adamw_decoupled_weight_decay_is_ignored_for_hard_params_only():
     assert not torch.equal(lin.bias, lin2.bias)  # the bias still decays
 
 
-def test_maximize_flips_the_gradient():
+@pytest.mark.parametrize(
+    "cls,options", [(orthoopt.OrthoSGD, {"momentum": 0.5}), (orthoopt.OrthoAdam, {}), (orthoopt.OrthoAdamW, {})]
+)
+def test_maximize_flips_the_gradient(cls, options):
     torch.manual_seed(0)
     x0, g = polar(torch.randn(10, 4)), torch.randn(10, 4)
     a, b = nn.Parameter(x0.clone()), nn.Parameter(x0.clone())
-    opt_a = orthoopt.OrthoSGD([a], lr=0.1, momentum=0.5, maximize=True, **HARD, ortho_layout="columns")
-    opt_b = orthoopt.OrthoSGD([b], lr=0.1, momentum=0.5, **HARD, ortho_layout="columns")
+    opt_a = cls([a], lr=0.1, maximize=True, **options, **HARD, ortho_layout="columns")
+    opt_b = cls([b], lr=0.1, **options, **HARD, ortho_layout="columns")
     for _ in range(3):
         a.grad, b.grad = g.clone(), -g
         opt_a.step()
         opt_b.step()
     assert torch.equal(a, b)
+    assert (a - x0).abs().max() > 1e-2  # it moved
 
 
 # -- checkpoints ---------------------------------------------------------------------------
