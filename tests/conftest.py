@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from hypothesis import settings
+from torch import nn
 
 # The suite's tensors are tiny: one thread avoids OpenMP spin-waits on a loaded 2-core box.
 torch.set_num_threads(1)
@@ -55,3 +56,30 @@ def import_or_skip(name: str):
         pytest.skip(
             f"{name} does not import in this environment ({type(e).__name__}: {e}); pip install '.[integration]'"
         )
+
+
+class ShardingPathsNet(nn.Module):
+    """Every sharding path, with uneven and empty shards over 2 ranks.
+
+    ``up.weight`` (7, 3), 'columns' (tall, auto): Gram all-reduce; rows split 4 + 3.
+    ``down.weight`` (3, 7), 'rows' (wide, auto): gather; rows split 2 + 1.
+    ``head.weight`` (1, 2), 'rows': gather; rows split 1 + 0 (an empty shard).
+    ``mix`` (3, 5, 2), 'group_axis:0': whole groups per rank, local; split 2 + 1.
+    ``heads`` (6, 4), 'column_groups:2': Gram all-reduce of 2 groups; rows split 3 + 3.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(3, 7)
+        self.down = nn.Linear(7, 3)
+        self.mix = nn.Parameter(torch.randn(3, 5, 2) / 2)
+        self.heads = nn.Parameter(torch.randn(6, 4) / 2)
+        self.head = nn.Linear(2, 1)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.down(torch.tanh(self.up(x))))  # (B, 3)
+        z = torch.einsum("bm,mlk->bk", h, self.mix)  # (B, 2)
+        z = z + torch.tanh(h @ self.heads[:3]).sum(-1, keepdim=True) * 0.1
+        return self.head(z)

@@ -16,6 +16,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import ShardingPathsNet
 from torch import nn
 
 import orthoopt
@@ -152,33 +153,6 @@ def test_ddp_replicas_identical_and_equal_to_one_process(tmp_path):
 FSDP_STEPS = 20
 
 
-class _Net(nn.Module):
-    """Every sharding path, with uneven and empty shards over 2 ranks.
-
-    ``up.weight`` (7, 3), 'columns' (tall, auto): Gram all-reduce; rows split 4 + 3.
-    ``down.weight`` (3, 7), 'rows' (wide, auto): gather; rows split 2 + 1.
-    ``head.weight`` (1, 2), 'rows': gather; rows split 1 + 0 (an empty shard).
-    ``mix`` (3, 5, 2), 'group_axis:0': whole groups per rank, local; split 2 + 1.
-    ``heads`` (6, 4), 'column_groups:2': Gram all-reduce of 2 groups; rows split 3 + 3.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.up = nn.Linear(3, 7)
-        self.down = nn.Linear(7, 3)
-        self.mix = nn.Parameter(torch.randn(3, 5, 2) / 2)
-        self.heads = nn.Parameter(torch.randn(6, 4) / 2)
-        self.head = nn.Linear(2, 1)
-        self.double()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.down(torch.tanh(self.up(x))))  # (B, 3)
-        z = torch.einsum("bm,mlk->bk", h, self.mix)  # (B, 2)
-        z = z + torch.tanh(h @ self.heads[:3]).sum(-1, keepdim=True) * 0.1
-        return self.head(z)
-
-
 def _fsdp_optimizer(model: nn.Module, mode: str = "soft", smoothing: float = 0.0, ortho: float | str = 0.5):
     common = {"ortho": ortho, "ortho_mode": mode, "ortho_smoothing": smoothing}
     named = dict(model.named_parameters())
@@ -230,7 +204,7 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
     try:
         results = {}
         for smoothing in (0.0, 0.05):
-            model = _Net()
+            model = ShardingPathsNet()
             fully_shard(model)
             opt = _fsdp_optimizer(model, smoothing=smoothing)
             _train(model, opt, FSDP_STEPS, 3, rank)
@@ -247,7 +221,7 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
         from torch.distributed.tensor import Shard
 
         mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
-        model = _Net()
+        model = ShardingPathsNet()
         fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p is model.heads else None)
         opt = _fsdp_optimizer(model, smoothing=0.05)
         _train(model, opt, FSDP_STEPS, 3, rank)
@@ -265,13 +239,13 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
             "comm": odist.communication_per_step(opt),
             "errors": opt.orthogonality_errors(),
         }
-        model = _Net()
+        model = ShardingPathsNet()
         fully_shard(model)
         opt = _fsdp_optimizer(model, ortho="auto")
         _train(model, opt, FSDP_STEPS, 3, rank)
         results["auto"] = {n: p.full_tensor() for n, p in model.named_parameters()}
         results["auto_comm"] = odist.communication_per_step(opt)
-        model = _Net()
+        model = ShardingPathsNet()
         fully_shard(model)
         opt = _fsdp_optimizer(model)
         orthoopt.project_(opt)
@@ -287,7 +261,7 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
 def _try_hard_step() -> dict:
     from torch.distributed.fsdp import fully_shard
 
-    model = _Net()
+    model = ShardingPathsNet()
     fully_shard(model)
     opt = _fsdp_optimizer(model, mode="hard")
     x, y = next(_batches(1, 3))
@@ -324,10 +298,10 @@ def test_fsdp2_soft_matches_unsharded(fsdp_runs):
         "heads": ("all_reduce", 2 * 2 * 2 * 8),
     }
     for smoothing in (0.0, 0.05):
-        model = _Net()
+        model = ShardingPathsNet()
         opt = _fsdp_optimizer(model, smoothing=smoothing)
         _train(model, opt, FSDP_STEPS, 3)
-        free = _Net()
+        free = ShardingPathsNet()
         _train(free, _plain(free), FSDP_STEPS, 3)
         for name, ref in model.named_parameters():
             for r in range(WORLD):
@@ -355,7 +329,7 @@ def _plain(model: nn.Module) -> torch.optim.Optimizer:
 
 def test_hsdp_mesh_and_dim1_sharding(fsdp_runs):
     """A 2-D mesh reduces over its shard dim only; a Shard(1) parameter takes the gather path."""
-    model = _Net()
+    model = ShardingPathsNet()
     _train(model, _fsdp_optimizer(model, smoothing=0.05), FSDP_STEPS, 3)
     for r in range(WORLD):
         hsdp = fsdp_runs[r]["hsdp"]
@@ -407,7 +381,7 @@ def test_fsdp2_row_groups_take_the_gather_path_and_match_unsharded(fsdp_runs):
 
 def test_project_on_sharded_parameters_is_the_unsharded_projection(fsdp_runs):
     """``project_`` after ``fully_shard``: each rank keeps its part of the whole matrices' polar factor."""
-    model = _Net()
+    model = ShardingPathsNet()
     opt = _fsdp_optimizer(model)
     orthoopt.project_(opt)
     assert max(opt.orthogonality_errors().values()) < 1e-12
@@ -418,16 +392,16 @@ def test_project_on_sharded_parameters_is_the_unsharded_projection(fsdp_runs):
         assert projected["errors"].keys() == opt.orthogonality_errors().keys()
         assert max(projected["errors"].values()) < 1e-12
     # The projection moved the weights: the comparison above is not of untouched parameters.
-    assert (dict(_Net().named_parameters())["up.weight"] - model.up.weight).abs().max() > 1e-2
+    assert (dict(ShardingPathsNet().named_parameters())["up.weight"] - model.up.weight).abs().max() > 1e-2
 
 
 def test_fsdp2_auto_beta_matches_unsharded(fsdp_runs):
     """ortho='auto' on every sharding path: β from the update, its products summed or gathered."""
-    model = _Net()
+    model = ShardingPathsNet()
     opt = _fsdp_optimizer(model, ortho="auto")
     _train(model, opt, FSDP_STEPS, 3)
     assert all("ortho_multiplier" in opt.state[p] for p in opt.param_groups[0]["params"])
-    free = _Net()
+    free = ShardingPathsNet()
     _train(free, _plain(free), FSDP_STEPS, 3)
     for r in range(WORLD):
         for name, ref in model.named_parameters():

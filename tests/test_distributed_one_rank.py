@@ -14,6 +14,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import ShardingPathsNet
 from torch import nn
 
 import orthoopt
@@ -36,26 +37,6 @@ def one_rank():
     )
     yield
     dist.destroy_process_group()
-
-
-class _Net(nn.Module):
-    """``up.weight`` (7, 3) tall: Gram all-reduce; ``down.weight`` (3, 7) wide: gather;
-    ``mix`` (3, 5, 2) group_axis:0: local; ``heads`` (6, 4) column_groups:2: Gram all-reduce."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.up = nn.Linear(3, 7)
-        self.down = nn.Linear(7, 3)
-        self.mix = nn.Parameter(torch.randn(3, 5, 2) / 2)
-        self.heads = nn.Parameter(torch.randn(6, 4) / 2)
-        self.head = nn.Linear(2, 1)
-        self.double()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.down(torch.tanh(self.up(x))))
-        z = torch.einsum("bm,mlk->bk", h, self.mix) + torch.tanh(h @ self.heads[:3]).sum(-1, keepdim=True) * 0.1
-        return self.head(z)
 
 
 CONSTRAINED = ("up.weight", "down.weight", "mix", "heads")
@@ -84,7 +65,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 def _sharded() -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = _Net()
+    model = ShardingPathsNet()
     fully_shard(model)
     return model
 
@@ -105,7 +86,7 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
 )
 def test_one_rank_sharded_step_is_the_unsharded_step(one_rank, options):
     # Huber: 2η = 4·lr·β = 0.02 is below δ = 0.05, so that δ (not the no-crossing cutoff) shapes S.
-    model, ref, free = _sharded(), _Net(), _Net()
+    model, ref, free = _sharded(), ShardingPathsNet(), ShardingPathsNet()
     opt = _optimizer(model, **options)
     _train(model, opt)
     ref_opt = _optimizer(ref, **options)
@@ -142,7 +123,7 @@ def test_one_rank_paths_and_bytes(one_rank):
 
 
 def test_one_rank_project_and_hard_refusal(one_rank):
-    model, ref = _sharded(), _Net()
+    model, ref = _sharded(), ShardingPathsNet()
     orthoopt.project_(_optimizer(model, ortho=0.5))
     orthoopt.project_(_optimizer(ref, ortho=0.5))
     got = _full(model)
@@ -168,7 +149,7 @@ def test_one_rank_bytes_past_other_groups_and_parameters(one_rank, dtype):
     # An unpenalized group and an unsharded parameter come first, and nothing is named: every
     # sharded parameter after them is still counted, under its group and index; a half
     # parameter's Gram is all-reduced in float32.
-    net = _Net().to(dtype)
+    net = ShardingPathsNet().to(dtype)
     from torch.distributed.fsdp import fully_shard
 
     fully_shard(net)
