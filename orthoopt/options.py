@@ -10,6 +10,7 @@ here too, so that the soft and the hard step report it in the same words.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import sys
@@ -223,6 +224,7 @@ def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> No
     warnings.warn(message, category, stacklevel=level)
 
 
+@functools.cache
 def step_size_limit(dtype: torch.dtype) -> float:
     # The soft step divides R by its cutoff 2η (l1) and rescales by η_i: with 2η above the
     # square root of the float's largest value, the cutoff and R/2η leave the float's range
@@ -233,13 +235,17 @@ def step_size_limit(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(wide).max)
 
 
-def check_step_size(eta: float, dtype: torch.dtype, name: str, group_index: int | None) -> None:
-    """Refuse ``η = 2·lr·ortho`` that the soft step cannot take in ``dtype``."""
+def check_step_size(eta: float, dtype: torch.dtype, name: str | Sequence[str], group_index: int | None) -> None:
+    """Refuse ``η = 2·lr·ortho`` that the soft step cannot take in ``dtype``; ``name``: the
+    parameter, or the names of a bucket's parameters (joined only for the error: this runs at
+    every soft step)."""
     if not dtype.is_floating_point:
         return
     limit = step_size_limit(dtype)
     if eta <= limit:
         return
+    if not isinstance(name, str):
+        name = ", ".join(dict.fromkeys(name))
     where = "" if group_index is None else f"param group {group_index}: "
     raise ValueError(
         f"{where}{name}: 2·lr·ortho = {eta:.3g} is beyond what the soft step can take in {dtype} "

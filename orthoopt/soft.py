@@ -268,7 +268,7 @@ class Bucket:
             else:
                 eta = self.eta(chunk, r)
                 if isinstance(eta, float):  # a tensor lr is not read back: that would sync
-                    check_step_size(eta, mats.dtype, ", ".join(dict.fromkeys(chunk.names)), None)
+                    check_step_size(eta, mats.dtype, chunk.names, None)
                 self._step(chunk, mats, r, r_max, finite, eta, r_top)
         return bad
 
