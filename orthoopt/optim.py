@@ -204,6 +204,7 @@ class OrthoMixin:
     def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with this optimizer's ortho options filled into saved groups that
         lack them; raises (before anything has changed) where it cannot be resumed."""
+        _check_same_grouping(state_dict["param_groups"], self.param_groups)
         saved_groups = [
             {**{k: group[k] for k in ORTHO_DEFAULTS if k in group}, **saved}
             for group, saved in zip(self.param_groups, state_dict["param_groups"])
@@ -358,6 +359,26 @@ class OrthoMixin:
                 if layout is not None:
                     errors[param_key(group, i, gi)] = _max_error(layout, p)
         return errors
+
+
+def _check_same_grouping(saved: list[dict], groups: list[dict]) -> None:
+    """torch maps saved state to parameters by their order over the groups: a checkpoint of
+    other groups (a plain optimizer's one group, before param_groups split it) cannot load."""
+    saved_sizes = [len(g["params"]) for g in saved]
+    sizes = [len(g["params"]) for g in groups]
+    if saved_sizes == sizes:
+        return
+    what = (
+        "loaded state dict has a different number of parameter groups"
+        if len(saved_sizes) != len(sizes)
+        else "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+    )
+    raise ValueError(
+        f"{what}: the checkpoint's groups hold {saved_sizes} parameters, this optimizer's {sizes}. A "
+        "checkpoint of the optimizer before the swap (param_groups or constrain_ split its groups) "
+        "loads into that optimizer: load it there, then swap with orthoopt.constrain_(optimizer, model), "
+        "which keeps the state"
+    )
 
 
 def _fits(key: str, value: torch.Tensor, p: torch.Tensor, total: int) -> bool:

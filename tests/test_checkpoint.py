@@ -237,3 +237,19 @@ def test_state_of_a_transposed_parameter_is_refused_at_load():
     with pytest.raises(ValueError, match=r"shape \(4, 6\), but the parameter has shape \(6, 4\).*another model"):
         fresh.load_state_dict(opt.state_dict())
     assert not fresh.state
+
+
+def test_a_plain_checkpoint_of_other_groups_is_refused_with_the_way_to_resume():
+    # The plain optimizer's one group against param_groups' split ones: torch maps state by the
+    # order over the groups, so the load is refused (before any change), saying how to resume.
+    model = _model()
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, plain)
+    opt = orthoopt.OrthoAdamW(orthoopt.param_groups(model, ortho=1.0), lr=1e-2)
+    with pytest.raises(ValueError, match=r"different number of parameter groups.*orthoopt\.constrain_"):
+        opt.load_state_dict(plain.state_dict())
+    assert not opt.state
+    swapped = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    swapped.load_state_dict(plain.state_dict())
+    orthoopt.constrain_(swapped, model, ortho=1.0)  # the documented way: state kept
+    assert all(torch.equal(swapped.state[p]["exp_avg"], plain.state[p]["exp_avg"]) for p in model.parameters())
