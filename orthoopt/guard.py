@@ -119,8 +119,8 @@ def after_step(
             _warn(
                 f"{name} is moving away from orthonormality: max |ΦᵀΦ - I| rose from {last:.3g} to "
                 f"{error:.3g} over the last {WATCH_EVERY} steps. The base optimizer's updates move it faster "
-                "than the soft step pulls it back: use ortho='auto' (or a larger ortho), a lower learning "
-                "rate, or ortho_mode='hard'"
+                f"than the soft step pulls it back: use {_stronger_pull(group)}, a lower learning rate, or "
+                "ortho_mode='hard'"
             )
             memory[key] = None  # warned: once per parameter
         elif key not in memory or last is not None:
@@ -151,3 +151,11 @@ def _start(group: dict, state: dict, p: torch.Tensor, layout: Layout, before: fl
             "or use a larger ortho; ortho_init='keep' silences this"
         )
     return error
+
+
+def _stronger_pull(group: dict) -> str:
+    """The soft options that pull harder than the group's own (the drift warning's advice)."""
+    ways = [] if group["ortho"] == "auto" else ["ortho='auto' (or a larger ortho)"]
+    if group.get("ortho_every", 1) > 1:
+        ways.append("ortho_every=1 (a k-fold step meets the step caps)")
+    return " or ".join(ways) or "a decaying learning rate"

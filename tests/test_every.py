@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import near_orthonormal
 
-from orthoopt import OrthoAdamW
+import orthoopt
+from orthoopt import OrthoAdamW, guard
 
 
 def _every_k_run(every, steps, *, ortho=1.0, save_at=None, tmp_path=None):
@@ -96,3 +97,21 @@ def test_every_k_is_refused_on_sharded_parameters_before_any_change(monkeypatch)
     with pytest.raises(NotImplementedError, match="parameter 'group0.param0' is sharded .* ortho_every=2"):
         opt.step()
     assert torch.equal(p.detach(), before) and not opt.state[p]
+
+
+def test_drift_warning_under_every_k_advises_every_step():
+    # At a constant high lr a k-fold step meets the step caps and holds less than k steps
+    # (README, ortho_every): the drift warning says so, and does not advise the 'auto' in use.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Linear(32, 2))
+    x, y = torch.randn(256, 16), torch.randint(0, 2, (256,))
+    opt = orthoopt.constrain_(
+        torch.optim.AdamW(net.parameters(), lr=1e-2), net, ortho="auto", exclude=["3"], ortho_every=2
+    )
+    with pytest.warns(guard.OrthogonalityWarning) as record:
+        for _ in range(200):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    drift = [str(w.message) for w in record if "moving away" in str(w.message)]
+    assert drift and all("use ortho_every=1" in m and "ortho='auto'" not in m for m in drift)
