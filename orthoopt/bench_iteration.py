@@ -408,16 +408,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config(argv: Sequence[str] | None) -> argparse.Namespace:
-    cfg = parser().parse_args(argv)
+    ap = parser()
+    cfg = ap.parse_args(argv)  # every refusal below is argparse's: exit code 2, before any work
     cfg.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available; use --device cpu")
+        ap.error("--device cuda: no CUDA device is available; use --device cpu")
     cfg.models = [m.strip() for m in cfg.models.split(",") if m.strip()]
     cfg.contenders = [c.strip() for c in cfg.contenders.split(",") if c.strip()]
     for flag, names, known in (("--models", cfg.models, MODELS), ("--contenders", cfg.contenders, CONTENDERS)):
         unknown = [n for n in names if n not in known]
         if unknown or not names:
-            raise SystemExit(f"{flag}: unknown {unknown or names}; choose from {', '.join(known)}")
+            ap.error(f"{flag}: unknown {unknown or names}; choose from {', '.join(known)}")
     if cfg.rounds is None:
         cfg.rounds = 2 if cfg.quick else 10
     if cfg.warmup is None:
@@ -425,9 +426,7 @@ def config(argv: Sequence[str] | None) -> argparse.Namespace:
     if cfg.slow_rounds is None:
         cfg.slow_rounds = min(cfg.rounds, max(2, cfg.rounds // 5))
     if min(cfg.rounds, cfg.runs, cfg.every, cfg.batches, cfg.slow_rounds) < 1 or cfg.warmup < 0 or not cfg.budget > 0:
-        raise SystemExit(
-            "--rounds, --slow-rounds, --runs, --every and --batches must be >= 1, --warmup >= 0 and --budget > 0"
-        )
+        ap.error("--rounds, --slow-rounds, --runs, --every and --batches must be >= 1, --warmup >= 0 and --budget > 0")
     cfg.out = cfg.out or f"bench_models_{cfg.device.type}.json"
     cfg.clock_fn = CLOCKS[cfg.clock] if cfg.device.type == "cpu" else time.perf_counter
     return cfg

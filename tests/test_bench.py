@@ -419,7 +419,7 @@ def test_models_benchmark_abandons_a_contender_over_budget():
     assert status == "ok" and 0 < seconds < 120
 
 
-def test_models_benchmark_through_the_cli(tmp_path):
+def test_models_benchmark_through_the_cli(tmp_path, capsys):
     from orthoopt import __main__ as cli
     from orthoopt import bench_iteration
 
@@ -433,8 +433,14 @@ def test_models_benchmark_through_the_cli(tmp_path):
     report = bench_iteration.run(bench_iteration.config(["--models", "mlp", "--quick", "--runs", "3"]))
     soft = report["results"][0]["contenders"]["soft"]
     assert len(soft["ratio_runs"]) == 3 and soft["ratio"] == sorted(soft["ratio_runs"])[1]  # the runs' median
-    with pytest.raises(SystemExit, match="--models: unknown"):
-        cli.main(["bench", "--models", "resnet"])
+    capsys.readouterr()
+    for argv, match in [
+        (["--models", "resnet"], "--models: unknown"),
+        (["--models", "mlp", "--every", "0"], "--every"),
+    ]:
+        with pytest.raises(SystemExit) as e:  # argparse's refusal: exit code 2, the reason on stderr
+            cli.main(["bench", *argv])
+        assert e.value.code == 2 and match in capsys.readouterr().err
 
 
 def test_every_k_experiment_and_targets_table_run(tmp_path, capsys):
