@@ -239,6 +239,8 @@ class ShardedBucket:
         return deltas
 
     def _before_step(self, e: _Entry, r: torch.Tensor, mats: torch.Tensor) -> Any:
+        if mats.shape[0] == 0:  # an empty shard on the local path holds no matrix to step
+            return mats.new_zeros(mats.shape)
         return _Staged(r, e.param.to_local().clone()) if e.auto else self._step(e, r, mats, e.eta)
 
     @torch.no_grad()

@@ -34,19 +34,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, *args) -> None:
+def _spawn(fn, *args, world: int = WORLD) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+    mp.spawn(fn, args=(_free_port(), *args), nprocs=world, join=True)
 
 
-def _init(rank: int, port: int) -> None:
+def _init(rank: int, port: int, world: int = WORLD) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
-        world_size=WORLD,
+        world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
 
@@ -417,3 +417,124 @@ def test_fsdp2_auto_beta_matches_unsharded(fsdp_runs):
         "mix": ("local", 0),
         "heads": ("all_reduce", 2 * 2 * 2 * 2 * 8),
     }
+
+
+# -- 4 ranks: a 2 x 2 mesh --------------------------------------------------------------
+MESH_STEPS = 5
+
+
+def _mesh_parameters() -> dict[str, tuple[torch.Tensor, str, str]]:
+    """``{name: (initial value, layout, placements)}`` on a 2 x 2 mesh ('R' Replicate, 'S' Shard(0)).
+
+    'RS' (HSDP: replicas along mesh dim 0) sums the Gram over mesh dim 1 only; 'SS' shards dim 0
+    over both mesh dims, so the sum runs over two groups; (3, 1) in 'SS' leaves shards of one
+    row and an empty one on the all-reduce path, (3, 2, 2) an empty one on the local path.
+    """
+    g = torch.Generator().manual_seed(3)
+
+    def near(*shape):
+        mats = torch.linalg.qr(torch.randn(*shape, generator=g, dtype=torch.float64))[0]
+        return mats + 0.05 * torch.randn(mats.shape, generator=g, dtype=torch.float64)
+
+    return {
+        "none": (torch.zeros(0, 3, dtype=torch.float64), "columns", "SS"),
+        "hsdp": (near(6, 3), "columns", "RS"),
+        "both": (near(8, 3), "columns", "SS"),
+        "thin": (near(3, 1), "columns", "SS"),
+        "stack": (near(3, 2, 2), "group_axis:0", "SS"),
+    }
+
+
+def _mesh_grads(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return {n: torch.randn(t.shape, generator=g, dtype=torch.float64) for n, (t, _, _) in _mesh_parameters().items()}
+
+
+def _mesh_optimizer(params: dict[str, torch.Tensor], ortho: float | str) -> torch.optim.Optimizer:
+    layouts = {n: layout for n, (_, layout, _) in _mesh_parameters().items()}
+    groups = [
+        {"params": [(n, params[n]) for n in ("none", "hsdp", "both", "thin")], "ortho_layout": "columns"},
+        {"params": [("stack", params["stack"])], "ortho_layout": layouts["stack"]},
+    ]
+    return orthoopt.OrthoAdamW(groups, lr=0.02, ortho=ortho)
+
+
+def _mesh_train(params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, shard=lambda n, grad: grad) -> None:
+    for step in range(MESH_STEPS):
+        for n, grad in _mesh_grads(step).items():
+            params[n].grad = shard(n, grad)
+        opt.step()
+
+
+MESH_ORTHO = (0.5, "auto")
+
+
+def _mesh_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    _init(rank, port, world=4)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2))
+        kinds = {"R": Replicate(), "S": Shard(0)}
+        placements = {n: [kinds[k] for k in spec] for n, (_, _, spec) in _mesh_parameters().items()}
+        results = {}
+        for ortho in MESH_ORTHO:
+            params = {
+                n: nn.Parameter(distribute_tensor(t.clone(), mesh, placements[n]))
+                for n, (t, _, _) in _mesh_parameters().items()
+            }
+            opt = _mesh_optimizer(params, ortho)
+            _mesh_train(params, opt, lambda n, grad: distribute_tensor(grad, mesh, placements[n]))
+            results[ortho] = {
+                "params": {n: p.full_tensor() for n, p in params.items()},
+                "local": {n: p.to_local().shape for n, p in params.items()},
+                "comm": odist.communication_per_step(opt),
+                "errors": opt.orthogonality_errors(),
+            }
+        torch.save(results, os.path.join(out, f"mesh-{rank}.pt"))
+    finally:
+        _shutdown()
+
+
+@pytest.mark.parametrize("ortho", MESH_ORTHO)
+def test_2x2_mesh_sums_over_the_shard_dims_only(mesh_runs, ortho):
+    """4 ranks: the Gram is summed over the mesh dims that shard dim 0, not over replicas, and
+    over both where both shard; shards of one row and empty shards on the all-reduce and local paths."""
+    ranks = [run[ortho] for run in mesh_runs]
+    params = {n: nn.Parameter(t.clone()) for n, (t, _, _) in _mesh_parameters().items()}
+    opt = _mesh_optimizer(params, ortho)
+    _mesh_train(params, opt)
+    # The shards are those the test is about.
+    assert [ranks[r]["local"]["thin"][0] for r in range(4)] == [1, 1, 1, 0]
+    assert [ranks[r]["local"]["stack"][0] for r in range(4)] == [1, 1, 1, 0]
+    assert [ranks[r]["local"]["hsdp"][0] for r in range(4)] == [3, 3, 3, 3]
+    # Per step: the Gram (m·n·n float64) once per mesh dim that shards dim 0; 'auto' adds the
+    # update's products, as many.
+    per_dim = 2 if ortho == "auto" else 1
+    for r in range(4):
+        # A zero-size parameter has no matrices and no entry; the ones after it have theirs.
+        assert ranks[r]["comm"] == {
+            "hsdp": ("all_reduce", 3 * 3 * 8 * per_dim),
+            "both": ("all_reduce", 3 * 3 * 8 * 2 * per_dim),
+            "thin": ("all_reduce", 1 * 1 * 8 * 2 * per_dim),
+            "stack": ("local", 0),
+        }
+        for n, ref in params.items():
+            torch.testing.assert_close(ranks[r]["params"][n], ref.detach(), rtol=0, atol=1e-12, msg=n)
+        assert ranks[r]["errors"].keys() == opt.orthogonality_errors().keys()
+        for n, ref in opt.orthogonality_errors().items():
+            assert ranks[r]["errors"][n] == pytest.approx(ref, abs=1e-12), n
+    # The penalty moved every constrained weight: a step without it would be far off.
+    free = {n: nn.Parameter(t.clone()) for n, (t, _, _) in _mesh_parameters().items()}
+    _mesh_train(free, torch.optim.AdamW(free.values(), lr=0.02))
+    for n in ("hsdp", "both", "thin", "stack"):
+        assert (params[n] - free[n]).abs().max() > 1e-3, n
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+    """One 4-process spawn on a 2 x 2 mesh: each rank's results, for β = 0.5 and 'auto'."""
+    out = tmp_path_factory.mktemp("mesh")
+    _spawn(_mesh_worker, str(out), world=4)
+    return [torch.load(out / f"mesh-{r}.pt") for r in range(4)]
