@@ -83,3 +83,53 @@ class ShardingPathsNet(nn.Module):
         z = torch.einsum("bm,mlk->bk", h, self.mix)  # (B, 2)
         z = z + torch.tanh(h @ self.heads[:3]).sum(-1, keepdim=True) * 0.1
         return self.head(z)
+
+
+# -- hard mode (tests/test_stiefel.py, tests/test_stiefel_details.py) ------------------------
+HARD = {"ortho": 1.0, "ortho_mode": "hard"}
+
+
+def stack_error(layout: str, p: torch.Tensor) -> float:
+    """``max |XᵀX - I|`` over the matrices of ``p`` under ``layout``, in float64."""
+    import orthoopt
+
+    lay = orthoopt.layout.resolve_layout(layout, p.shape, "p")
+    mats = lay.matrices(p.detach()).double()
+    eye = torch.eye(mats.shape[-1], dtype=torch.float64)
+    return (mats.mT @ mats - eye).abs().max().item()
+
+
+def quadratic_grad(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The gradient of 0.5‖A X - B‖², a real, point-dependent Euclidean gradient."""
+    return a.T @ (a @ x - b)
+
+
+def run_pair(
+    make_ours, make_geoopt, manifold: str, steps: int = 30, seed_buffer: bool = False, dtype=torch.float32, atol=2e-6
+):
+    """Our hard optimizer and geoopt's, each on a copy of one 10x4 point, ``steps`` steps of the
+    same quadratic loss, equal to ``atol`` after every step; returns the two optimizers."""
+    import geoopt
+
+    from orthoopt import stiefel
+    from orthoopt.penalty import polar
+
+    torch.manual_seed(0)
+    x0 = polar(torch.randn(10, 4).to(dtype))
+    a, b = torch.randn(12, 10).to(dtype), torch.randn(12, 4).to(dtype)
+    ours = nn.Parameter(x0.clone())
+    theirs = geoopt.ManifoldParameter(x0.clone(), manifold=stiefel.manifold(manifold))
+    opt, ref = make_ours([ours]), make_geoopt([theirs])
+    for t in range(steps):
+        ours.grad = quadratic_grad(ours.detach(), a, b)
+        theirs.grad = quadratic_grad(theirs.detach(), a, b)
+        if t == 0 and seed_buffer:
+            # geoopt starts its buffer at the raw Euclidean gradient; a zero buffer gives
+            # torch.optim.SGD's first step, which we follow (see orthoopt.stiefel).
+            ref.state[theirs]["momentum_buffer"] = torch.zeros_like(theirs)
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(ours.detach(), theirs.detach(), atol=atol, rtol=0, msg=f"step {t}")
+    # Both moved well beyond the tolerance: the agreement is not that of two idle optimizers.
+    assert (ours.detach() - x0).abs().max() > 1e-2
+    return opt, ref

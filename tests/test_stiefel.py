@@ -9,14 +9,13 @@ import warnings
 import geoopt
 import pytest
 import torch
+from conftest import HARD, quadratic_grad, run_pair, stack_error
 from torch import nn
 
 import orthoopt
 from orthoopt import stiefel
 from orthoopt.optim import param_groups
 from orthoopt.penalty import polar
-
-HARD = {"ortho": 1.0, "ortho_mode": "hard"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,13 +26,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def stack_error(layout: str, p: torch.Tensor) -> float:
-    lay = orthoopt.layout.resolve_layout(layout, p.shape, "p")
-    mats = lay.matrices(p.detach()).double()
-    eye = torch.eye(mats.shape[-1], dtype=torch.float64)
-    return (mats.mT @ mats - eye).abs().max().item()
 
 
 def is_tangent(x: torch.Tensor, v: torch.Tensor, atol: float = 1e-5) -> bool:
@@ -121,33 +113,6 @@ def test_canonical_layouts_stay_on_the_manifold_with_the_default_stabilize():
 
 
 # -- the proof that the rules are geoopt's -------------------------------------------------
-def quadratic_grad(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The gradient of 0.5‖A X - B‖², a real, point-dependent Euclidean gradient."""
-    return a.T @ (a @ x - b)
-
-
-def run_pair(make_ours, make_geoopt, manifold: str, steps: int = 30, seed_buffer: bool = False):
-    torch.manual_seed(0)
-    x0 = polar(torch.randn(10, 4))
-    a, b = torch.randn(12, 10), torch.randn(12, 4)
-    ours = nn.Parameter(x0.clone())
-    theirs = geoopt.ManifoldParameter(x0.clone(), manifold=stiefel.manifold(manifold))
-    opt, ref = make_ours([ours]), make_geoopt([theirs])
-    for t in range(steps):
-        ours.grad = quadratic_grad(ours.detach(), a, b)
-        theirs.grad = quadratic_grad(theirs.detach(), a, b)
-        if t == 0 and seed_buffer:
-            # geoopt starts its buffer at the raw Euclidean gradient; a zero buffer gives
-            # torch.optim.SGD's first step, which we follow (see orthoopt.stiefel).
-            ref.state[theirs]["momentum_buffer"] = torch.zeros_like(theirs)
-        opt.step()
-        ref.step()
-        torch.testing.assert_close(ours.detach(), theirs.detach(), atol=2e-6, rtol=0, msg=f"step {t}")
-    # Both moved well beyond the tolerance: the agreement is not that of two idle optimizers.
-    assert (ours.detach() - x0).abs().max() > 1e-2
-    return ours, theirs
-
-
 @pytest.mark.parametrize("manifold", ["euclidean", "canonical"])
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_matches_geoopt_riemannian_adam(manifold, amsgrad):
