@@ -253,3 +253,69 @@ def test_a_plain_checkpoint_of_other_groups_is_refused_with_the_way_to_resume():
     swapped.load_state_dict(plain.state_dict())
     orthoopt.constrain_(swapped, model, ortho=1.0)  # the documented way: state kept
     assert all(torch.equal(swapped.state[p]["exp_avg"], plain.state[p]["exp_avg"]) for p in model.parameters())
+
+
+_RESUME_ADVICE = (
+    "A checkpoint of the optimizer before the swap (param_groups or constrain_ split its groups) loads into that "
+    "optimizer: load it there, then swap with orthoopt.constrain_(optimizer, model), which keeps the state"
+)
+
+
+@pytest.mark.parametrize(
+    "saved_split, split, what",
+    [
+        ([4], [2, 2], "loaded state dict has a different number of parameter groups"),
+        (
+            [3, 1],
+            [2, 2],
+            "loaded state dict contains a parameter group that doesn't match the size of optimizer's group",
+        ),
+    ],
+)
+def test_a_checkpoint_of_other_groups_gives_torchs_reason_the_sizes_and_the_way_to_resume(saved_split, split, what):
+    params = list(_model().parameters())
+
+    def groups(sizes):
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [{"params": params[s : s + n]} for s, n in zip(starts, sizes)]
+
+    saved = orthoopt.OrthoAdamW(groups(saved_split), lr=1e-2, ortho=1.0)
+    opt = orthoopt.OrthoAdamW(groups(split), lr=1e-2, ortho=1.0)
+    with pytest.raises(ValueError) as refused:
+        opt.load_state_dict(saved.state_dict())
+    assert str(refused.value) == (
+        f"{what}: the checkpoint's groups hold {saved_split} parameters, this optimizer's {split}. {_RESUME_ADVICE}"
+    )
+
+
+class _FlatMomentumSGD(torch.optim.SGD):
+    """A user's optimizer that keeps its momentum flattened, one vector per parameter."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                flat = self.state[p].setdefault("flat_momentum", torch.zeros(p.numel(), dtype=p.dtype))
+                flat.mul_(0.9).add_(p.grad.reshape(-1))
+                p.add_(flat.view_as(p), alpha=-group["lr"])
+
+
+def test_a_users_flat_state_of_the_parameters_size_resumes_bitwise():
+    # A flat vector of the parameter's size fits a parameter of any shape (another shape of the
+    # same size does not, see above), also where several parameters make the total larger.
+    model = _model()
+    make = lambda: orthoopt.orthogonalize(_FlatMomentumSGD)(orthoopt.param_groups(model, ortho=1.0), lr=1e-2)  # noqa: E731
+    opt = make()
+    _train(model, opt)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    _train(model, opt)
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.load_state_dict(saved[0])
+    resumed = make()
+    resumed.load_state_dict(saved[1])
+    assert resumed.state[model[0].weight]["flat_momentum"].shape == (72,)
+    _train(model, resumed)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, after[n]), n
