@@ -43,7 +43,11 @@ def main(argv=None) -> None:
             times[c.name].append((time.process_time() - t0) / 20 * 1e3)
     ms = {k: statistics.median(v) for k, v in times.items()}
     print("CPU ms per step:", {k: round(v, 3) for k, v in ms.items()})
-    print(f"(soft - AdamW) / floor = {(ms['soft'] - ms['base']) / ms['floor']:.2f}")
+    if ms["floor"] > 0:
+        ratio = f"{(ms['soft'] - ms['base']) / ms['floor']:.2f}"
+    else:  # a tiny shape's blocks of steps can take less than one tick of the CPU clock
+        ratio = "not measured (the floor's steps took less than the CPU clock's resolution; use a larger --shape)"
+    print(f"(soft - AdamW) / floor = {ratio}")
     soft = contenders[-1]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):

@@ -466,6 +466,20 @@ def test_profile_script_runs(capsys):
     assert "(soft - AdamW) / floor =" in out and "aten::bmm" in out
 
 
+def test_profile_script_says_where_the_clock_cannot_measure_the_floor(capsys, monkeypatch):
+    # Seen under mutmut's forked workers: blocks of tiny steps read 0.0 ms of CPU time, and
+    # the ratio divided by zero.
+    from test_experiments import load
+
+    script = load("profile_soft_step")
+    monkeypatch.setattr(script.time, "process_time", lambda: 0.0)
+    script.main(["--shape", "4x8x2", "--steps", "2"])
+    assert (
+        "(soft - AdamW) / floor = not measured (the floor's steps took less than the CPU clock's"
+        in capsys.readouterr().out
+    )
+
+
 @pytest.mark.parametrize("many", [False, True])
 def test_cached_step_allocates_nothing_of_the_parameters_size_where_the_cap_is_checked(many):
     # lr·β large enough for the cap's row sums (n·η > 1/4): they need a workspace like R,
