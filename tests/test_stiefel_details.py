@@ -21,14 +21,6 @@ from orthoopt import stiefel
 from orthoopt.penalty import polar
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def recorded(step) -> list[str]:
     """The messages of the warnings that ``step()`` emits."""
     with warnings.catch_warnings(record=True) as rec:
