@@ -63,9 +63,12 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 
 
 def _sharded() -> nn.Module:
+    return _sharded_from(ShardingPathsNet())
+
+
+def _sharded_from(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = ShardingPathsNet()
     fully_shard(model)
     return model
 
@@ -171,3 +174,25 @@ def test_one_rank_bytes_past_other_groups_and_parameters(one_rank, dtype):
         "group2.param0": ("local", 0),
         "group3.param0": ("local", 0),
     }
+
+
+@pytest.mark.parametrize("options", [{"ortho": 0.5}, {"ortho": 0.1, "ortho_smoothing": 0.05}], ids=["l1", "huber"])
+def test_one_rank_warmup_step_at_lr_zero_changes_nothing(one_rank, options):
+    """The first step of a linear warmup runs at lr = 0, where the penalty's cutoff max(δ, 2η)
+    can be 0: the sharded step (which forms S without a workspace) must still be exactly zero
+    where entries of R are exactly zero, as they are for weights made of identity columns."""
+    plain = ShardingPathsNet()
+    with torch.no_grad():
+        plain.up.weight.copy_(torch.eye(7, 3))
+        plain.down.weight.copy_(torch.eye(3, 7))
+        plain.heads.copy_(torch.eye(6, 4))
+    model = _sharded_from(plain)
+    opt = _optimizer(model, **options)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 10)
+    before = _full(model)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    schedule.step()
+    for name, value in _full(model).items():
+        assert torch.equal(value, before[name]), name

@@ -200,3 +200,77 @@ def test_residual_is_written_into_the_workspace(dtype):
     assert penalty.residual(mats, out=out) is out
     expected = mats.double().mT @ mats.double() - torch.eye(4, dtype=torch.float64)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 if wide == torch.float32 else 1e-14)
+
+
+def _documented_step(r: torch.Tensor, mats: torch.Tensor, smoothing: float, kind: str, eta):
+    """``-η_i Φ_i S_i`` from the formulas of the docstrings alone (float64): S = 2R (Frobenius) or
+    clamp(R / max(δ, 2η)) (L1), and η_i = min(η, max|R|/(2 max|S|), ¼/‖S‖₂) with the
+    documented estimate of ‖S‖₂.  Also returns the spectral bound and the smaller of the others."""
+    eta = torch.as_tensor(eta, dtype=r.dtype).expand(r.shape[0])
+    if kind == "frobenius":
+        s = 2 * r
+    else:
+        s = (r / (2 * eta).clamp(min=smoothing)[:, None, None]).clamp(-1, 1)
+    others = torch.minimum(eta, r.abs().amax((-2, -1)) / (2 * s.abs().amax((-2, -1))))
+    spectral = 0.25 / penalty.spectral_norm(s)
+    eta_i = torch.minimum(others, spectral)
+    return -eta_i[:, None, None] * (mats @ s), spectral, others
+
+
+def _stack(scales, seed: int) -> torch.Tensor:
+    """Three 9x4 matrices ``c·Q + noise``, whose residuals are of the order of c² - 1 and the noise."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(3, 9, 4, generator=g, dtype=torch.float64)).Q
+    c, noise = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in zip(*scales))
+    return c * q + noise * torch.randn(3, 9, 4, generator=g, dtype=torch.float64)
+
+
+# (c, noise) per matrix, kind, δ, η.  In the "cap" cases the spectral cap binds, and the CPU's host
+# checks must not skip it: a wrong bound of max|S| from max|R|, or of η, would.
+STEP_CASES = {
+    # R ≈ 3I: max|S| = 2·max|R| ≈ 6, and n·max|S|·η ≈ 1.2 is above the cap: ‖S‖₂ ≥ 6 binds.
+    "frobenius_far_float_eta_cap": ([(2.0, 0.02), (2.0, 0.05), (1.0, 0.05)], "frobenius", 0.0, 0.05),
+    # η ≥ 2 per matrix, S = R/(2η): n·max|S|·η = 2·max|R| is above the cap for max|R| ≈ 0.3.
+    "l1_per_matrix_eta_above_one_cap": ([(1.0, 0.08), (1.0, 0.1), (1.0, 0.12)], "l1", 0.0, [2.0, 2.5, 3.0]),
+    "l1_float_eta_cap": ([(1.0, 0.3), (1.5, 0.3), (0.5, 0.3)], "l1", 0.0, 0.4),
+    "l1_sign_float_eta": ([(1.0, 0.1), (1.2, 0.05), (0.9, 0.2)], "l1", 0.0, 1e-3),
+    "huber_float_eta": ([(1.0, 0.1), (1.2, 0.05), (0.9, 0.2)], "l1", 0.05, 0.01),
+    "frobenius_per_matrix_eta": ([(1.0, 0.1), (1.2, 0.05), (0.9, 0.2)], "frobenius", 0.0, [0.5, 0.01, 2.0]),
+}
+
+
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_penalty_step_is_the_documented_step_with_and_without_the_callers_hints(case):
+    """The step of each matrix is the docstrings' formula, whether ``penalty_step`` computes
+    max|R| and its host copy itself or takes the optimizer's (``r_max``, ``r_top``, ``s_out``,
+    ``finite=True``), and for η as one float or one per matrix.  Those hints feed the CPU's
+    host checks that skip the spectral cap where it cannot bind; in the "cap" cases it binds."""
+    scales, kind, smoothing, eta = STEP_CASES[case]
+    mats = _stack(scales, seed=len(case))
+    eta = torch.tensor(eta, dtype=torch.float64) if isinstance(eta, list) else eta
+    r = penalty.residual(mats)
+    expected, spectral, others = _documented_step(r, mats, smoothing, kind, eta)
+    if case.endswith("_cap"):
+        assert (spectral < 0.9 * others).any()  # binds, by 10% at least
+    r_max = penalty.max_abs(r)
+    hints = {"finite": True, "r_max": r_max, "r_top": float(r_max.max())}
+    plain = penalty.penalty_step(r.clone(), mats, smoothing, kind, eta)
+    hinted = penalty.penalty_step(r.clone(), mats, smoothing, kind, eta, s_out=torch.empty_like(r), **hints)
+    in_place = r.clone()  # as the optimizer calls it: S formed in place of R
+    optimizers = penalty.penalty_step(in_place, mats, smoothing, kind, eta, s_out=in_place, **hints)
+    for got in (plain, hinted, optimizers):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.05])
+@pytest.mark.parametrize("workspace", [None, "r", "another"])
+def test_a_zero_step_size_gives_a_zero_step_where_the_residual_has_exact_zeros(workspace, smoothing):
+    """η = 0 (lr = 0, as at the first step of a warmup) is a step of exactly zero, also where
+    entries of R are exactly zero (columns with disjoint supports, here of the identity), with
+    or without a workspace for S (the sharded step has none)."""
+    mats = torch.eye(6, 3, dtype=torch.float64).repeat(2, 1, 1)
+    mats[1] *= 2  # R = 3I: zero off the diagonal, as R = 0 is in matrix 0
+    r = penalty.residual(mats)
+    s_out = {None: None, "r": r, "another": torch.empty_like(r)}[workspace]
+    step = penalty.penalty_step(r, mats, smoothing, "l1", 0.0, s_out=s_out)
+    assert torch.equal(step, torch.zeros_like(mats))

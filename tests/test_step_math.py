@@ -151,6 +151,19 @@ def test_shrunk_matrix_step_is_capped_by_its_spectral_norm():
     torch.testing.assert_close(w.detach(), 1.25 * phi, rtol=0, atol=1e-15)  # Φ(1 + ⅙·1.5)
 
 
+def test_grown_matrix_step_is_capped_by_its_spectral_norm():
+    """Frobenius, η = 0.05, Φ = 2·Q (R ≈ 3·I): the no-overshoot bound is 1/4, but the spectral
+    bound 1/(4‖2R‖₂) = 1/24 is below η and binds: Φ⁺ = Φ(I - 1/24·6·I) = ¾·Φ.  Large residuals
+    are where a host check that skips the cap (n·max|S|·η below ¼) must read max|S| = 2·max|R|."""
+    g = torch.Generator().manual_seed(5)
+    phi = 2 * torch.linalg.qr(torch.randn(12, 4, generator=g, dtype=torch.float64)).Q
+    w = nn.Parameter(phi.clone())
+    w.grad = torch.zeros_like(w)
+    opt = orthoopt.OrthoSGD([w], lr=0.05, ortho=0.5, ortho_penalty="frobenius", ortho_layout="columns")
+    opt.step()
+    torch.testing.assert_close(w.detach(), 0.75 * phi, rtol=0, atol=1e-14)
+
+
 @pytest.mark.parametrize("policy", ["warn", "skip"])
 def test_matrix_with_a_non_finite_residual_is_left_exactly_as_it_was(policy):
     """A matrix whose residual is not finite (here finite entries whose Gram overflows float32)
