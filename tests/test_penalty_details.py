@@ -274,3 +274,18 @@ def test_a_zero_step_size_gives_a_zero_step_where_the_residual_has_exact_zeros(w
     s_out = {None: None, "r": r, "another": torch.empty_like(r)}[workspace]
     step = penalty.penalty_step(r, mats, smoothing, "l1", 0.0, s_out=s_out)
     assert torch.equal(step, torch.zeros_like(mats))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA branch of residual needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_residual_of_half_matrices_on_cuda_is_float32_into_the_workspace(dtype):
+    """On CUDA a half-precision stack's Gram comes from one bmm with a float32 output (float32
+    accumulation, no float32 copy of the matrices), written into the optimizer's workspace."""
+    mats = torch.randn(3, 64, 16, dtype=torch.float64).to(dtype)
+    expected = mats.double().mT @ mats.double() - torch.eye(16, dtype=torch.float64)
+    out = torch.full((3, 16, 16), float("nan"), dtype=torch.float32, device="cuda")
+    assert penalty.residual(mats.cuda(), out=out) is out
+    fresh = penalty.residual(mats.cuda())
+    assert fresh.dtype == torch.float32 and torch.equal(fresh, out)
+    # float32 sums of 64 products (each exact in float32): a sum rounded to bf16 would be ~0.25 off
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=0, atol=2e-3)
