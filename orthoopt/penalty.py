@@ -35,6 +35,8 @@ __all__ = [
     "safe_step_size",
     "penalty_step",
     "max_abs",
+    "steppable",
+    "largest_residual",
     "max_error",
     "polar",
 ]
@@ -137,7 +139,7 @@ def safe_step_size(
             return no_overshoot.clamp_(max=eta).nan_to_num_(nan=0.0)
     else:
         rowsum = torch.abs(s, out=scratch).sum(-1).amax(-1)  # an upper bound of ‖S‖₂
-    bounded = MAX_MULTIPLIER_STEP / spectral_norm(s, rowsum=rowsum).clamp_min(tiny)
+    bounded = MAX_MULTIPLIER_STEP / spectral_norm(s, rowsum=rowsum, s_max=s_max).clamp_min(tiny)
     return torch.minimum(no_overshoot, bounded).clamp_(max=eta).nan_to_num_(nan=0.0)
 
 
@@ -145,6 +147,19 @@ def max_abs(x: torch.Tensor) -> torch.Tensor:
     """``max_jk |x_jk|`` per matrix of an ``(m, n, n)`` stack; NaN where a matrix holds one."""
     # max(amax, -amin): no (m, n, n) temporary for |x|, and far faster than vector_norm(inf)
     return torch.maximum(x.amax((-2, -1)), x.amin((-2, -1)).neg_())
+
+
+def largest_residual(kind: str, dtype: torch.dtype) -> float:
+    """The largest ``max|R|`` whose direction ``h'(R)`` is finite in ``dtype``: the float's max,
+    or half of it for the Frobenius penalty, whose ``2R`` overflows beyond."""
+    top = torch.finfo(dtype).max
+    return top / 2 if kind == "frobenius" else top
+
+
+def steppable(r_max: torch.Tensor, kind: str) -> torch.Tensor:
+    """Which matrices can take a penalty step: ``max|R|`` (from :func:`max_abs`) at most
+    :func:`largest_residual`; False where it is NaN or Inf."""
+    return r_max <= largest_residual(kind, r_max.dtype)
 
 
 def penalty_step(
@@ -165,15 +180,16 @@ def penalty_step(
 
     ``r`` is the residual of the *whole* matrices; ``mats`` may be row blocks of them (a
     shard): the step of each block is its rows of the whole step.  Matrices whose residual
-    is not finite get a zero step, so that a NaN stays where it is (``finite``: which are, or
-    True when the caller has checked them all).  ``r_max``: :func:`max_abs` of ``r``, if the
+    is not finite (or, for the Frobenius penalty, whose ``2R`` is not) get a zero step, so that a
+    NaN stays where it is (``finite``: which are :func:`steppable`, or True when the caller has
+    checked them all).  ``r_max``: :func:`max_abs` of ``r``, if the
     caller has it, and ``r_top`` its largest entry as a Python number.  ``s_out`` (like ``r``) and ``out`` (like ``mats``) are optional
     workspaces; with ``s_out`` given, ``r`` is spent as scratch, and ``s_out=r`` forms S in
     place of R.  ``scratch``: a workspace like ``r`` for the cap's row sums (else ``r`` where
     it is free, else one is allocated when the cap's check needs it).
     """
     r_max = max_abs(r) if r_max is None else r_max
-    finite = torch.isfinite(r_max) if finite is None else finite
+    finite = steppable(r_max, kind) if finite is None else finite
     cutoff = _no_crossing(smoothing, kind, eta)
     s = direction(r, cutoff, kind, out=torch.empty_like(r) if s_out is None else s_out)
     if scratch is None and s_out is not None and s_out is not r:
@@ -224,7 +240,9 @@ def _no_crossing(smoothing: float, kind: str, eta: torch.Tensor | float) -> torc
     return max(smoothing, 2 * eta)
 
 
-def spectral_norm(s: torch.Tensor, iters: int = 4, rowsum: torch.Tensor | None = None) -> torch.Tensor:
+def spectral_norm(
+    s: torch.Tensor, iters: int = 4, rowsum: torch.Tensor | None = None, s_max: torch.Tensor | None = None
+) -> torch.Tensor:
     """``‖S_i‖₂`` of symmetric ``(m, n, n)`` matrices, estimated by power iteration.
 
     The estimate approaches the norm from below; it is padded by 10% and never exceeds the
@@ -232,20 +250,33 @@ def spectral_norm(s: torch.Tensor, iters: int = 4, rowsum: torch.Tensor | None =
     4 iterations were within a factor 1.43 of the true norm (measured), against 1.28 for 8 at
     twice the cost.  The row-sum bound alone is ``√n/2`` times too tight for a full sign matrix
     (``‖S‖₂ ≈ 2√n`` against a row sum of ``n``), which would make the cap weak on wide layers.
-    ``rowsum``: the max-row-sum norm of ``s``, if the caller has it.
+    ``rowsum``: the max-row-sum norm of ``s``, and ``s_max``: :func:`max_abs` of ``s``, if the
+    caller has them.  Any ``‖S‖₂`` beyond the float's max reads as inf.
     """
     n = s.shape[-1]
     tiny = torch.finfo(s.dtype).tiny
+    # The norms square the entries of S·v, which overflow once ‖S‖₂ passes √(float max) (1.8e19
+    # in float32: a Frobenius S = 2R of weights near 1e9 does): the estimate would read 0 and
+    # the cap would not bind.  So v carries a factor 1/scale, a power of two near max|S| (1 where
+    # max|S| <= 1): an exact rescaling, the same bits wherever nothing overflowed.
+    scale = _power_of_two_below(max_abs(s) if s_max is None else s_max)[:, None, None]
     # A fixed, well-spread start vector: deterministic, and no draw from the user's RNG.
     v = torch.cos(torch.arange(n, device=s.device, dtype=s.dtype) * 2.399963).expand(s.shape[:-1]).unsqueeze(-1)
-    v, w = v.clone(), torch.empty_like(v)
+    v, w = v / scale, torch.empty_like(v)
     for _ in range(iters):
         torch.bmm(s, v, out=w)
-        torch.div(w, w.norm(dim=-2, keepdim=True).clamp_min_(tiny), out=v)
-    estimate = torch.bmm(s, v, out=w).norm(dim=(-2, -1))
+        torch.div(w, w.norm(dim=-2, keepdim=True).clamp_min_(tiny), out=v).div_(scale)
+    estimate = torch.bmm(s, v, out=w).norm(dim=(-2, -1), keepdim=True).mul_(scale).reshape(-1)
     if rowsum is None:
         rowsum = s.abs().sum(-1).amax(-1)
     return torch.minimum(estimate.mul_(1.1), rowsum)
+
+
+def _power_of_two_below(x: torch.Tensor) -> torch.Tensor:
+    # 2^(e-1) for x = f·2^e (f in [1/2, 1)) where x > 1, else 1: exact (a division whose exact
+    # result is representable), in (x/2, x], and finite for any finite x.
+    fraction, _ = torch.frexp(x)
+    return torch.where(x > 1, x / (2 * fraction), torch.ones_like(x))
 
 
 def max_error(mats: torch.Tensor) -> float:

@@ -25,7 +25,6 @@ call of ``step()`` only, with k times the step size; the count lives in the grou
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -273,13 +272,16 @@ class Bucket:
         return bad
 
     def _finite(self, r_max: torch.Tensor) -> tuple[torch.Tensor | bool, float | None]:
-        """Which matrices are finite (True: all), and ``max|R|`` on the host where it is free."""
+        """Which matrices can take a step (True: all; :func:`orthoopt.penalty.steppable`), and
+        ``max|R|`` on the host where it is free."""
         if r_max.is_meta:  # no values to look at
             return True, None
         if r_max.device.type == "cpu" and not torch.compiler.is_compiling():
             top = float(r_max.max())  # one read serves the finite check and the cap's check
-            return (True, top) if math.isfinite(top) else (torch.isfinite(r_max), None)
-        finite = torch.isfinite(r_max)
+            if top <= penalty.largest_residual(self.kind, r_max.dtype):  # False for NaN
+                return True, top
+            return penalty.steppable(r_max, self.kind), None
+        finite = penalty.steppable(r_max, self.kind)
         if self.nonfinite == "skip":  # no host sync
             return finite, None
         return (True, None) if bool(finite.all()) else (finite, None)

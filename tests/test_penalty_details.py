@@ -289,3 +289,31 @@ def test_residual_of_half_matrices_on_cuda_is_float32_into_the_workspace(dtype):
     assert fresh.dtype == torch.float32 and torch.equal(fresh, out)
     # float32 sums of 64 products (each exact in float32): a sum rounded to bf16 would be ~0.25 off
     torch.testing.assert_close(out.double().cpu(), expected, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_norm_scales_with_s_up_to_the_floats_max(dtype):
+    """‖2^k·S‖₂ is 2^k·‖S‖₂ up to where the norm itself overflows: the power iteration's squares
+    must not (they would from ‖S‖₂ ≈ 1.8e19 in float32, and read 0).  Bit for bit while the
+    rescaled iterates stay normal numbers; near the float's max, to its rounding."""
+    r = penalty.residual(torch.randn(3, 9, 7, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    exact, top = (100, 120) if dtype == torch.float32 else (900, 1000)  # 2^top·‖S‖₂ below the max
+    for s in (r.sign(), 2 * r):
+        s = s.to(dtype)
+        base = penalty.spectral_norm(s)
+        for k in (1, 30, 70, exact):
+            assert torch.equal(penalty.spectral_norm(s * 2.0**k), base * 2.0**k), k
+        torch.testing.assert_close(penalty.spectral_norm(s * 2.0**top), base * 2.0**top, rtol=1e-5, atol=0)
+    huge = torch.full((1, 4, 4), torch.finfo(dtype).max / 2, dtype=dtype)  # ‖S‖₂ = 2·max: inf
+    assert penalty.spectral_norm(huge).isinf().all()
+
+
+def test_steppable_is_a_finite_direction():
+    """A matrix can take a step where max|R| is finite, and for the Frobenius penalty where
+    2·max|R| is too (half the float's max is the largest such max|R|)."""
+    top = torch.finfo(torch.float32).max
+    r_max = torch.tensor([1.0, top / 2, top * 0.75, float("inf"), float("nan")])
+    assert penalty.largest_residual("l1", torch.float32) == top
+    assert penalty.largest_residual("frobenius", torch.float32) == top / 2
+    assert penalty.steppable(r_max, "l1").tolist() == [True, True, True, False, False]
+    assert penalty.steppable(r_max, "frobenius").tolist() == [True, True, False, False, False]

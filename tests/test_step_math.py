@@ -164,6 +164,43 @@ def test_grown_matrix_step_is_capped_by_its_spectral_norm():
     torch.testing.assert_close(w.detach(), 0.75 * phi, rtol=0, atol=1e-14)
 
 
+def test_frobenius_step_of_large_weights_keeps_the_singular_values_within_a_quarter():
+    """Float32 weights of column norm 1e10 (R ≈ 1e20, ‖S‖₂ = ‖2R‖₂ far above √(float max), where
+    squares overflow): the spectral cap still binds, so every singular value moves by at most
+    25% up to the estimate of ‖S‖₂ (4 power iterations padded by 10%, documented within a factor
+    1.43 of the norm: 25%·1.43/1.1 < 33%), instead of by the whole step η·Φ·2R (a factor 1e17)."""
+    g = torch.Generator().manual_seed(8)
+    w = nn.Parameter(1e10 * torch.randn(40, 12, generator=g) / 40**0.5)
+    w.grad = torch.zeros_like(w)
+    before = torch.linalg.svdvals(w.detach().double())
+    opt = orthoopt.OrthoSGD([w], lr=0.01, ortho=1.0, ortho_penalty="frobenius", ortho_layout="columns")
+    opt.step()
+    ratio = torch.linalg.svdvals(w.detach().double()) / before
+    assert ratio.min() >= 0.67 and ratio.max() <= 1.33, ratio
+    assert ratio.min() < 0.8  # the capped step is taken, not skipped
+
+
+def test_frobenius_matrix_whose_direction_overflows_is_named_and_left_as_it_was():
+    """Float32, R finite but 2R not (max|R| between half the float's max and the max): the
+    Frobenius direction cannot be formed, so the matrix is reported like a non-finite one and
+    left exactly as it was, while the other matrix of the parameter takes its step; the
+    sharded path's call (no finite mask given) leaves it too."""
+    b = nn.Parameter(torch.randn(2, 8, 3, generator=torch.Generator().manual_seed(9)) / 8**0.5)
+    with torch.no_grad():
+        b[0, 0, 0] = 1.5e19  # R[0, 0] ≈ 2.25e38: finite, and 2R is not
+    r = orthoopt.penalty.residual(b.detach())
+    assert torch.isfinite(r).all() and not torch.isfinite(2 * r).all()
+    before = b.detach().clone()
+    b.grad = torch.zeros_like(b)
+    opt = orthoopt.OrthoSGD([("b", b)], lr=0.1, ortho=1.0, ortho_penalty="frobenius", ortho_layout="group_axis:0")
+    with pytest.warns(RuntimeWarning, match="'b' holds NaN or Inf"):
+        opt.step()
+    assert torch.equal(b.detach()[0], before[0])
+    assert (b.detach()[1] - before[1]).abs().max() > 1e-3
+    step = orthoopt.penalty.penalty_step(r, before, 0.0, "frobenius", 0.2)
+    assert torch.equal(step[0], torch.zeros_like(step[0])) and step[1].abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("policy", ["warn", "skip"])
 def test_matrix_with_a_non_finite_residual_is_left_exactly_as_it_was(policy):
     """A matrix whose residual is not finite (here finite entries whose Gram overflows float32)
