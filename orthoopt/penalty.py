@@ -275,8 +275,8 @@ def spectral_norm(
 def _power_of_two_below(x: torch.Tensor) -> torch.Tensor:
     # 2^(e-1) for x = f·2^e (f in [1/2, 1)) where x > 1, else 1: exact (a division whose exact
     # result is representable), in (x/2, x], and finite for any finite x.
-    fraction, _ = torch.frexp(x)
-    return torch.where(x > 1, x / (2 * fraction), torch.ones_like(x))
+    x = x.clamp_min(1)
+    return x / torch.frexp(x)[0].mul_(2)
 
 
 def max_error(mats: torch.Tensor) -> float:
