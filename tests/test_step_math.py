@@ -133,35 +133,25 @@ def test_shrunk_matrix_grows_when_its_residual_is_all_negative(kind):
     torch.testing.assert_close(w.detach(), growth * phi, rtol=0, atol=1e-15)
 
 
-def test_shrunk_matrix_step_is_capped_by_its_spectral_norm():
-    """Frobenius, η = 1, Φ = ½·Q (Q orthonormal, R ≈ -¾·I, every large entry negative): the
-    spectral bound 1/(4‖2R‖₂) = 1/6 is below the no-overshoot bound 1/4 and binds.  (S = 2R
-    is a multiple of I up to rounding, where the optimizer's power-iteration estimate of
-    ‖S‖₂ is exact.)"""
+@pytest.mark.parametrize("c, lr, factor", [(0.5, 1.0, 1.25), (2.0, 0.05, 0.75)], ids=["shrunk_eta_1", "grown_eta_0.05"])
+def test_scaled_orthonormal_matrix_step_is_capped_by_its_spectral_norm(c, lr, factor):
+    """Frobenius, Φ = c·Q (Q orthonormal, R ≈ (c² - 1)·I), η = 2·lr·β: the spectral bound
+    1/(4‖2R‖₂) binds, below the no-overshoot bound 1/4 and below η, so Φ⁺ = Φ(I - ¼·S/‖S‖₂)
+    = (1 ∓ ¼)·Φ.  Shrunk, c = ½: 1/6 < 1/4 (every large entry of R negative).  Grown, c = 2:
+    1/24 < η = 0.05; large residuals are where a host check that skips the cap (n·max|S|·η
+    below ¼) must read max|S| = 2·max|R|.  (S = 2R is a multiple of I up to rounding, where
+    the optimizer's power-iteration estimate of ‖S‖₂ is exact.)"""
     g = torch.Generator().manual_seed(4)
-    phi = 0.5 * torch.linalg.qr(torch.randn(12, 4, generator=g, dtype=torch.float64)).Q
+    phi = c * torch.linalg.qr(torch.randn(12, 4, generator=g, dtype=torch.float64)).Q
     w = nn.Parameter(phi.clone())
     w.grad = torch.zeros_like(w)
-    opt = orthoopt.OrthoSGD([w], lr=1.0, ortho=0.5, ortho_penalty="frobenius", ortho_layout="columns")
+    opt = orthoopt.OrthoSGD([w], lr=lr, ortho=0.5, ortho_penalty="frobenius", ortho_layout="columns")
     opt.step()
     cap = 1 / (4 * torch.linalg.matrix_norm(2 * _residual(phi), ord=2))
-    assert cap < 0.25
+    assert cap < min(0.25, 2 * lr * 0.5)
     grad = _penalty_grad(phi, 1.0, "frobenius", 0.0, lambda p: p.unsqueeze(0))  # 4·Φ R = 2·Φ S
-    torch.testing.assert_close(w.detach(), phi - cap * grad / 2, rtol=0, atol=1e-15)
-    torch.testing.assert_close(w.detach(), 1.25 * phi, rtol=0, atol=1e-15)  # Φ(1 + ⅙·1.5)
-
-
-def test_grown_matrix_step_is_capped_by_its_spectral_norm():
-    """Frobenius, η = 0.05, Φ = 2·Q (R ≈ 3·I): the no-overshoot bound is 1/4, but the spectral
-    bound 1/(4‖2R‖₂) = 1/24 is below η and binds: Φ⁺ = Φ(I - 1/24·6·I) = ¾·Φ.  Large residuals
-    are where a host check that skips the cap (n·max|S|·η below ¼) must read max|S| = 2·max|R|."""
-    g = torch.Generator().manual_seed(5)
-    phi = 2 * torch.linalg.qr(torch.randn(12, 4, generator=g, dtype=torch.float64)).Q
-    w = nn.Parameter(phi.clone())
-    w.grad = torch.zeros_like(w)
-    opt = orthoopt.OrthoSGD([w], lr=0.05, ortho=0.5, ortho_penalty="frobenius", ortho_layout="columns")
-    opt.step()
-    torch.testing.assert_close(w.detach(), 0.75 * phi, rtol=0, atol=1e-14)
+    torch.testing.assert_close(w.detach(), phi - cap * grad / 2, rtol=0, atol=1e-14)
+    torch.testing.assert_close(w.detach(), factor * phi, rtol=0, atol=1e-14)
 
 
 def test_frobenius_step_of_large_weights_keeps_the_singular_values_within_a_quarter():
