@@ -42,7 +42,7 @@ def test_spectral_norm_is_four_power_iterations_padded_by_a_tenth():
     eig = torch.tensor([3.0, -2.9, 1.0, 0.5, -0.2, 0.1], dtype=torch.float64)
     s = q @ torch.diag_embed(eig.expand(3, 6)) @ q.mT
 
-    def estimate(iters):
+    def estimate(iters, s=s):
         v = torch.cos(torch.arange(6, dtype=torch.float64) * 2.399963).expand(3, 6).unsqueeze(-1)
         for _ in range(iters):
             w = s @ v
@@ -50,10 +50,12 @@ def test_spectral_norm_is_four_power_iterations_padded_by_a_tenth():
         return (s @ v).norm(dim=(-2, -1)) * 1.1
 
     rowsum = s.abs().sum(-1).amax(-1)
-    expected = torch.minimum(estimate(4), rowsum)
     assert torch.all(estimate(4) < rowsum)  # the estimate, not the bound, is what is compared
     assert (estimate(5) - estimate(4)).abs().min() > 1e-4  # another count would show (by 1e9 x the tolerance)
-    torch.testing.assert_close(penalty.spectral_norm(s), expected, rtol=1e-13, atol=0)
+    # Bit for bit at every magnitude: the iteration's rescaling (by a power of two) is exact.
+    for c in (1.0, 0.37, 1.9, 5.3, 77.7, 1234.5):
+        expected = torch.minimum(estimate(4, c * s), (c * s).abs().sum(-1).amax(-1))
+        assert torch.equal(penalty.spectral_norm(c * s), expected), c
     # and the row-sum bound where the padded estimate exceeds it
     ones = torch.ones(2, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(penalty.spectral_norm(ones), torch.full((2,), 5.0, dtype=torch.float64))
