@@ -50,11 +50,11 @@ __all__ = ["main", "run", "Case", "TARGETS", "CPU_SHAPES", "CUDA_SHAPES", "MANY"
 CPU_SHAPES = [(16, 256, 64), (256, 64, 16), (1, 1024, 512)]
 CUDA_SHAPES = [(1, 4096, 4096), (32, 4096, 128), (64, 512, 64), (1024, 64, 64)]
 MANY = (48, 512, 64)  # 48 parameters of shape (512, 64) against one (48, 512, 64)
-CPU_MANY = [(16, 256, 64), MANY]  # and 16 of (256, 64), the separate weights
+CPU_MANY = [(16, 256, 64), MANY]  # and 16 of (256, 64), the separate weights of the budget
 QUICK_SHAPES = [(4, 32, 8), (16, 16, 4)]
 QUICK_MANY = (6, 32, 8)
 
-# The targets, from ratios measured side by side in one run.
+# The performance budget, from ratios measured side by side in one run.
 TARGETS = {
     "overhead_over_floor": {"cpu": 1.3, "cuda": 1.15},  # (soft - base) / floor, at most
     "autograd_over_soft": 1.5,  # (base + autograd penalty) / soft, at least

@@ -40,7 +40,7 @@ __all__ = ["EVERY", "TARGETS", "CUDA_TARGETS", "main", "run", "probe", "config"]
 
 EVERY = 4  # the default k of the soft-every and auto-every contenders
 
-# The targets: the iteration time over the plain optimizer's, at most (CPU).
+# The performance budget: the iteration time over the plain optimizer's, at most (CPU).
 TARGETS = {
     "mnist": {"soft": 1.05, "soft-auto": 1.08, "hard": 1.10},
     "lstm": {"soft": 1.03, "soft-auto": 1.05, "hard": 1.10},

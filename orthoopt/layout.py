@@ -18,7 +18,7 @@ Layouts are named by short strings, so that they can live in an optimizer's
                               filters of length ``in·kh·kw`` (``"filters"`` is an alias)
 ``"columns"``                 ``(out, ...)`` seen as ``(out, numel/out)``: its columns
                               are orthonormal
-``"group_axis:D"``            3-D: the seed's tensor; ``Φ_i = phi.select(D, i)`` and the
+``"group_axis:D"``            3-D: the group tensor; ``Φ_i = phi.select(D, i)`` and the
                               other two axes, in order, are ``l`` and ``n``
 ``"column_groups:H"``         2-D ``(out, in)``: the ``in`` columns split into ``H`` equal
                               groups (attention heads), each orthonormal on its own

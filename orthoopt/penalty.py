@@ -310,7 +310,7 @@ def l1_orthogonality(
     """``β Σ_i Σ_jk h(Φ_iᵀΦ_i - I)_jk`` with ``h = |·|``, or Huber when ``smoothing > 0``.
 
     ``phi`` is 3-D with ``Φ_i = phi.select(group_dim, i)`` (``(l, m, n)`` and ``group_dim=1``
-    is the seed's convention), or 2-D with ``group_dim=None``.  Differentiable by autograd.
+    is the (l, m, n) group tensor's convention), or 2-D with ``group_dim=None``.  Differentiable by autograd.
     """
     _check(phi, smoothing)
     r = residual(as_matrices(phi, group_dim))

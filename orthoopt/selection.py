@@ -16,7 +16,7 @@ The rule (the README's "Layouts" section says the same):
   (a ``Conv1D`` of ``(in, 3·in)``) gets ``"column_groups:3"`` for the same reason.
 * **Left out by default**: embeddings (and weights tied to one), norm layers, biases and every
   other 0-D or 1-D parameter, and raw ``nn.Parameter``s of other modules (timm's
-  ``cls_token (1, 1, D)`` and ``pos_embed (1, N, D)``, the seed's ``(l, m, n)`` tensor).
+  ``cls_token (1, 1, D)`` and ``pos_embed (1, N, D)``, the ``(l, m, n)`` group tensor).
 * ``include``: a pattern that names a parameter in full (``"pos_embed"``) or by a glob over
   full names (``"layers.*.phi"``) selects it whatever its module (an explicit name wins over
   the default skips; a glob passes over 0-D and 1-D parameters); a pattern that names a

@@ -85,7 +85,7 @@ class ShardingPathsNet(nn.Module):
         return self.head(z)
 
 
-# -- hard mode (tests/test_stiefel.py, tests/test_stiefel_details.py) ------------------------
+# -- hard mode (tests/test_stiefel.py) ------------------------
 HARD = {"ortho": 1.0, "ortho_mode": "hard"}
 
 

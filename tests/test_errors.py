@@ -309,7 +309,7 @@ def test_differentiable_with_a_penalized_group_is_refused():
 
 
 def test_differentiable_with_ortho_zero_differentiates_as_the_base():
-    # The case: autograd through step() (SGD, lr 0.1, a 16x4 float64 weight).
+    # Autograd through step() (SGD, lr 0.1, a 16x4 float64 weight).
     def through_step(cls, **kwargs):
         gen = torch.Generator().manual_seed(3)
         w0 = torch.randn(16, 4, dtype=torch.float64, generator=gen, requires_grad=True)

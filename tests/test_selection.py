@@ -82,7 +82,7 @@ def test_param_groups_has_one_penalized_group_per_layout_with_names():
 
 
 def test_lstm_gates_are_each_orthogonal_not_the_stack():
-    """issue 9: 'auto' made the whole (4h, h) weight_hh column-orthonormal, which leaves every
+    """'auto' on the whole (4h, h) weight_hh would make it column-orthonormal, which leaves every
     gate's h x h block with singular values below 1; the gate blocks make each gate orthogonal."""
     torch.manual_seed(0)
     lstm = nn.LSTM(16, 8)  # weight_ih (32, 16): gate blocks (8, 16) wide; weight_hh (32, 8): blocks (8, 8)
@@ -119,7 +119,7 @@ def _mlp() -> nn.Module:
 
 
 def test_a_string_is_one_pattern():
-    """issue 8, bug 9: exclude='head' was read as the patterns h, e, a, d and the head stayed penalized."""
+    """exclude='head' is the one pattern 'head', not the patterns h, e, a, d."""
     assert chosen(_mlp(), exclude="head") == {"body.weight": "auto"}
     assert chosen(_mlp(), include="head") == {"head.weight": "auto"}
     groups = orthoopt.param_groups(_mlp(), exclude="head")
@@ -145,7 +145,7 @@ def test_a_pattern_that_matches_nothing_raises_with_real_names(kwargs, match):
 
 
 def test_resnet_exclude_head_raises_naming_fc():
-    """issue 9: exclude=['head'] on a ResNet, whose classifier is 'fc', was silent."""
+    """exclude=['head'] on a ResNet, whose classifier is 'fc', is refused naming 'fc'."""
     tv = import_or_skip("torchvision")
     model = tv.models.resnet18(num_classes=10)
     with pytest.raises(ValueError, match=r"'head' matches no parameter of ResNet.*layer4, fc.*'fc\.weight'"):
@@ -167,7 +167,7 @@ def test_wrapped_model_names_match_the_bare_patterns():
 
 
 def test_include_of_a_weight_tied_to_an_embedding_wins():
-    """issue 8: include=['dec.weight'] on a weight tied to an nn.Embedding was ignored silently."""
+    """include=['dec.weight'] on a weight tied to an nn.Embedding selects it."""
     model = Zoo()
     got = select(model, include=["dec.weight"])
     assert [(n, p is model.emb.weight, spec) for n, p, spec in got] == [("dec.weight", True, "auto")]
@@ -271,7 +271,7 @@ def test_timm_vit_selects_blocks_not_tokens_and_qkv_rows_are_q_k_v():
     timm = import_or_skip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
     got = chosen(model)
-    assert "cls_token" not in got and "pos_embed" not in got  # issue 9: they were penalized
+    assert "cls_token" not in got and "pos_embed" not in got  # raw parameters stay free
     assert got["patch_embed.proj.weight"] == "auto" and got["head.weight"] == "auto"
     assert got["blocks.0.attn.qkv.weight"] == "row_groups:3"
     assert {n.split(".", 2)[2] for n in got if n.startswith("blocks.0.")} == {

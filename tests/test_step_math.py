@@ -158,7 +158,7 @@ def test_frobenius_step_of_large_weights_keeps_the_singular_values_within_a_quar
     """Float32 weights of column norm 1e10 (R ≈ 1e20, ‖S‖₂ = ‖2R‖₂ far above √(float max), where
     squares overflow): the spectral cap still binds, so every singular value moves by at most
     25% up to the estimate of ‖S‖₂ (4 power iterations padded by 10%, documented within a factor
-    1.43 of the norm: 25%·1.43/1.1 < 33%), instead of by the whole step η·Φ·2R (by 8e17 to 7e18 before the fix)."""
+    1.43 of the norm: 25%·1.43/1.1 < 33%), instead of by the whole step η·Φ·2R (which would grow them by 8e17 to 7e18)."""
     g = torch.Generator().manual_seed(8)
     w = nn.Parameter(1e10 * torch.randn(40, 12, generator=g) / 40**0.5)
     w.grad = torch.zeros_like(w)

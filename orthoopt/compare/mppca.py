@@ -1,4 +1,4 @@
-r"""A mixture of probabilistic PCA on the digits: the seed's group prior on a probabilistic model.
+r"""A mixture of probabilistic PCA on the digits: a group prior on a probabilistic model.
 
 Tipping and Bishop (1999), "Mixtures of probabilistic principal component analyzers".
 Component ``i`` of ``m`` is a Gaussian on the ``l`` pixels with mean :math:`\mu_i` and covariance
@@ -7,7 +7,7 @@ Component ``i`` of ``m`` is a Gaussian on the ``l`` pixels with mean :math:`\mu_
     C_i = \Phi_i \operatorname{diag}(s_i^2)\, \Phi_i^\top + \sigma_i^2 I_l,
     \qquad \Phi_i^\top \Phi_i = I_n,
 
-where :math:`\Phi_i = \Phi[:, i, :]` is a slice of the seed's tensor :math:`\Phi \in
+where :math:`\Phi_i = \Phi[:, i, :]` is a slice of the group tensor :math:`\Phi \in
 \mathbb{R}^{l\times m\times n}` (layout ``group_axis:1``).  With :math:`W_i = \Phi_i
 \operatorname{diag}(s_i)` the density depends on :math:`W_i W_i^\top` only, so the constraint
 takes nothing from the model: it fixes the gauge (the columns of :math:`\Phi_i` are then the
@@ -61,7 +61,7 @@ def log_likelihoods(x: torch.Tensor, mu: torch.Tensor, w: torch.Tensor, log_var:
 
 
 class MPPCA(nn.Module):
-    """The mixture's parameters; ``phi`` is the seed's ``(l, m, n)`` tensor."""
+    """The mixture's parameters; ``phi`` is the ``(l, m, n)`` group tensor."""
 
     def __init__(self, phi: torch.Tensor, scale: torch.Tensor, var: torch.Tensor, mu: torch.Tensor):
         super().__init__()

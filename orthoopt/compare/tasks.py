@@ -92,7 +92,7 @@ def _orthonormal(shape_lmn: tuple[int, int, int], gen: torch.Generator, dtype, d
 
 
 class _Stack(nn.Module):
-    """The seed's tensor ``phi`` of shape ``(l, m, n)`` (layout ``group_axis:1``)."""
+    """The group tensor ``phi`` of shape ``(l, m, n)`` (layout ``group_axis:1``)."""
 
     def __init__(self, mats: torch.Tensor):
         super().__init__()

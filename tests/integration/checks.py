@@ -11,7 +11,7 @@ import training_scripts as ts
 
 from orthoopt.guard import OrthogonalityWarning
 
-# The targets of issue 9: max |ΦᵀΦ - I| of every constrained parameter at the end of the run.
+# The targets of the framework training scripts: max |ΦᵀΦ - I| of every constrained parameter at the end of the run.
 SOFT_TOL = 1e-2
 HARD_TOL = 1e-5
 # The swapped run's held-out task loss may exceed the unswapped one's by at most this fraction.

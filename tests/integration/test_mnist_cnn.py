@@ -23,7 +23,7 @@ SOFT = ["soft", "auto"]
 # features that reach fc2, so its logits are less confident (a temperature of 2 brings the NLL
 # from 0.111 to 0.080 against the plain model's 0.060). Strict: it fails once this is fixed.
 UNDERCONFIDENT = pytest.mark.xfail(
-    strict=True, reason="orthonormal layers cap the logit scale: NLL 1.6-1.8x at equal accuracy (issue 9)"
+    strict=True, reason="orthonormal layers cap the logit scale: NLL 1.6-1.8x at equal accuracy"
 )
 
 

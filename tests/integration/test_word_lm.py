@@ -59,7 +59,7 @@ def _drift_run(options: dict, **kwargs) -> tuple[ts.Run, list[str]]:
 
 
 def test_whole_matrix_columns_layout_drifts_and_is_reported():
-    """Issue 9, item 4: the old layout (each (4h, h) weight as one tall matrix) under AdamW at a
+    """Each (4h, h) weight as one tall matrix (ortho_layout='columns') under AdamW at a
     constant lr: the update is nearly rank one, the capped soft step cannot keep up, and the
     error grows. orthoopt must say so (once per parameter, naming it) instead of drifting silently."""
     options = {"ortho": 3.0, "ortho_layout": "columns"}
@@ -79,7 +79,7 @@ def test_auto_on_the_gate_blocks_holds_where_the_whole_matrix_did_not():
 @pytest.mark.slow
 @RUN_BY_HAND
 def test_at_the_examples_sizes_the_old_layout_drifts_under_auto_and_is_reported():
-    """Issue 9's case: (800, 200) weights as one matrix, 'auto', AdamW at a constant 5e-3."""
+    """The example's sizes: (800, 200) weights as one matrix, 'auto', AdamW at a constant 5e-3."""
     run, messages = _drift_run({"ortho": "auto", "ortho_layout": "columns"}, cosine=False, **EXAMPLE_SIZES)
     drifted = {name for name, error in run.errors.items() if error > 0.1}
     assert drifted

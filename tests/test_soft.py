@@ -1,5 +1,5 @@
-"""Details of the soft step's buckets (orthoopt.soft) that the fast-path tests left open (found by
-mutation testing)."""
+"""The soft step's buckets (orthoopt.soft): workspaces, the uncached plan, the parameters a
+plan skips and tracks, and the names of unnamed parameters."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Details of the ortho options (orthoopt.options) that the error tests left open (found by
-mutation testing): layouts stored in canonical form, which group a refusal names, the
-fallback names of parameters, and what counts as the same layout when a checkpoint loads."""
+"""The ortho options of a group (orthoopt.options): layouts stored in canonical form, which
+group a refusal names, the fallback names of parameters, and what counts as the same layout
+when a checkpoint loads."""
 
 from __future__ import annotations
 
