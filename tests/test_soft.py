@@ -1,14 +1,16 @@
-"""The soft step's buckets (orthoopt.soft): workspaces, the uncached plan, the parameters a
-plan skips and tracks, and the names of unnamed parameters."""
+"""The soft step's buckets (orthoopt.soft): one batched step per bucket equal to the
+per-parameter reference bitwise, chunks, the cached plan and what invalidates it, workspaces
+and allocations, the compiled step, and the parameters a plan skips and tracks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import near_orthonormal
 from torch import nn
 
 import orthoopt
-from orthoopt import soft
+from orthoopt import OrthoAdamW, OrthoSGD, l1_orthogonality, soft
 
 
 def test_workspace_bytes_count_the_buffers_a_bucket_holds():
@@ -106,3 +108,332 @@ def test_a_non_finite_parameter_of_an_unnamed_group_is_named_by_its_group():
         b[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning, match=r"parameter 'group1\.param0' holds NaN or Inf"):
         opt.step()
+
+
+# -- the fast path ----------------------------------------------------------------------
+def _bucketed_params():
+    """Five parameters whose matrices are all 12 x 4, through four layouts."""
+    base = near_orthonormal(8, 12, 4)
+    return [
+        (base[0].clone(), "columns"),  # (12, 4): its 4 columns
+        (base[1].t().contiguous(), "rows"),  # (4, 12): its 4 rows
+        (base[2:5].clone(), "group_axis:0"),  # (3, 12, 4)
+        (base[5:7].transpose(0, 1).contiguous(), "group_axis:1"),  # (12, 2, 4)
+        (base[7].t().reshape(4, 3, 2, 2).contiguous(), "rows"),  # a conv weight's 4 filters
+    ]
+
+
+def test_many_parameters_bucket_equals_separate_steps():
+    # Each group its own lr and β (so its own η = 2·lr·β): one bucket must still step each
+    # parameter as its own optimizer would.
+    specs = _bucketed_params()
+    settings = [(1e-2, 1.0), (2e-2, 0.5), (5e-3, 3.0), (1e-2, 2.0), (3e-2, 1.0)]
+    together = [torch.nn.Parameter(x.clone()) for x, _ in specs]
+    groups = [
+        {"params": [p], "ortho_layout": lay, "lr": lr, "ortho": beta}
+        for p, (_, lay), (lr, beta) in zip(together, specs, settings)
+    ]
+    opt = OrthoAdamW(groups, lr=1e-2, ortho=1.0, weight_decay=0.1)
+    alone = [torch.nn.Parameter(x.clone()) for x, _ in specs]
+    opts = [
+        OrthoAdamW([p], lr=lr, ortho=beta, weight_decay=0.1, ortho_layout=lay)
+        for p, (_, lay), (lr, beta) in zip(alone, specs, settings)
+    ]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p, q in zip(together, alone):
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+    (bucket,) = opt._soft_plan()
+    assert len(bucket.params) == 5 and bucket.stack is not None and sum(bucket.counts) == 8
+    for p, q, (x, _) in zip(together, alone, specs):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+        assert (p.detach() - x).abs().max() > 1e-3  # moved from the initial value, far beyond the tolerance
+
+
+def test_cached_step_is_minus_lr_times_the_autograd_gradient():
+    # Caps inactive (2 lr β far below both), no task gradient, no weight decay: the soft
+    # step is exactly -lr ∂(βL)/∂Φ, on the first (planning) and later (cached) steps.
+    lr, beta = 1e-4, 0.5
+    stack = torch.nn.Parameter(near_orthonormal(3, 12, 4, seed=1))
+    matrix = torch.nn.Parameter(near_orthonormal(12, 4, seed=2))
+    opt = OrthoSGD(
+        [{"params": [stack], "ortho_layout": "group_axis:0"}, {"params": [matrix], "ortho_layout": "columns"}],
+        lr=lr,
+        ortho=beta,
+    )
+    for _ in range(3):
+        expected = []
+        for p, dim in ((stack, 0), (matrix, None)):
+            phi = p.detach().clone().requires_grad_()
+            (grad,) = torch.autograd.grad(l1_orthogonality(phi, beta, group_dim=dim), phi)
+            expected.append(phi.detach() - lr * grad)
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        torch.testing.assert_close(stack.detach(), expected[0], rtol=0, atol=1e-15)
+        torch.testing.assert_close(matrix.detach(), expected[1], rtol=0, atol=1e-15)
+
+
+def _sgd_reference(param_specs, options):
+    """One step of a fresh OrthoSGD (stateless, so comparable to a long-lived one)."""
+    params = [torch.nn.Parameter(p.detach().clone()) for p, _ in param_specs]
+    for q, (p, _) in zip(params, param_specs):
+        q.grad = None if p.grad is None else p.grad.clone()
+    groups = [{"params": [q], **opt} for q, (_, opt) in zip(params, param_specs)]
+    OrthoSGD(groups, lr=1e-2, **options).step()
+    return params
+
+
+def test_plan_cache_follows_groups_grads_and_options():
+    a = torch.nn.Parameter(near_orthonormal(2, 12, 4, seed=4))
+    b = torch.nn.Parameter(near_orthonormal(2, 12, 4, seed=5))
+    a.grad = torch.ones_like(a)
+    opt = OrthoSGD([{"params": [a], "ortho_layout": "group_axis:0"}], lr=1e-2, ortho=1.0)
+    opt.step()
+
+    def check(specs):
+        expected = _sgd_reference(specs, {"ortho": 1.0})
+        opt.step()
+        for (p, _), q in zip(specs, expected):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
+
+    b.grad = torch.ones_like(b)
+    opt.add_param_group({"params": [b], "ortho_layout": "group_axis:0", "ortho_smoothing": 0.05})
+    check([(a, {"ortho_layout": "group_axis:0"}), (b, {"ortho_layout": "group_axis:0", "ortho_smoothing": 0.05})])
+    a.grad = None  # skipped entirely, penalty included
+    before = a.detach().clone()
+    check([(b, {"ortho_layout": "group_axis:0", "ortho_smoothing": 0.05})])
+    assert torch.equal(a, before)
+    a.grad = torch.ones_like(a)
+    opt.param_groups[1]["ortho_penalty"] = "frobenius"
+    check(
+        [
+            (a, {"ortho_layout": "group_axis:0"}),
+            (b, {"ortho_layout": "group_axis:0", "ortho_smoothing": 0.05, "ortho_penalty": "frobenius"}),
+        ]
+    )
+    plan = opt._soft_plan()
+    opt.param_groups[1]["ortho"] = 2.0  # a scheduled β: same plan, new step
+    opt.param_groups[1]["lr"] = 3e-2
+    check(
+        [
+            (a, {"ortho_layout": "group_axis:0"}),
+            (
+                b,
+                {
+                    "ortho_layout": "group_axis:0",
+                    "ortho_smoothing": 0.05,
+                    "ortho_penalty": "frobenius",
+                    "ortho": 2.0,
+                    "lr": 3e-2,
+                },
+            ),
+        ]
+    )
+    assert opt._soft_plan() is plan
+    opt.param_groups[0]["ortho"] = 0.0
+    expected_a = a.detach() - 1e-2 * a.grad
+    opt.step()
+    torch.testing.assert_close(a.detach(), expected_a, rtol=0, atol=0)
+    state = opt.state_dict()
+    opt.load_state_dict(state)
+    assert getattr(opt, "_soft_cache", None) is None
+
+
+def test_cached_step_allocates_nothing_of_the_parameters_size():
+    from torch.profiler import ProfilerActivity, profile
+
+    p = torch.nn.Parameter(near_orthonormal(8, 256, 32, dtype=torch.float32))
+    p.grad = torch.zeros_like(p)
+    opt = OrthoSGD([p], lr=1e-3, ortho=1.0, ortho_layout="group_axis:0")
+    opt.step()
+    (bucket,) = opt._soft_plan()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()  # the whole step: torch's SGD update, the cached plan and the penalty
+    allocated = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    size = p.numel() * p.element_size()
+    assert allocated < 0.05 * size, f"{allocated} bytes allocated for a {size}-byte parameter"
+    # ...while the workspaces it reuses are there: residual, direction and product.
+    assert bucket.workspace_bytes() >= size
+
+
+@pytest.mark.compile
+# The layout parsers are lru_cached pure functions of a string: dynamo tracing through the
+# cache, as it says it does, is correct for them.
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_compiled_step_matches_eager_and_lr_schedule_does_not_recompile():
+    torch._dynamo.reset()
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        ps = [
+            torch.nn.Parameter(torch.randn(8, 4, generator=g) / 3),
+            torch.nn.Parameter(torch.randn(3, 8, 4, generator=g) / 3),
+        ]
+        # Two groups in one bucket (matrices 8 x 4), a tensor lr as torch documents for compile.
+        groups = [{"params": [ps[0]], "ortho_layout": "columns"}, {"params": [ps[1]], "ortho_layout": "group_axis:0"}]
+        opt = OrthoAdamW(groups, lr=torch.tensor(0.01), ortho=1.0, ortho_smoothing=0.01)
+        return ps, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 / (1 + k))
+
+    eager, eager_opt, eager_sched = make()
+    compiled, compiled_opt, compiled_sched = make()
+
+    @torch.compile(fullgraph=False)
+    def step():
+        compiled_opt.step()
+
+    g = torch.Generator().manual_seed(1)
+    try:
+        for k in range(4):
+            for p, q in zip(eager, compiled):
+                p.grad = torch.randn(p.shape, generator=g)
+                q.grad = p.grad.clone()
+            eager_opt.step()
+            eager_sched.step()
+            step()
+            compiled_sched.step()
+            if k == 1:  # compiled by now: a new lr must not compile again
+                torch.compiler.set_stance("fail_on_recompile")
+            for p, q in zip(eager, compiled):
+                torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+    finally:
+        torch.compiler.set_stance("default")
+        torch._dynamo.reset()
+    assert not torch.equal(compiled[1], make()[0][1])  # it moved
+    # Dynamo runs a frame eagerly where tracing it fails, so matching eager alone would not show
+    # that the compiled step took its own plan: eager's would have been cached on the optimizer.
+    assert getattr(compiled_opt, "_soft_cache", None) is None and eager_opt._soft_cache is not None
+
+
+# -- the step's structure: reference, chunks, 'auto', every k steps -------------------------
+def _reference_sgd_step(params, layouts, lr, beta, **penalty_options):
+    """The soft step of plain SGD written out per parameter with the pure functions of
+    orthoopt.penalty: fresh tensors, no buckets, no workspaces, no host checks."""
+    from orthoopt import penalty
+    from orthoopt.layout import resolve_layout
+
+    deltas = []
+    for p, spec in zip(params, layouts):
+        layout = resolve_layout(spec, p.shape, "p")
+        mats = layout.matrices(p.detach())
+        r = penalty.residual(mats)
+        delta = penalty.penalty_step(r, mats, penalty_options.get("smoothing", 0.0), "l1", 2 * lr * beta)
+        deltas.append(layout.from_matrices(delta, p.shape))
+    return [p.detach().add(p.grad, alpha=-lr).add_(d) for p, d in zip(params, deltas)]  # SGD's own update, then ours
+
+
+def _layout_zoo(dtype=torch.float64):
+    """Parameters of every layout (and a channels_last conv weight), all 12 x 4 matrices."""
+    specs = _bucketed_params()
+    conv = near_orthonormal(18, 8, seed=9, dtype=dtype).t().contiguous().reshape(8, 2, 3, 3)
+    specs = [(x.to(dtype), lay) for x, lay in specs]
+    specs.append((conv.to(memory_format=torch.channels_last), "rows"))
+    return specs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_is_bitwise_the_per_parameter_reference(dtype):
+    specs = _layout_zoo(dtype)
+    params = [torch.nn.Parameter(x.clone()) for x, _ in specs]
+    layouts = [lay for _, lay in specs]
+    opt = OrthoSGD([{"params": [p], "ortho_layout": lay} for p, lay in zip(params, layouts)], lr=1e-2, ortho=1.0)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        for p in params:
+            p.grad = (0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(dtype)
+        expected = _reference_sgd_step(params, layouts, 1e-2, 1.0)
+        opt.step()
+        for p, e in zip(params[:-1], expected):
+            assert torch.equal(p.detach(), e)
+        # The channels_last weight's product is written through a parameter-shaped buffer
+        # in another memory order (a transposed matmul output): equal to its rounding.
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(params[-1].detach(), expected[-1], rtol=0, atol=4 * eps)
+        assert not torch.equal(params[-1].detach(), specs[-1][0])  # it moved
+
+
+def test_chunked_bucket_is_bitwise_the_whole_bucket_and_holds_a_quarter(monkeypatch):
+    from orthoopt import soft
+
+    def run(chunked):
+        if chunked:
+            monkeypatch.setattr(soft, "MIN_CHUNK_BYTES", 0)
+        else:
+            monkeypatch.setattr(soft, "MIN_CHUNK_BYTES", 1 << 40)
+        params = [torch.nn.Parameter(near_orthonormal(64, 16, seed=i)) for i in range(16)]
+        # two groups of different lr in one bucket: per-matrix step sizes within a chunk
+        groups = [{"params": params[:5], "lr": 2e-2}, {"params": params[5:]}]
+        opt = OrthoAdamW(groups, lr=1e-2, ortho=1.0, ortho_layout="columns", weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 / (1 + k))
+        g = torch.Generator().manual_seed(5)
+        for _ in range(4):
+            for p in params:
+                p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+            opt.step()
+            sched.step()
+        return params, opt
+
+    whole, whole_opt = run(False)
+    chunked, chunked_opt = run(True)
+    (bucket,) = chunked_opt._soft_plan()
+    assert len(bucket.chunks) == 4 and len(whole_opt._soft_plan()[0].chunks) == 1
+    for p, q in zip(whole, chunked):
+        assert torch.equal(p, q)
+    size = sum(p.numel() * p.element_size() for p in chunked)
+    # The stack of Φ⁻ and the residual are a chunk's; the update (which must live across
+    # the base step) is the one buffer of the parameters' size.
+    assert bucket.stack.numel() * bucket.stack.element_size() <= 0.25 * size
+    assert bucket.workspace_bytes() - size <= 0.25 * size + bucket.r.numel() * bucket.r.element_size()
+
+
+def test_auto_step_is_bitwise_the_reference():
+    from orthoopt import auto, penalty
+
+    specs = [(near_orthonormal(24, 6, seed=i), "columns") for i in range(3)] + [
+        (near_orthonormal(2, 24, 6, seed=7), "group_axis:0")
+    ]
+    params = [torch.nn.Parameter(x.clone()) for x, _ in specs]
+    shadow = [torch.nn.Parameter(x.clone()) for x, _ in specs]
+    opt = OrthoSGD([{"params": [p], "ortho_layout": lay} for p, (_, lay) in zip(params, specs)], lr=1e-2, ortho="auto")
+    states = [{} for _ in params]
+    g = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        for p, q in zip(params, shadow):
+            p.grad = 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        for q, state, (_, lay) in zip(shadow, states, specs):
+            layout = opt._resolve({"ortho_layout": lay}, q, "q")
+            before = layout.matrices(q.detach()).clone()
+            q.detach().add_(q.grad, alpha=-1e-2)  # SGD's step
+            lr = torch.full((before.shape[0],), 1e-2, dtype=q.dtype)
+            lam = auto.threshold(auto.update_products(before, layout.matrices(q.detach()), lr), lr > 0)
+            eta = 2 * lr * (auto.AUTO_SAFETY * auto.remember(state, lam))
+            delta = penalty.penalty_step(penalty.residual(before), before, 0.0, "l1", eta)
+            q.detach().add_(layout.from_matrices(delta, q.shape))
+        for p, q, state in zip(params, shadow, states):
+            assert torch.equal(p, q)
+            assert torch.equal(opt.state[p]["ortho_multiplier"], state["ortho_multiplier"])
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_cached_step_allocates_nothing_of_the_parameters_size_where_the_cap_is_checked(many):
+    # lr·β large enough for the cap's row sums (n·η > 1/4): they need a workspace like R,
+    # which S (formed in place of R) does not leave free; the update's memory serves.
+    from torch.profiler import ProfilerActivity, profile
+
+    stack = near_orthonormal(4, 256, 128, dtype=torch.float32)
+    params = [torch.nn.Parameter(x.clone()) for x in (stack.unbind(0) if many else [stack])]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = OrthoSGD(params, lr=1e-2, ortho=1.0, ortho_layout="columns" if many else "group_axis:0")
+    opt.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    allocated = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    size = sum(p.numel() * p.element_size() for p in params)
+    assert allocated < 0.05 * size, f"{allocated} bytes allocated for {size} bytes of parameters"
+    assert any(e.name == "aten::abs" for e in prof.events())  # the row sums did run
