@@ -107,6 +107,14 @@ class Layout:
             return (stack if self.tall else stack.mT).reshape(shape)
         raise AssertionError(self.kind)
 
+    def pieces(self, p: torch.Tensor) -> list[tuple[torch.Tensor, Layout]]:
+        """The parts of ``p`` that are constrained each on its own, as ``(view of p, layout of
+        that view)``.  A simple layout has one piece, ``p`` itself; a layout of blocks of
+        unequal sizes (fused projections) has one per block, each a view of ``p`` with a
+        simple layout, so that every consumer (the soft and hard steps, the errors, the
+        projection) works on the pieces as on parameters."""
+        return [(p, self)]
+
     def check(self, shape: torch.Size | tuple[int, ...], name: str, mode: str = "soft") -> None:
         """Raise ValueError naming ``name`` if the layout does not fit ``shape``."""
         if len(shape) < 2:
