@@ -322,8 +322,8 @@ def _nbytes(tensors) -> int:
 
 def _workspace_bytes(opt: torch.optim.Optimizer | None) -> int:
     """Bytes held by the soft step's cached workspaces."""
-    cache = getattr(opt, "_soft_cache", None)
-    return sum(bucket.workspace_bytes() for bucket in cache[1]) if cache else 0
+    plan = getattr(opt, "_ortho_plan", None)
+    return plan.workspace_bytes() if plan else 0
 
 
 def _memory(c: Contender, device: torch.device) -> dict:

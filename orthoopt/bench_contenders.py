@@ -194,8 +194,8 @@ def held_bytes(c: Contender) -> int:
     """Bytes the method holds between iterations: optimizer state, orthoopt's workspaces,
     and the parametrizations' buffers (e.g. torch's completed orthogonal ``base``)."""
     state = [v for s in c.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    cache = getattr(c.optimizer, "_soft_cache", None)
-    workspaces = sum(b.workspace_bytes() for b in cache[1] if hasattr(b, "workspace_bytes")) if cache else 0
+    plan = getattr(c.optimizer, "_ortho_plan", None)
+    workspaces = plan.workspace_bytes() if plan else 0
     buffers = [
         b
         for m in c.model.modules()

@@ -26,9 +26,9 @@ from torch import nn
 from torch.optim.optimizer import required
 
 from . import wrappers
-from .layout import resolve_layout
 from .optim import OrthoAdam, OrthoAdamW, OrthoMixin, OrthoSGD, orthogonalize
 from .options import ORTHO_DEFAULTS, check_options, penalized
+from .pieces import pieces
 from .selection import Choice, select
 
 __all__ = ["constrain_"]
@@ -90,10 +90,8 @@ def constrain_(
     if isinstance(optimizer, torch.optim.Optimizer):
         _become_ortho(optimizer, split)
     else:
-        for g in split:  # the optimizer would check this only later, at construction
-            for name, p in zip(g["param_names"], g["params"]):
-                if penalized(g):
-                    resolve_layout(g["ortho_layout"], p.shape, f"parameter '{name}'")
+        for _ in pieces(split):  # resolves every layout: the optimizer would check them only at construction
+            pass
         target[:] = split
     return target
 
@@ -192,6 +190,6 @@ def _become_ortho(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]
         if key not in vars(optimizer):
             setattr(optimizer, key, value)
     optimizer.defaults.update({k: fresh.defaults[k] for k in ORTHO_DEFAULTS})
-    optimizer._soft_cache = None
+    optimizer._ortho_plan = None
     # In place: wrappers that copied the list (Lightning's, accelerate's) see the new groups.
     optimizer.param_groups[:] = fresh.param_groups
