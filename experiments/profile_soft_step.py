@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from orthoopt.bench import Case, _adamw_flags, _base, _floor, _soft  # noqa: E402
+from orthoopt.bench.step import Case, _adamw_flags, _base, _floor, _soft  # noqa: E402
 
 
 def main(argv=None) -> None:
