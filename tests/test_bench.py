@@ -35,7 +35,7 @@ def test_the_step_benchmarks_names_stay_in_orthoopt_bench():
     with pytest.warns(DeprecationWarning, match="orthoopt.bench._floor is deprecated; use orthoopt.bench.step._floor"):
         assert bench._floor is step._floor
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        bench.nothing
+        _ = bench.nothing
 
 
 # -- the benchmark ----------------------------------------------------------------------
@@ -66,6 +66,34 @@ def test_quick_benchmark_writes_its_json(tmp_path, capsys):
     assert many["median_ms"]["soft-stacked"] > 0
     table = capsys.readouterr().out
     assert "ovh/floor" in table and "target overhead_over_floor" in table
+
+
+def test_the_step_memory_keeps_the_profilers_lines_off_the_terminal(capfd):
+    from orthoopt.bench.memory import step_memory
+
+    cpu = torch.device("cpu")
+    soft = step.BUILDERS["soft"](step.Case(2, 8, 4), cpu, torch.float32, {"foreach": True})
+    soft.step()
+    capfd.readouterr()
+    memory = step_memory(soft, cpu)
+    out, err = capfd.readouterr()
+    assert "profiler_start" not in out + err and "USDT" not in out + err, err
+    assert memory["allocations_per_step"] > 0  # the profile itself still ran
+
+
+def test_quiet_profile_passes_on_everything_else_written_meanwhile(capfd):
+    import os
+
+    from orthoopt.bench.profiling import is_kineto_line, quiet_profile
+
+    kineto = b"USDT:2026-12-07 20:53:15 7420:7420 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+    assert is_kineto_line(kineto) and is_kineto_line(kineto.replace(b"USDT", b"STAGE"))
+    assert not is_kineto_line(b"USDT: a line of someone else's\n")
+    with quiet_profile() as prof:
+        torch.ones(3).add_(1)
+        os.write(2, kineto + b"a warning of the profiled code\n")
+    assert any(e.name == "aten::add_" for e in prof.events())
+    assert capfd.readouterr().err == "a warning of the profiled code\n"
 
 
 def test_benchmark_flags(capsys):

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .common import sync
+from .profiling import quiet_profile
 
 __all__ = ["step_memory", "workspace_bytes"]
 
@@ -39,9 +40,9 @@ def _cuda(step: Callable[[], object], device: torch.device) -> tuple[int, int, i
 
 
 def _cpu(step: Callable[[], object]) -> tuple[int, int, int]:
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     # An event's self memory nets what it allocated and freed; frees of temporaries
     # land on the enclosing event, so count allocations at its start and frees at its end.
