@@ -13,9 +13,16 @@ window.MathJax = {
   },
 };
 
-// Material may replace the page without reloading it: typeset the new one.
+// Material may replace the page without reloading it (navigation.instant): typeset the new one.
+// Not the first page: MathJax typesets that itself, and clearing its cache while it does so
+// leaves the math blank.
 if (typeof document$ !== "undefined") {
+  let first = true;
   document$.subscribe(() => {
+    if (first) {
+      first = false;
+      return;
+    }
     if (window.MathJax && MathJax.typesetPromise) {
       MathJax.startup.output.clearCache();
       MathJax.typesetClear();
