@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import distributed, guard, soft, stiefel
+from . import distributed, guard, host, penalty, soft, stiefel
 from .options import ORTHO_DEFAULTS, penalized
 from .pieces import Piece, pieces
 
@@ -67,6 +67,8 @@ class Plan:
         self.starting = True  # a new plan may hold pieces at their first soft step
         self._items: list[stiefel.HardItem] = []
         self._due: list[Any] = []
+        self._amp: Amp | None = None
+        self._started = False
 
     def current(self, param_groups: list[dict[str, Any]]) -> bool:
         """Whether this plan still holds for ``param_groups`` (see the module)."""
@@ -76,7 +78,23 @@ class Plan:
     def before(self, optimizer: Any) -> None:
         """Before the base step: hard mode's checks (nothing has changed when they raise), the
         start of new pieces for ``ortho_init``, and every due bucket's soft step."""
-        self._items = [
+        self._amp = Amp.of(optimizer)
+        hard_skipped = self._amp is not None and self.hard and self._amp.read_found()
+        self._items = [] if hard_skipped else self._hard_items(self._amp)
+        stiefel.check(optimizer, self._items)
+        self._started = False
+        if self.starting and not torch.compiler.is_compiling():
+            # The first soft step reads the errors (a sync, once); a step that found_inf skips is not it.
+            if self._amp is None or not self._amp.read_found():
+                guard.before_step(self.watched, optimizer.state, _memory(optimizer))
+                self._started = True
+        self._due = [bucket for bucket in self.buckets if bucket.due()]
+        for bucket in self._due:
+            bucket.before(optimizer, self._amp)
+
+    def _hard_items(self, amp: Amp | None) -> list[stiefel.HardItem]:
+        unscale = None if amp is None else amp.unscale()
+        return [
             stiefel.HardItem(
                 piece.param,
                 piece.layout,
@@ -86,20 +104,15 @@ class Plan:
                 view=piece.view,
                 grad_view=piece.of(piece.param.grad),
                 suffix=piece.suffix,
+                unscale=unscale,
             )
             for piece in self.hard
         ]
-        stiefel.check(optimizer, self._items)
-        if self.starting and not torch.compiler.is_compiling():
-            guard.before_step(self.watched, optimizer.state, _memory(optimizer))
-        self._due = [bucket for bucket in self.buckets if bucket.due()]
-        for bucket in self._due:
-            bucket.before(optimizer)
 
     @contextmanager
     def hard_grads_hidden(self) -> Iterator[None]:
         """Around the base step: the hard pieces' parameters have no gradient (it skips them)."""
-        with stiefel.grads_hidden(self._items):
+        with stiefel.grads_hidden([_hidden(piece) for piece in self.hard] if self.hard else []):
             yield
 
     def hard_step(self, optimizer: Any) -> None:
@@ -108,20 +121,78 @@ class Plan:
 
     def after(self, optimizer: Any) -> None:
         """After the base step: each due bucket's 'auto' step and update, the ``ortho_every``
-        counts, and the guard at its cadence."""
+        counts, ``ortho_init`` for new pieces, and the monitor at its cadence."""
         due, self._due = self._due, []
+        amp, self._amp = self._amp, None
         for bucket in due:
-            bucket.after(optimizer)
-        soft.advance(optimizer.param_groups)
-        starting, self.starting = self.starting, False
-        if self.buckets and not torch.compiler.is_compiling():
-            steps = optimizer.__dict__["_ortho_steps"] = optimizer.__dict__.get("_ortho_steps", 0) + 1
-            watching = steps % guard.WATCH_EVERY == 0
-            guard.after_step(self.watched, optimizer.state, _memory(optimizer), starting=starting, watching=watching)
+            bucket.after(optimizer, amp)
+        if not (amp is not None and any(b.every > 1 for b in self.buckets) and amp.read_found()):
+            soft.advance(optimizer.param_groups)  # a step that found_inf skips does not count
+        if not self.buckets or torch.compiler.is_compiling():
+            return
+        memory = _memory(optimizer)
+        if self._started:
+            self.starting = False
+            guard.after_step(self.watched, optimizer.state, memory)
+        steps = optimizer.__dict__["_ortho_steps"] = optimizer.__dict__.get("_ortho_steps", 0) + 1
+        if steps % guard.WATCH_EVERY == 0:
+            monitor = optimizer.__dict__.setdefault("_ortho_monitor", guard.Monitor())
+            monitor.watch(self._errors(), optimizer)
+
+    def _errors(self) -> list[tuple[list[tuple[Piece, int, float]], torch.Tensor]]:
+        """The watched pieces' latest ``max|R|`` per matrix, from the buckets' last steps."""
+        watched = {id(piece) for piece in self.watched}
+        entries = []
+        for bucket in self.buckets:
+            if not isinstance(bucket, soft.Bucket) or not bucket.errors:
+                continue
+            limit = penalty.largest_residual(bucket.kind, bucket.errors[0].dtype)
+            for chunk, errors in zip(bucket.chunks or [bucket._whole()], bucket.errors):
+                pieces = bucket.pieces[chunk.params]
+                if all(id(piece) in watched for piece in pieces):
+                    entries.append(([(piece, count, limit) for piece, count in zip(pieces, chunk.counts)], errors))
+        return entries
 
     def workspace_bytes(self) -> int:
         """Bytes held by the soft buckets' workspaces."""
         return sum(bucket.workspace_bytes() for bucket in self.buckets if isinstance(bucket, soft.Bucket))
+
+
+class Amp:
+    """What a GradScaler hands a base optimizer that unscales and skips itself (``fused=True``
+    sets ``_step_supports_amp_scaling``): the scale the gradients still carry (None where
+    ``unscale_`` was called) and ``found_inf`` (1.0 where they hold Inf or NaN: no step).
+
+    The soft step is masked on the device by ``keep = 1 - found_inf`` (no sync); hard mode and
+    ``ortho_every`` read ``found_inf`` (:meth:`read_found`: a sync on an accelerator, free on
+    CPU), as does the first soft step, once.
+    """
+
+    def __init__(self, found_inf: torch.Tensor, grad_scale: torch.Tensor | None):
+        self.found_inf, self.grad_scale = found_inf, grad_scale
+        self._found: bool | None = None
+        self.skipped = self.read_found() if host.reads_free(found_inf) else None
+        self.keep = None if self.skipped is not None else torch.rsub(found_inf, 1)
+        self.found = None if self.skipped is not None else found_inf.bool()
+
+    @classmethod
+    def of(cls, optimizer: Any) -> Amp | None:
+        found_inf = optimizer.__dict__.get("found_inf")
+        return None if found_inf is None else cls(found_inf, optimizer.__dict__.get("grad_scale"))
+
+    def read_found(self) -> bool:
+        if self._found is None:
+            self._found = bool(self.found_inf.item())
+        return self._found
+
+    def unscale(self) -> torch.Tensor | None:
+        """``1/scale`` as GradScaler's ``unscale_`` computes it (a float32 reciprocal of the
+        float64 scale), or None where the gradients are unscaled."""
+        return None if self.grad_scale is None else self.grad_scale.double().reciprocal().float()
+
+
+def _hidden(piece: Piece) -> stiefel.HardItem:
+    return stiefel.HardItem(piece.param, piece.layout, piece.param.grad, piece.group, piece.name)
 
 
 def _memory(optimizer: Any) -> dict[str, float | None]:
