@@ -184,7 +184,7 @@ class OrthoMixin:
             super().load_state_dict(state_dict)
         finally:
             handle.remove()
-        self._ortho_plan = None
+        self._ortho_plan = self._ortho_shadow = None
         checkpoint.keep_wide_state(loaded["state_dict"], self.param_groups, self.state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -240,7 +240,7 @@ class OrthoMixin:
         """The plan of this step (:mod:`orthoopt.plan`), kept while it holds; one of its own
         while torch.compile traces the step (the compiler plans its own buffers)."""
         if torch.compiler.is_compiling():
-            return Plan(self.param_groups, cached=False)
+            return Plan(self.param_groups, workspaces=False)
         plan = self.__dict__.get("_ortho_plan")
         if plan is None or not plan.current(self.param_groups):
             plan = self._ortho_plan = Plan(self.param_groups)

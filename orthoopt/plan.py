@@ -33,7 +33,7 @@ from . import distributed, guard, host, penalty, soft, stiefel
 from .options import ORTHO_DEFAULTS, penalized
 from .pieces import Piece, pieces
 
-__all__ = ["Plan", "refuse_differentiable"]
+__all__ = ["Plan", "Amp", "shadow", "refuse_differentiable"]
 
 # The options that shape the plan: all of them but β's value (read at every step).
 _PLANNED = tuple(k for k in ORTHO_DEFAULTS if k != "ortho")
@@ -42,17 +42,19 @@ _PLANNED = tuple(k for k in ORTHO_DEFAULTS if k != "ortho")
 class Plan:
     """The buckets, hard pieces and watched pieces of an optimizer's step (see the module).
 
-    ``cached``: the plan is kept across steps, with its buckets' workspaces; a plan built
-    while torch.compile traces the step is not (the compiler plans its own buffers)."""
+    ``workspaces``: the buckets keep their workspaces (a plan kept across eager steps); a
+    plan built while torch.compile traces the step has none (the compiler plans its own
+    buffers), and leaves the guard and the monitor to the optimizer's *shadow* plan, an eager
+    one without workspaces (:func:`_traced_start`, :func:`_traced_after`)."""
 
-    def __init__(self, param_groups: list[dict[str, Any]], *, cached: bool = True):
-        self.cached = cached
+    def __init__(self, param_groups: list[dict[str, Any]], *, workspaces: bool = True):
+        traced = torch.compiler.is_compiling()
         for gi, group in enumerate(param_groups):
             if group.get("differentiable", False) and penalized(group):
                 refuse_differentiable(group, gi)
         self.tracked = [p for g in param_groups if penalized(g) for p in g["params"]]
-        self.signature = _signature(param_groups) if cached else None
-        self.watch = _watch(self.tracked) if cached else None
+        self.signature = None if traced else _signature(param_groups)
+        self.watch = None if traced else _watch(self.tracked)
         soft_pieces: list[Piece] = []
         self.hard: list[Piece] = []
         for piece in pieces(param_groups, with_grad=True):
@@ -62,7 +64,7 @@ class Plan:
             else:
                 soft.check_gradient(piece)
                 soft_pieces.append(piece)
-        self.buckets = soft.buckets(soft_pieces, workspaces=cached)
+        self.buckets = soft.buckets(soft_pieces, workspaces=workspaces)
         self.watched = guard.watched(soft_pieces)
         self.starting = True  # a new plan may hold pieces at their first soft step
         self._items: list[stiefel.HardItem] = []
@@ -83,11 +85,10 @@ class Plan:
         self._items = [] if hard_skipped else self._hard_items(self._amp)
         stiefel.check(optimizer, self._items)
         self._started = False
-        if self.starting and not torch.compiler.is_compiling():
-            # The first soft step reads the errors (a sync, once); a step that found_inf skips is not it.
-            if self._amp is None or not self._amp.read_found():
-                guard.before_step(self.watched, optimizer.state, _memory(optimizer))
-                self._started = True
+        if torch.compiler.is_compiling():
+            _traced_start(optimizer, None if self._amp is None else self._amp.found_inf)
+        elif self.starting:
+            self.start(optimizer, self._amp)
         self._due = [bucket for bucket in self.buckets if bucket.due()]
         for bucket in self._due:
             bucket.before(optimizer, self._amp)
@@ -128,29 +129,46 @@ class Plan:
             bucket.after(optimizer, amp)
         if not (amp is not None and any(b.every > 1 for b in self.buckets) and amp.read_found()):
             soft.advance(optimizer.param_groups)  # a step that found_inf skips does not count
-        if not self.buckets or torch.compiler.is_compiling():
+        errors = [bucket.errors for bucket in self.buckets if isinstance(bucket, soft.Bucket)]
+        if torch.compiler.is_compiling():
+            _traced_after(optimizer, errors)
+        else:
+            self.finish(optimizer, errors)
+
+    # -- the guard and the monitor (eager: for a traced step, run by its shadow plan) ------------
+    def start(self, optimizer: Any, amp: Amp | None) -> None:
+        """Read where new pieces start (ortho_init), unless this step is one a GradScaler skips."""
+        if amp is None or not amp.read_found():
+            guard.before_step(self.watched, optimizer.state, _memory(optimizer))
+            self._started = True
+
+    def finish(self, optimizer: Any, errors: list[list[torch.Tensor]]) -> None:
+        """ortho_init for new pieces after their first step; the monitor at its cadence, with
+        ``errors``, the buckets' ``max|R|`` of their last steps."""
+        if not self.buckets:
             return
-        memory = _memory(optimizer)
         if self._started:
-            self.starting = False
-            guard.after_step(self.watched, optimizer.state, memory)
+            self.starting = self._started = False
+            guard.after_step(self.watched, optimizer.state, _memory(optimizer))
         steps = optimizer.__dict__["_ortho_steps"] = optimizer.__dict__.get("_ortho_steps", 0) + 1
         if steps % guard.WATCH_EVERY == 0:
             monitor = optimizer.__dict__.setdefault("_ortho_monitor", guard.Monitor())
-            monitor.watch(self._errors(), optimizer)
+            monitor.watch(self._errors(errors), optimizer)
 
-    def _errors(self) -> list[tuple[list[tuple[Piece, int, float]], torch.Tensor]]:
-        """The watched pieces' latest ``max|R|`` per matrix, from the buckets' last steps."""
+    def _errors(self, errors: list[list[torch.Tensor]]) -> list[tuple[list[tuple[Piece, int, float]], torch.Tensor]]:
+        """The watched pieces with their latest ``max|R|`` per matrix (``errors``: per soft
+        bucket, per chunk)."""
         watched = {id(piece) for piece in self.watched}
         entries = []
-        for bucket in self.buckets:
-            if not isinstance(bucket, soft.Bucket) or not bucket.errors:
+        local = [bucket for bucket in self.buckets if isinstance(bucket, soft.Bucket)]
+        for bucket, found in zip(local, errors):
+            if not found:
                 continue
-            limit = penalty.largest_residual(bucket.kind, bucket.errors[0].dtype)
-            for chunk, errors in zip(bucket.chunks or [bucket._whole()], bucket.errors):
+            limit = penalty.largest_residual(bucket.kind, found[0].dtype)
+            for chunk, chunk_errors in zip(bucket.chunks or [bucket.whole()], found):
                 pieces = bucket.pieces[chunk.params]
                 if all(id(piece) in watched for piece in pieces):
-                    entries.append(([(piece, count, limit) for piece, count in zip(pieces, chunk.counts)], errors))
+                    entries.append(([(pc, count, limit) for pc, count in zip(pieces, chunk.counts)], chunk_errors))
         return entries
 
     def workspace_bytes(self) -> int:
@@ -193,6 +211,31 @@ class Amp:
 
 def _hidden(piece: Piece) -> stiefel.HardItem:
     return stiefel.HardItem(piece.param, piece.layout, piece.param.grad, piece.group, piece.name)
+
+
+@torch.compiler.disable
+def _traced_start(optimizer: Any, found_inf: torch.Tensor | None) -> None:
+    """The start of new pieces for a step torch.compile traces: run eagerly (a graph break),
+    by the optimizer's shadow plan."""
+    plan = shadow(optimizer)
+    if plan.starting:
+        plan.start(optimizer, None if found_inf is None else Amp(found_inf, None))
+
+
+@torch.compiler.disable
+def _traced_after(optimizer: Any, errors: list[list[torch.Tensor]]) -> None:
+    """The guard and the monitor after a step torch.compile traces, with the traced
+    buckets' errors: run eagerly (a graph break), by the optimizer's shadow plan."""
+    shadow(optimizer).finish(optimizer, errors)
+
+
+def shadow(optimizer: Any) -> Plan:
+    """The eager plan, without workspaces, that keeps the guard's and the monitor's state for
+    the steps that torch.compile traces (their own plans live in the trace)."""
+    plan = optimizer.__dict__.get("_ortho_shadow")
+    if plan is None or not plan.current(optimizer.param_groups):
+        plan = optimizer.__dict__["_ortho_shadow"] = Plan(optimizer.param_groups, workspaces=False)
+    return plan
 
 
 def _memory(optimizer: Any) -> dict[str, float | None]:

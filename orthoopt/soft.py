@@ -169,7 +169,7 @@ class Bucket:
         self._skipped = amp is not None and amp.skipped is True
         if self._skipped:
             return  # found_inf read on the host: the base step skips this step, and so do we
-        for chunk in self.chunks or [self._whole()]:
+        for chunk in self.chunks or [self.whole()]:
             mats = self.gather(chunk)
             r = penalty.residual(mats, out=chunk.r, transposed=chunk.mats_t, minus_eye=self.minus_eye)
             r_max, finite = self._check(r, chunk, optimizer)
@@ -193,7 +193,7 @@ class Bucket:
             lr = self.lrs(r)
             beta = self._auto_beta(optimizer.state, before, finite, lr, amp)
             eta = 2 * lr * beta if self.every == 1 else 2 * lr * beta * self.every
-            self._step(self._whole(), before, r, r_max, finite, eta, None)
+            self._step(self.whole(), before, r, r_max, finite, eta, None)
         self.apply(self.delta if self._delta is None else self._delta, None if amp is None else amp.keep)
         self._delta = None
 
@@ -269,7 +269,7 @@ class Bucket:
         chunks.append(self._make_chunk(start, len(self.counts), row))
         return chunks
 
-    def _whole(self) -> Chunk:
+    def whole(self) -> Chunk:
         """The one chunk of an 'auto' bucket, or of a bucket without workspaces."""
         return self.chunks[0] if self.chunks else self._make_chunk(0, len(self.params), 0)
 
@@ -367,7 +367,7 @@ class Bucket:
     def gather_after(self) -> torch.Tensor:
         """The matrices after the base update, for 'auto' (into the update's workspace, which
         the step overwrites afterwards)."""
-        chunk = self._whole()
+        chunk = self.whole()
         return self.gather(replace(chunk, stack=self.delta if self.stack is not None else None))
 
     def lrs(self, like: torch.Tensor) -> torch.Tensor:
