@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["reads_free", "read", "copy_to_host", "read_copy"]
+__all__ = ["reads_free", "read", "copy_to_host", "read_copy", "capturing"]
 
 # Set by orthoopt.testing.accelerator_path: CPU tensors take the accelerator's path.
 ACCELERATOR_PATH = [False]
@@ -50,3 +50,9 @@ def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
 def read_copy(copy: torch.Tensor) -> list[float]:
     """The values of a host copy from :func:`copy_to_host`, once it has arrived (free)."""
     return _TOLIST(copy.reshape(-1))
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured now: the step's Python runs once, at capture,
+    and not at the graph's replays, so nothing that keeps count on the host may run then."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -162,6 +162,12 @@ class OrthoMixin:
                 check_step_size(2 * lr * group["ortho"] * group["ortho_every"], p.dtype, name, group_index)
         if penalized(group) and group["ortho_mode"] == "hard":
             stiefel.update_rule(type(self))
+        if penalized(group) and group["ortho_every"] != 1 and group.get("capturable", self.defaults.get("capturable")):
+            raise ValueError(
+                f"param group {group_index}: ortho_every={group['ortho_every']} with capturable=True: the soft "
+                "step's count of step() calls is kept on the host, and a CUDA graph's replays run no Python; "
+                "use ortho_every=1 with capturable=True"
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, refusing a state saved under another layout, mode or parameter shape,

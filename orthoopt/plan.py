@@ -85,7 +85,9 @@ class Plan:
         self._items = [] if hard_skipped else self._hard_items(self._amp)
         stiefel.check(optimizer, self._items)
         self._started = False
-        if torch.compiler.is_compiling():
+        if host.capturing():
+            pass  # the start reads values (a sync): a capture follows eager warm-up steps
+        elif torch.compiler.is_compiling():
             _traced_start(optimizer, None if self._amp is None else self._amp.found_inf)
         elif self.starting:
             self.start(optimizer, self._amp)
@@ -130,6 +132,8 @@ class Plan:
         if not (amp is not None and any(b.every > 1 for b in self.buckets) and amp.read_found()):
             soft.advance(optimizer.param_groups)  # a step that found_inf skips does not count
         errors = [bucket.errors for bucket in self.buckets if isinstance(bucket, soft.Bucket)]
+        if host.capturing():
+            return  # the replays of a CUDA graph run no Python: no count, no monitor
         if torch.compiler.is_compiling():
             _traced_after(optimizer, errors)
         else:
