@@ -52,7 +52,10 @@ def read_copy(copy: torch.Tensor) -> list[float]:
     return _TOLIST(copy.reshape(-1))
 
 
+_CUDA = torch.cuda.is_available()
+
+
 def capturing() -> bool:
     """Whether a CUDA graph is being captured now: the step's Python runs once, at capture,
     and not at the graph's replays, so nothing that keeps count on the host may run then."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _CUDA and torch.cuda.is_current_stream_capturing()

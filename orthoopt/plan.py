@@ -23,8 +23,8 @@ parameters; ``add_param_group``, ``load_state_dict`` and unpickling drop the pla
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import contextlib
+import operator
 from typing import Any
 
 import torch
@@ -37,6 +37,8 @@ __all__ = ["Plan", "Amp", "shadow", "refuse_differentiable"]
 
 # The options that shape the plan: all of them but β's value (read at every step).
 _PLANNED = tuple(k for k in ORTHO_DEFAULTS if k != "ortho")
+_planned = operator.itemgetter(*_PLANNED)
+_NOTHING = contextlib.nullcontext()
 
 
 class Plan:
@@ -112,15 +114,16 @@ class Plan:
             for piece in self.hard
         ]
 
-    @contextmanager
-    def hard_grads_hidden(self) -> Iterator[None]:
+    def hard_grads_hidden(self) -> contextlib.AbstractContextManager:
         """Around the base step: the hard pieces' parameters have no gradient (it skips them)."""
-        with stiefel.grads_hidden([_hidden(piece) for piece in self.hard] if self.hard else []):
-            yield
+        if not self.hard:
+            return _NOTHING
+        return stiefel.grads_hidden([_hidden(piece) for piece in self.hard])
 
     def hard_step(self, optimizer: Any) -> None:
-        stiefel.step_(optimizer, self._items)
-        self._items = []
+        if self._items:
+            stiefel.step_(optimizer, self._items)
+            self._items = []
 
     def after(self, optimizer: Any) -> None:
         """After the base step: each due bucket's 'auto' step and update, the ``ortho_every``
@@ -250,12 +253,18 @@ def _memory(optimizer: Any) -> dict[str, float | None]:
 
 def _signature(param_groups: list[dict[str, Any]]) -> tuple:
     return tuple(
-        (id(g), id(g["params"]), len(g["params"]), g.get("differentiable", False), g["ortho"] == "auto")
-        + tuple(g.get(k) for k in _PLANNED)
+        (id(g), id(g["params"]), len(g["params"]), g.get("differentiable", False), g["ortho"] == "auto", _options(g))
         if penalized(g)
         else (id(g), None)
         for g in param_groups
     )
+
+
+def _options(group: dict[str, Any]) -> tuple:
+    try:
+        return _planned(group)
+    except KeyError:  # a group without an option: as if None
+        return tuple(group.get(k) for k in _PLANNED)
 
 
 def _watch(tracked: list[torch.Tensor]) -> tuple:

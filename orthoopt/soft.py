@@ -33,7 +33,7 @@ import torch
 
 from . import auto, distributed, guard, host, penalty
 from .layout import Layout
-from .options import check_step_size, is_number, penalized, report_nonfinite
+from .options import check_step_size, is_number, penalized, report_nonfinite, step_size_limit
 from .pieces import Piece
 
 __all__ = ["Bucket", "Chunk", "buckets", "check_gradient", "view_or_none", "advance", "STEPS_KEY"]
@@ -178,7 +178,7 @@ class Bucket:
                 self._pending = (self._keep(mats), r, r_max, finite)
             else:
                 eta, top = self.eta(chunk, r)
-                if isinstance(eta, float):  # a tensor lr is not read back: that would sync
+                if isinstance(eta, float) and eta > step_size_limit(mats.dtype):  # a tensor lr: not read
                     check_step_size(eta, mats.dtype, chunk.names, None)
                 self._step(chunk, mats, r, r_max, finite, eta, top)
 
