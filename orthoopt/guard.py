@@ -165,7 +165,11 @@ class Monitor:
             if not all(e <= limit for e in part):
                 bad.setdefault(piece.group["ortho_nonfinite"], []).append(piece.name)
                 continue
-            _drift(piece, error, memory)
+            tol = piece.group.get("ortho_tol")
+            if tol is None:
+                _drift(piece, error, memory)
+            elif error > tol:
+                _missed(piece, error, tol, memory)
         for policy, names in bad.items():
             if policy == "warn":  # 'raise' read them at the step; 'skip' says nothing
                 report_nonfinite(optimizer, list(dict.fromkeys(names)), policy, NONFINITE_WHAT)
@@ -173,6 +177,18 @@ class Monitor:
 
 # What the ortho_nonfinite policy's report says the soft step does.
 NONFINITE_WHAT = "the orthogonality step skips its non-finite matrices"
+
+
+def _missed(piece: Piece, error: float, tol: float, memory: dict[str, float | None]) -> None:
+    key = _memory_key(piece) + " ortho_tol"
+    if key in memory:
+        return
+    memory[key] = error
+    _warn(
+        f"{piece.name} is above ortho_tol={tol:.3g} after its correction (max |ΦᵀΦ - I| = {error:.3g}): its "
+        "step moved it further than the correction's fixed Newton–Schulz iterations reach (on CPU the polar "
+        "factor takes over). Use a lower learning rate, or a larger ortho"
+    )
 
 
 def _drift(piece: Piece, error: float, memory: dict[str, float | None]) -> None:

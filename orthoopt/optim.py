@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, penalty, stiefel, wrappers
+from . import checkpoint, distributed, penalty, soft, stiefel, wrappers
 from .layout import Layout, resolve_layout
 from .options import (
     ORTHO_DEFAULTS,
@@ -79,6 +79,7 @@ class OrthoMixin:
         ortho_init: str = "warn",
         ortho_second_moment: str = "mean",
         ortho_every: int = 1,
+        ortho_tol: float | None = None,
         **kwargs,
     ):
         options = check_options(
@@ -94,6 +95,7 @@ class OrthoMixin:
                 "ortho_init": ortho_init,
                 "ortho_second_moment": ortho_second_moment,
                 "ortho_every": ortho_every,
+                "ortho_tol": ortho_tol,
             },
             "optimizer defaults",
         )
@@ -263,6 +265,17 @@ class OrthoMixin:
             errors[piece.key] = max(errors.get(piece.key, error), error)
         return errors
 
+    def ortho_tol_corrections(self) -> dict[str, int]:
+        """``{name: how many times ortho_tol corrected a matrix of the parameter}`` (summed over
+        its matrices and steps; read from the optimizer state, a sync on an accelerator)."""
+        out: dict[str, int] = {}
+        for piece in pieces(self.param_groups, mode="soft"):
+            if piece.group.get("ortho_tol") is None:
+                continue
+            counts = self.state.get(piece.param, {}).get(soft.CORRECTIONS + piece.suffix)
+            out[piece.key] = out.get(piece.key, 0) + (0 if counts is None else int(counts.sum()))
+        return out
+
 
 class _Reevaluate:
     """The closure handed to the base step.  Its first call returns the loss that ``step()``
@@ -299,6 +312,8 @@ _CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orth
     ortho_second_moment (str): hard mode's Adam second moment per matrix, the 'mean' over its
         entries (Adam's step size at the same lr) or geoopt's 'sum' (:mod:`orthoopt.stiefel`).
     ortho_every (int): the soft step at every k-th call of step(), k times as large (default 1).
+    ortho_tol (float or None): after every step, a matrix whose max |ΦᵀΦ - I| is above it is
+        corrected towards its polar factor within the step (:mod:`orthoopt.soft`); None (default): off.
 """
 
 # One class per base class, so that orthogonalize(X) is orthogonalize(X) (isinstance works,

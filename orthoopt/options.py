@@ -54,6 +54,7 @@ ORTHO_DEFAULTS: dict[str, Any] = {
     "ortho_init": "warn",
     "ortho_second_moment": "mean",
     "ortho_every": 1,
+    "ortho_tol": None,
 }
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
@@ -161,6 +162,20 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where}: ortho_every={every} applies to the soft step; hard mode steps on the manifold at every "
             "step: use ortho_every=1 with ortho_mode='hard'"
         )
+    tol = out.get("ortho_tol")
+    if tol is not None:
+        number = real_number(tol)
+        if number is None or not (0 < number < 1):
+            raise ValueError(
+                f"{where}: ortho_tol must be None (off) or a number in (0, 1), the largest max |ΦᵀΦ - I| "
+                f"that a matrix may keep after a step, got {tol!r}"
+            )
+        if mode == "hard":
+            raise ValueError(
+                f"{where}: ortho_tol={tol} corrects the soft step; hard mode stays on the manifold at every step: "
+                "use ortho_tol=None with ortho_mode='hard'"
+            )
+        out["ortho_tol"] = number
     if "ortho_layout" in out:
         out["ortho_layout"] = canonical_layout(out["ortho_layout"], f"{where}: ortho_layout")
     return out

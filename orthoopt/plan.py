@@ -132,6 +132,9 @@ class Plan:
         amp, self._amp = self._amp, None
         for bucket in due:
             bucket.after(optimizer, amp)
+        for bucket in self.buckets:  # every step, due or not: the base step moved them
+            if getattr(bucket, "tol", None) is not None:
+                bucket.correct(optimizer)
         if not (amp is not None and any(b.every > 1 for b in self.buckets) and amp.read_found()):
             soft.advance(optimizer.param_groups)  # a step that found_inf skips does not count
         errors = [bucket.errors for bucket in self.buckets if isinstance(bucket, soft.Bucket)]

@@ -36,7 +36,7 @@ from .layout import Layout
 from .options import check_step_size, is_number, penalized, report_nonfinite, step_size_limit
 from .pieces import Piece
 
-__all__ = ["Bucket", "Chunk", "buckets", "check_gradient", "view_or_none", "advance", "STEPS_KEY"]
+__all__ = ["Bucket", "Chunk", "buckets", "check_gradient", "view_or_none", "advance", "STEPS_KEY", "CORRECTIONS"]
 
 # A bucket of several parameters is gathered (copied into one stack) in chunks of at most
 # this share of its bytes, or MIN_CHUNK_BYTES where that is more: below that, the calls
@@ -45,6 +45,8 @@ CHUNK_SHARE = 0.25
 MIN_CHUNK_BYTES = 1 << 20
 # The group's count of step() calls, kept for ortho_every > 1 (saved with the groups).
 STEPS_KEY = "ortho_steps"
+# The optimizer-state key of ortho_tol's count of corrections, per matrix of a piece.
+CORRECTIONS = "ortho_corrections"
 
 
 def buckets(soft_pieces: list[Piece], workspaces: bool) -> list[Bucket | distributed.ShardedBucket]:
@@ -60,14 +62,20 @@ def buckets(soft_pieces: list[Piece], workspaces: bool) -> list[Bucket | distrib
                     f"{piece.name} is sharded (FSDP2), where ortho_every={every} is not supported; "
                     "use ortho_every=1 for its group"
                 )
+            if group.get("ortho_tol") is not None:
+                raise NotImplementedError(
+                    f"{piece.name} is sharded (FSDP2), where ortho_tol={group['ortho_tol']} is not supported (its "
+                    "correction needs each whole Gram on every rank); use ortho_tol=None for its group"
+                )
             found.setdefault("dtensor", distributed.ShardedBucket()).add(p, piece.layout, group)
             continue
         m, l, n = piece.layout.stack_shape(p.shape)
         options = (group["ortho_smoothing"], group["ortho_penalty"], group["ortho_nonfinite"], group["ortho"] == "auto")
+        tol = group.get("ortho_tol")
         # Groups that skip steps keep their own buckets: each has its own count.
-        key = (l, n, p.dtype, p.device, *options, every, piece.group_index if every > 1 else None)
+        key = (l, n, p.dtype, p.device, *options, every, tol, piece.group_index if every > 1 else None)
         if key not in found:
-            found[key] = Bucket(*options, every=every)
+            found[key] = Bucket(*options, every=every, tol=tol)
         found[key].add(piece, m)
     plan = list(found.values())
     if workspaces:
@@ -126,7 +134,10 @@ class Bucket:
     the optimizer's monitor (:mod:`orthoopt.guard`), which reads them at its cadence.
     """
 
-    def __init__(self, smoothing: float, kind: str, nonfinite: str, auto: bool, every: int = 1):
+    def __init__(
+        self, smoothing: float, kind: str, nonfinite: str, auto: bool, every: int = 1, tol: float | None = None
+    ):
+        self.tol = tol
         self.smoothing = smoothing
         self.kind = kind
         self.nonfinite = nonfinite
@@ -400,6 +411,67 @@ class Bucket:
         return torch.cat(
             [torch.as_tensor(v, dtype=like.dtype, device=like.device).expand(c) for v, c in zip(values, counts)]
         )
+
+    # -- ortho_tol ------------------------------------------------------------------------
+    def correct(self, optimizer: Any) -> None:
+        """``ortho_tol``: after the step, every matrix whose ``max|ΦᵀΦ - I|`` is above the
+        tolerance moves to (nearly) its polar factor, :func:`orthoopt.penalty.polar_correction`.
+
+        On the device the correction is computed for every matrix and masked (no read); where
+        reading is free a bucket with no matrix above the tolerance does no more than its Gram,
+        and a matrix the fixed iterations leave above it gets its polar factor by SVD.  How
+        many times each matrix was corrected is counted in the optimizer state
+        (``ortho_corrections``, suffixed for a later piece)."""
+        delta = self.delta
+        corrected = []
+        for chunk in self.chunks or [self.whole()]:
+            mats = self.gather(chunk)
+            r = penalty.residual(mats, out=chunk.r, transposed=chunk.mats_t, minus_eye=self.minus_eye)
+            if host.reads_free(r):
+                scratch = chunk.scratch if chunk.scratch is not None else torch.empty_like(r)
+                error = torch.abs(r, out=scratch).amax((-2, -1), keepdim=True)
+                if not any(e > self.tol for e in host.read(error)):  # False for NaN: not corrected
+                    corrected.append(None)
+                    continue
+            else:
+                error = torch.linalg.vector_norm(r, float("inf"), dim=(-2, -1), keepdim=True)
+            mask = error > self.tol
+            z, after = penalty.polar_correction(r)
+            z.diagonal(dim1=-2, dim2=-1).sub_(1)
+            out = chunk.delta if chunk.delta is not None else torch.empty_like(mats)
+            torch.bmm(mats, z.to(mats.dtype), out=out)
+            if host.reads_free(r):
+                self._polar_where_unconverged(mats, out, mask, after)
+            torch.where(mask, out, penalty._zero(out), out=out)
+            corrected.append((chunk, mask, out))
+        if all(c is None for c in corrected):
+            return
+        if delta is None:  # no workspaces: one chunk
+            delta = corrected[0][2]
+        for item, chunk in zip(corrected, self.chunks or [self.whole()]):
+            if item is None:  # its rows still hold the soft step's update
+                (delta if self.stack is None else delta[chunk.rows]).zero_()
+        self.apply(delta)
+        self._count(optimizer.state, [(c, m) for c, m, _ in filter(None, corrected)])
+
+    def _polar_where_unconverged(self, mats: torch.Tensor, out: torch.Tensor, mask, after) -> None:
+        # Where reading is free: a matrix the fixed iterations leave above the tolerance (a start
+        # far from the manifold) takes the polar factor itself, by SVD.
+        rows = [i for i, (m, e) in enumerate(zip(host.read(mask), host.read(after))) if m and not e <= self.tol]
+        if rows:
+            index = torch.tensor(rows, device=mats.device)
+            out.index_copy_(0, index, penalty.polar(mats[index]) - mats[index])
+
+    def _count(self, state: Any, corrected: list[tuple[Chunk, torch.Tensor]]) -> None:
+        for chunk, mask in corrected:
+            counts = []
+            for piece, count in zip(self.pieces[chunk.params], chunk.counts):
+                key = CORRECTIONS + piece.suffix
+                own = state[piece.param]
+                if key not in own:
+                    own[key] = torch.zeros(count, dtype=torch.int64, device=mask.device)
+                counts.append(own[key])
+            torch._foreach_add_(counts, list(mask.reshape(-1).split(chunk.counts)))
 
     def apply(self, delta: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Add ``delta`` to the pieces (through cached views where they exist), times ``keep``
