@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .argtypes import device, out_dir, real, whole
+from .argtypes import device, names, out_dir, real, whole
 
 DEFAULT_OUT = "orthoopt-results"
 
@@ -43,20 +43,8 @@ def _task(text: str) -> str:
     return text
 
 
-def _methods(text: str) -> list[str]:
-    from .compare.methods import ALL_METHODS, METHODS
-
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    if names == ["all"]:
-        return list(METHODS)
-    bad = [m for m in names if m not in ALL_METHODS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {', '.join(ALL_METHODS)} or all")
-    return names
-
-
 def compare_parser() -> argparse.ArgumentParser:
-    from .compare.methods import METHODS
+    from .compare.methods import ALL_METHODS, METHODS
     from .compare.tasks import TASKS
 
     p = argparse.ArgumentParser(
@@ -75,7 +63,7 @@ def compare_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--methods",
-        type=_methods,
+        type=names(ALL_METHODS, every=METHODS),
         default=None,
         help=f"comma list of {', '.join(METHODS)}, geotorch (default: the task's; every method but geotorch for most)",
     )
@@ -125,7 +113,12 @@ def compare_parser() -> argparse.ArgumentParser:
         help="record the curves every N steps (default 1)",
     )
     p.add_argument("--quick", action="store_true", help="a run of seconds: the task's short budget, one seed")
-    p.add_argument("--out", type=out_dir, default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
+    p.add_argument(
+        "--out",
+        type=out_dir,
+        default=DEFAULT_OUT,
+        help=f"output folder, made with any missing parent folders (default ./{DEFAULT_OUT})",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
