@@ -132,6 +132,16 @@ COMPARE_BAD = [
     (["--task", "pca:k=100"], r"--task: task 'pca': k must be a whole number from 1 to 63"),
     (["--task", "copying:foo=1"], r"--task: task 'copying': unknown parameter 'foo'; it takes L, K, hidden"),
     (["--task", "copying:L=0"], r"--task: task copying: L must be an integer >= 1, got 0"),
+    (["--task", "copying:L=1e9"], r"--task: task copying: L must be an integer >= 1, got 1e9$"),
+    (["--task", "pca:k=2.50"], r"--task: task 'pca': k must be a whole number from 1 to 63 .*, got 2.50$"),
+    (
+        ["--task", "procrustes:noise=-1e-3"],
+        r"--task: task 'procrustes': noise must be a finite number >= 0, got -1e-3$",
+    ),
+    (
+        ["--task", "copying:L=10,hidden=8,L=20"],
+        r"--task: task 'copying:L=10,hidden=8,L=20': L is given twice; give each parameter once$",
+    ),
     (["--task", "copying:hidden=abc"], r"--task: task copying: hidden must be an integer >= 2"),
     (
         ["--task", "mppca:n=64"],

@@ -230,6 +230,17 @@ def test_unknown_task_and_method():
     with pytest.raises(ValueError, match="unknown method"):
         compare.run("pca", methods=["soft", "bogus"])
     assert tasks.get_task("procrustes:m=3,n=4").params == {"m": 3, "n": 4}
+    with pytest.raises(ValueError, match="method 'soft' is given twice"):
+        compare.run("pca", methods=["soft", "hard", "soft"])
+    with pytest.raises(ValueError, match="seed 1 is given twice"):
+        compare.run("pca", seeds=[1, 0, 1])
+
+
+def test_task_parameters_are_plain_numbers_once_checked():
+    # written '010', '1_0' and '5e-1': checked as written, kept as the numbers they are
+    params = tasks.get_task("procrustes:m=010,l=1_0,noise=5e-1").params
+    assert params == {"m": 10, "l": 10, "noise": 0.5}
+    assert [type(v) for v in params.values()] == [int, int, float]
 
 
 def test_classifier_quick_has_test_accuracy():

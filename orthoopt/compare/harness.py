@@ -341,6 +341,10 @@ def run(
         if m not in ALL_METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    for what, values in (("method", methods), ("seed", seeds)):
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise ValueError(f"{what} {twice[0]!r} is given twice; each runs once per comparison")
     steps = steps if steps is not None else (task.quick_steps if quick else task.steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
