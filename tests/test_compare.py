@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,57 @@ import torch
 from orthoopt import compare
 from orthoopt.compare import harness, landing, tasks
 from orthoopt.compare.methods import METHODS
+
+
+def _outside_uses(source: str, package: str) -> list[tuple[str, str]]:
+    """``(module, name)`` of each name a module of ``package`` imports from the rest of
+    orthoopt, and ``("attribute", name)`` of each private attribute it reads."""
+    uses = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            if module.startswith("orthoopt") and not module.startswith("orthoopt.compare"):
+                uses += [(module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            uses += [(a.name, "") for a in node.names if a.name.startswith("orthoopt")]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            uses.append(("attribute", node.attr))
+    return uses
+
+
+def _private(module: str, name: str) -> bool:
+    """Whether ``name`` of ``module`` is outside orthoopt's public API: names that ``import
+    orthoopt`` exports, and the documented names of a submodule's ``__all__``."""
+    if module == "attribute" or not name:
+        return True
+    target = importlib.import_module(module)
+    if name not in getattr(target, "__all__", ()):
+        return True
+    return module != "orthoopt" and not getattr(getattr(target, name), "__doc__", None)
+
+
+def test_the_comparison_uses_only_the_public_api():
+    folder = Path(compare.__file__).parent
+    private = {
+        f"{path.name}: {module}.{name}" if module != "attribute" else f"{path.name}: ._{name[1:]}"
+        for path in sorted(folder.glob("*.py"))
+        for module, name in _outside_uses(path.read_text(), "orthoopt.compare")
+        if _private(module, name)
+    }
+    assert private == set()
+
+
+def test_the_public_api_check_finds_private_uses():
+    source = "from .. import optim\nfrom ..penalty import _HALF\nfrom .. import param_groups\nx = opt._soft_cache\n"
+    uses = _outside_uses(source, "orthoopt.compare")
+    assert uses == [
+        ("orthoopt", "optim"),
+        ("orthoopt.penalty", "_HALF"),
+        ("orthoopt", "param_groups"),
+        ("attribute", "_soft_cache"),
+    ]
+    assert [_private(*u) for u in uses] == [True, True, False, True]
 
 
 @pytest.fixture(scope="module")

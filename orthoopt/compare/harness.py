@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .. import penalty
+from ..penalty import residual
 from .methods import ALL_METHODS, METHODS, Settings, build_optimizers, constrained_parameters, prepared
 from .tasks import Problem, Task, get_task
 
@@ -77,7 +77,7 @@ def orthogonality(params: Sequence[tuple[str, torch.Tensor, Any]]) -> tuple[floa
     """``(max-abs, Frobenius)``: the largest ``|ΦᵀΦ - I|_jk`` and ``‖ΦᵀΦ - I‖_F`` over all matrices."""
     worst_abs, worst_fro = 0.0, 0.0
     for _, p, layout in params:
-        r = penalty.residual(layout.matrices(p.detach()))
+        r = residual(layout.matrices(p.detach()))
         worst_abs = max(worst_abs, r.abs().amax().item())
         worst_fro = max(worst_fro, torch.linalg.matrix_norm(r).amax().item())
     return worst_abs, worst_fro
