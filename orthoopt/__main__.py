@@ -83,6 +83,18 @@ def compare_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lr", type=real(positive=True), default=None, help="base learning rate (default: the task's)")
     p.add_argument(
+        "--target-gap",
+        type=real(positive=True),
+        default=None,
+        help="the target's relative gap |f - f*|/|f*|, where f* is known (default: the task's; 0.05 for pca)",
+    )
+    p.add_argument(
+        "--target-orth",
+        type=real(positive=True),
+        default=None,
+        help="the target's orthogonality error max|ΦᵀΦ - I|, where f* is known (default: the task's; 1e-5 for pca)",
+    )
+    p.add_argument(
         "--base", choices=("sgd", "adam", "adamw"), default=None, help="base optimizer (default: the task's)"
     )
     p.add_argument(
@@ -151,6 +163,8 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
             quick=args.quick,
             progress=not args.no_progress,
             threads=args.threads if args.device == "cpu" else None,
+            target_gap=args.target_gap,
+            target_orth=args.target_orth,
         )
     except ValueError as e:  # a combination found out only once the task is built (no optimum known)
         parser.error(str(e))

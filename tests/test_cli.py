@@ -85,6 +85,8 @@ def test_compare_in_process(tmp_path, capsys):
             "5",
             "--seeds",
             "2",
+            "--target-gap",
+            "0.5",
             "--out",
             str(tmp_path / "made" / "here"),
             "--no-plots",
@@ -94,6 +96,7 @@ def test_compare_in_process(tmp_path, capsys):
     assert rc == 0
     data = json.loads((tmp_path / "made" / "here" / "results.json").read_text())
     assert data["config"]["seeds"] == [0, 1] and len(data["runs"]) == 4
+    assert (data["config"]["target_gap"], data["config"]["target_orth"]) == (0.5, 1e-3)  # procrustes' orth target
 
 
 def test_bench_dispatch(monkeypatch, capsys):
@@ -117,6 +120,8 @@ COMPARE_BAD = [
     (["--lr", "-1"], r"--lr: must be a finite number > 0"),
     (["--lr", "0"], r"--lr: must be a finite number > 0"),
     (["--landing-lr", "-0.1"], r"--landing-lr: must be a finite number > 0"),
+    (["--target-gap", "0"], r"--target-gap: must be a finite number > 0"),
+    (["--target-orth", "inf"], r"--target-orth: must be a finite number > 0"),
     (["--smoothing", "-1"], r"--smoothing: must be a finite number >= 0"),
     (["--record-every", "0"], r"--record-every: must be a whole number >= 1"),
     (["--steps", "0"], r"--steps: must be a whole number >= 1"),

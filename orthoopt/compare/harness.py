@@ -12,6 +12,7 @@ at that step while the other runs go on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -320,6 +321,8 @@ def run(
     beta_relative: bool | None = None,
     threads: int | None = None,
     constrained_lr_scale: float | None = None,
+    target_gap: float | None = None,
+    target_orth: float | None = None,
 ) -> Comparison:
     """Run ``task`` under each of ``methods`` for every seed; return runs and a summary.
 
@@ -328,9 +331,17 @@ def run(
     (methods: the task's, else every method of ``METHODS``; schedule: the task's, mostly cosine).
     ``threads`` sets ``torch.set_num_threads`` for the run (timings on a loaded machine
     are steadier with one thread).  ``constrained_lr_scale``: the constrained parameters'
-    lr as a multiple of ``lr`` (default: the task's).
+    lr as a multiple of ``lr`` (default: the task's).  ``target_gap`` and ``target_orth``
+    replace the task's target (``|f - f*| <= target_gap·|f*|`` with ``max|ΦᵀΦ - I| <=
+    target_orth``) where the optimum is known.
     """
     task = get_task(task)
+    if target_gap is not None or target_orth is not None:
+        task = dataclasses.replace(
+            task,
+            target_gap=target_gap if target_gap is not None else task.target_gap,
+            target_orth=target_orth if target_orth is not None else task.target_orth,
+        )
     if beta_relative is None:
         beta_relative = task.beta_relative
     if threads is not None:
