@@ -1,4 +1,4 @@
-"""Mixture of probabilistic PCA on the digits (the seed's group prior): Adam methods against closed-form EM.
+"""Mixture of probabilistic PCA on the digits (a group prior on the (l, m, n) tensor): Adam methods against closed-form EM.
 
 m = 10 components of n latent dimensions on the l = 64 pixels, Φ (64, 10, n) orthonormal per
 component (layout group_axis:1), trained by maximum likelihood with Adam (full batch, lr 1e-2,

@@ -223,7 +223,7 @@ def test_models_benchmark_through_the_cli(tmp_path, capsys):
 
 
 def test_every_k_experiment_and_targets_table_run(tmp_path, capsys):
-    from test_experiments import load
+    from test_experiments import TOOLS, load
 
     load("bench_every_k").main(["--quick", "--out", str(tmp_path), "--archs", "mlp", "--every", "1,2"])
     text = (tmp_path / "bench_every_k-quick" / "README.md").read_text()
@@ -231,7 +231,7 @@ def test_every_k_experiment_and_targets_table_run(tmp_path, capsys):
     out = tmp_path / "step.json"
     shapes = ["--shapes", "256x64x16,many:16x256x64", "--repeats", "2", "--warmup", "0"]
     bench.main(["--device", "cpu", *shapes, "--out", str(out), "--contenders", "floor,base,soft,soft-auto"])
-    rows = load("bench_targets").main([str(out)]).splitlines()
+    rows = load("bench_targets", TOOLS).main([str(out)]).splitlines()
     measured = [r for r in rows if r.startswith("| (soft - AdamW) / floor, (256, 64, 16)")]
     assert len(measured) == 1 and measured[0].rstrip(" |").endswith(("met", "**not met**"))
     assert sum("not measured" in r for r in rows) == len(rows) - 2 - 5  # the other cases were not run
