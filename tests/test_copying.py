@@ -139,6 +139,7 @@ def test_variant_rows_and_their_table():
     assert line.startswith("| hard W lr ×2 | never | ") and line.endswith(" | ok |")
 
 
+@pytest.mark.slow
 def test_iterations_are_timed_round_robin():
     from orthoopt.compare.timing import time_iterations, timing_table
 

@@ -17,6 +17,8 @@ from orthoopt.compare.methods import METHODS
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TOOLS = EXPERIMENTS.parent / "tools"
+
+pytestmark = pytest.mark.slow  # each runs an experiment script
 SCRIPTS = [
     "pca_target",
     "pca_beta_sweep",

@@ -8,6 +8,8 @@ import json
 import pytest
 from test_experiments import TOOLS, load
 
+pytestmark = pytest.mark.slow  # each runs a tool's script
+
 
 def test_collect_gathers_the_results_readmes_in_order(tmp_path):
     collect = load("collect", TOOLS)
