@@ -330,6 +330,87 @@ def test_lightning_configure_optimizers():
     )
 
 
+def test_lightning_warns_at_the_users_fit_line():
+    """orthoopt's warnings point past Lightning's loops, at the user's line."""
+    pl = import_or_skip("pytorch_lightning")
+
+    class Hard(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()  # off the manifold: hard mode projects it at its first step
+
+        def training_step(self, batch, batch_idx):
+            return _forward(self.net, batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
+            return orthoopt.constrain_(opt, self, ortho=1.0, ortho_mode="hard", exclude=["net.head"])
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8) % 10), batch_size=4)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.warns(orthoopt.OrthogonalityWarning, match="projected onto the Stiefel manifold") as rec:
+        trainer.fit(Hard(), data)
+    assert {w.filename for w in rec if issubclass(w.category, orthoopt.OrthogonalityWarning)} == {__file__}
+
+
+def test_lightning_backbone_finetuning_adds_its_group_to_the_swapped_optimizer():
+    """BackboneFinetuning unfreezes the backbone with add_param_group({'params': ..., 'lr': ...})."""
+    pl = import_or_skip("pytorch_lightning")
+
+    class Finetuned(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.backbone = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+            self.head = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+        def training_step(self, batch, batch_idx):
+            return self.head(self.backbone(batch[0])).square().mean()
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-2)
+            return orthoopt.constrain_(opt, self, ortho=3.0, exclude=["head.2"])
+
+    module = Finetuned()
+    frozen = [p.detach().clone() for p in module.backbone.parameters()]
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    (opt,) = trainer.optimizers
+    added = opt.param_groups[-1]
+    index = len(opt.param_groups) - 1
+    assert added["param_names"] == [f"group{index}.param0", f"group{index}.param1"] and added["ortho"] == 0.0
+    assert [p is q for p, q in zip(added["params"], module.backbone.parameters())] == [True, True]
+    assert not any(torch.equal(p, q) for p, q in zip(module.backbone.parameters(), frozen))  # it trained
+    assert set(opt.orthogonality_errors()) == {"head.0.weight"}
+
+
+def test_timm_scheduler_built_before_the_swap_is_refused():
+    """timm's schedulers leave the optimizer's step alone, and would schedule only the groups they saw."""
+    timm_scheduler = import_or_skip("timm.scheduler")
+    model = _model()
+    opt = torch.optim.AdamW(_timm_like_groups(model), lr=1e-2)
+    scheduler = timm_scheduler.CosineLRScheduler(opt, t_initial=10)
+    with pytest.raises(ValueError, match=r"scheduler \(CosineLRScheduler\) was already built on this AdamW"):
+        orthoopt.constrain_(opt, model, exclude=["head"])
+    assert type(opt) is torch.optim.AdamW and scheduler.optimizer is opt
+
+
 def _bert(transformers):
     torch.manual_seed(0)
     config = transformers.BertConfig(
@@ -385,6 +466,18 @@ def test_hf_trainer_keeps_its_no_decay_groups(tmp_path):
     _assert_held(errors, orthoopt.named_orthogonality_errors(control, exclude=["classifier"]), bound=0.02)
     orthoopt.project_(trainer.optimizer)
     assert max(orthoopt.named_orthogonality_errors(trainer.optimizer).values()) < 1e-5
+
+
+def test_hf_trainer_warns_at_the_users_train_line(tmp_path):
+    """orthoopt's warnings point past accelerate's and the Trainer's frames, at the user's line."""
+    transformers = import_or_skip("transformers")
+    model = _bert(transformers)
+    trainer = _trainer(transformers, model, tmp_path, steps=1)
+    trainer.create_optimizer()
+    orthoopt.constrain_(trainer.optimizer, model, ortho=1.0, ortho_mode="hard", exclude=["classifier"])
+    with pytest.warns(orthoopt.OrthogonalityWarning, match="projected onto the Stiefel manifold") as rec:
+        trainer.train()
+    assert {w.filename for w in rec if issubclass(w.category, orthoopt.OrthogonalityWarning)} == {__file__}
 
 
 def test_timm_create_optimizer_v2_keeps_its_groups():
