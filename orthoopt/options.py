@@ -203,9 +203,11 @@ def param_key(group: dict, index: int, group_index: int) -> str:
     return f"group{group_index}.param{index}"
 
 
-def ortho_items(group: dict) -> tuple[tuple[str, Any], ...]:
-    """The group's ortho options as they stand (not its step counter), to tell when they change."""
-    return tuple((k, v) for k, v in group.items() if k.startswith("ortho") and k != STEPS_KEY)
+def ortho_items(group: dict) -> tuple:
+    """The group's ortho options as they stand, to tell when they change: their values, and
+    the number of keys (which an unknown key added to the group changes).  Read at every step,
+    so one C-level pass over ``ORTHO_DEFAULTS``."""
+    return (len(group), *map(group.get, ORTHO_DEFAULTS))
 
 
 def name_unnamed(group: dict, group_index: int, groups: Sequence[dict]) -> None:
