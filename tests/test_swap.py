@@ -635,30 +635,53 @@ def test_lbfgs_needing_several_groups_is_refused_with_what_to_do(kwargs, match):
 
 # -- resuming a plain run's checkpoint that had a scheduler ------------------------------
 _LR = torch.optim.lr_scheduler
+
+
+def _by_kind(low: float, high: float):
+    """A per-group value by the group's kind (no decay, decayed), whatever the grouping."""
+    return lambda opt: [high if g["weight_decay"] else low for g in opt.param_groups]
+
+
 SCHEDULERS = {
     "StepLR": lambda opt: _LR.StepLR(opt, 2, gamma=0.5),
     "warmup LambdaLR": lambda opt: _LR.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 4)),
     "warmup then cosine": lambda opt: _LR.SequentialLR(
         opt, [_LR.LinearLR(opt, 0.1, total_iters=3), _LR.CosineAnnealingLR(opt, 9)], milestones=[3]
     ),
+    # the LambdaLR inside reads its own base_lrs at every step
+    "warmup then decay": lambda opt: _LR.SequentialLR(
+        opt, [_LR.LinearLR(opt, 0.1, total_iters=3), _LR.LambdaLR(opt, lambda t: 0.8**t)], milestones=[3]
+    ),
     "OneCycleLR": lambda opt: _LR.OneCycleLR(opt, 0.05, total_steps=12),  # it cycles beta1 too
+    "CyclicLR": lambda opt: _LR.CyclicLR(opt, _by_kind(1e-3, 3e-4)(opt), _by_kind(1e-2, 5e-3)(opt), step_size_up=3),
     "ReduceLROnPlateau": lambda opt: _LR.ReduceLROnPlateau(
-        opt, patience=0, factor=0.5, min_lr=[2e-3 if g["weight_decay"] else 1e-4 for g in opt.param_groups]
+        opt, patience=0, factor=0.5, min_lr=_by_kind(1e-4, 2e-3)(opt)
     ),
 }
 _LOSSES = [3.0, 2.0, 2.0, 2.5, 1.0, 1.0, 1.5, 0.5, 0.5, 0.7, 0.4, 0.4]  # ReduceLROnPlateau's metric
 _HYPER = ("lr", "betas")
 
 
-def _scheduled(model: nn.Module, opt, scheduler, grads, losses) -> list:
-    """Steps with fixed gradients and the scheduler; each group's (lr, betas) at each step."""
+def _scheduler_step(scheduler, t: int) -> None:
+    """The scheduler's step after the optimizer's step ``t`` (from 0), as each kind takes it."""
+    if isinstance(scheduler, _LR.ReduceLROnPlateau):
+        scheduler.step(_LOSSES[t])
+    elif isinstance(scheduler, _LR.LRScheduler):
+        scheduler.step()
+    else:
+        scheduler.step_update(t + 1)  # timm's, counted in updates
+
+
+def _scheduled(model: nn.Module, opt, scheduler, grads, start: int) -> list:
+    """Steps ``start``, ``start + 1``, ... with fixed gradients and the scheduler; each group's
+    (lr, betas) at each step."""
     trace = []
-    for step, loss in zip(grads, losses):
+    for t, step in enumerate(grads, start):
         trace.append([tuple(g[k] for k in _HYPER) for g in opt.param_groups])
         for p, g in zip(model.parameters(), step):
             p.grad = g.clone()
         opt.step()
-        scheduler.step(loss) if isinstance(scheduler, _LR.ReduceLROnPlateau) else scheduler.step()
+        _scheduler_step(scheduler, t)
     return trace
 
 
@@ -679,20 +702,19 @@ def _by_hand(model: nn.Module, opt, grads, trace) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("kind", SCHEDULERS)
-def test_a_plain_runs_checkpoint_resumes_with_its_scheduler(kind):
+def _check_resume(make_scheduler) -> None:
     """Build the plain optimizer, load its state, swap, build the scheduler, load its state:
     the run goes on as the uninterrupted one, swapped at the checkpoint, does."""
     k, m = 5, 7
     grads = _grads(_model(), k + m)
     model = _model()
     opt = torch.optim.AdamW(_two_rates(model), lr=1e-2)
-    scheduler = SCHEDULERS[kind](opt)
-    plain = _scheduled(model, opt, scheduler, grads[:k], _LOSSES[:k])
+    scheduler = make_scheduler(opt)
+    plain = _scheduled(model, opt, scheduler, grads[:k], 0)
     checkpoint = copy.deepcopy(
         {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict()}
     )
-    plain += _scheduled(model, opt, scheduler, grads[k:], _LOSSES[k:])  # the schedule of the plain run
+    plain += _scheduled(model, opt, scheduler, grads[k:], k)  # the schedule of the plain run
     # the no-decay group stays whole; the decayed one splits into body, the GRU's gates and the rest
     origin = [0, 1, 1, 1]
     schedule = [[row[i] for i in origin] for row in plain[k:]]
@@ -702,10 +724,11 @@ def test_a_plain_runs_checkpoint_resumes_with_its_scheduler(kind):
     opt = torch.optim.AdamW(_two_rates(resumed), lr=1e-2)
     opt.load_state_dict(checkpoint["optimizer"])
     orthoopt.constrain_(opt, resumed, ortho=3.0, exclude=["head"])
-    scheduler = SCHEDULERS[kind](opt)
+    scheduler = make_scheduler(opt)
     orthoopt.load_scheduler_state(scheduler, checkpoint["scheduler"])
-    assert scheduler.get_last_lr() == [lr for lr, _ in schedule[0]]
-    trace = _scheduled(resumed, opt, scheduler, grads[k:], _LOSSES[k:])
+    if isinstance(scheduler, _LR.LRScheduler):
+        assert scheduler.get_last_lr() == [lr for lr, _ in schedule[0]]
+    trace = _scheduled(resumed, opt, scheduler, grads[k:], k)
     assert trace == schedule
 
     uninterrupted = _model()
@@ -715,6 +738,20 @@ def test_a_plain_runs_checkpoint_resumes_with_its_scheduler(kind):
     _by_hand(uninterrupted, opt, grads[k:], schedule)
     for (name, p), q in zip(resumed.named_parameters(), uninterrupted.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("kind", SCHEDULERS)
+def test_a_plain_runs_checkpoint_resumes_with_its_scheduler(kind):
+    _check_resume(SCHEDULERS[kind])
+
+
+def test_a_plain_runs_checkpoint_resumes_with_its_timm_scheduler():
+    timm_scheduler = import_or_skip("timm.scheduler")
+    _check_resume(
+        lambda opt: timm_scheduler.CosineLRScheduler(
+            opt, t_initial=12, warmup_t=3, warmup_lr_init=1e-4, t_in_epochs=False
+        )
+    )
 
 
 def test_scheduler_states_that_do_not_fit_the_swap_are_refused():
@@ -730,3 +767,11 @@ def test_scheduler_states_that_do_not_fit_the_swap_are_refused():
         orthoopt.load_scheduler_state(scheduler, saved)
     # a state saved after the swap, one value per group as it is now, loads as it is
     orthoopt.load_scheduler_state(scheduler, scheduler.state_dict())
+    # once the optimizer has stepped or loaded a state, its groups are no longer those of the swap
+    for change in (lambda o: o.step(), lambda o: o.load_state_dict(o.state_dict())):
+        opt = torch.optim.AdamW(_timm_like_groups(model), lr=1e-2)
+        orthoopt.constrain_(opt, model, ortho=1.0, exclude=["head"])
+        scheduler = _LR.LambdaLR(opt, lambda t: 1.0)
+        change(opt)
+        with pytest.raises(ValueError, match="has stepped or loaded a state since"):
+            orthoopt.load_scheduler_state(scheduler, saved)
