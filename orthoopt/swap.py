@@ -63,7 +63,7 @@ def constrain_(
     Call it right after the optimizer is built (or has loaded its state) and before a
     learning-rate scheduler is built on it (the scheduler keeps one value per group); a
     scheduler's state saved before the swap loads with
-    :func:`orthoopt.schedulers.load_scheduler_state`.  Nothing is changed when it raises.
+    :func:`orthoopt.load_scheduler_state`.  Nothing is changed when it raises.
     """
     # The one-line swap starts on the manifold: the soft pull from a typical init can outlast the run.
     options = check_options({"ortho": ortho, "ortho_init": "project", **options}, "constrain_")
