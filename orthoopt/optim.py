@@ -37,8 +37,11 @@ from . import checkpoint, distributed, penalty, stiefel, wrappers
 from .layout import Layout, resolve_layout
 from .options import (
     ORTHO_DEFAULTS,
+    check_known_options,
     check_options,
     check_step_size,
+    name_unnamed,
+    ortho_items,
     param_key,  # noqa: F401 - orthoopt.optim.param_key, where it was
     param_name,
     penalized,
@@ -81,6 +84,7 @@ class OrthoMixin:
         ortho_every: int = 1,
         **kwargs,
     ):
+        check_known_options(kwargs, "optimizer defaults")  # the rest are the base class's
         options = check_options(
             {
                 "ortho": ortho,
@@ -130,6 +134,7 @@ class OrthoMixin:
         # One pass over a generator or a filter object (torch's per-layer idiom) consumes it:
         # the list made here is what both orthoopt's checks and torch's add_param_group see.
         param_group["params"] = params = [params] if isinstance(params, torch.Tensor) else list(params)
+        name_unnamed(param_group, index, getattr(self, "param_groups", ()))
         candidate = {**param_group, "params": params}
         if params and isinstance(params[0], tuple):
             candidate["param_names"] = [n for n, _ in params]
@@ -162,6 +167,16 @@ class OrthoMixin:
                 check_step_size(2 * lr * group["ortho"] * group["ortho_every"], p.dtype, name, group_index)
         if penalized(group) and group["ortho_mode"] == "hard":
             stiefel.update_rule(type(self))
+
+    def _check_changed_groups(self) -> None:
+        """Check, as at construction, the groups whose ortho options were set since they were
+        last checked (a scheduler's lr is checked by the soft step itself)."""
+        checked = self.__dict__.setdefault("_ortho_checked", {})
+        for gi, group in enumerate(self.param_groups):
+            if checked.get(gi) != ortho_items(group):
+                group.update(check_options(group, f"param group {gi}"))
+                self._check_params(group, gi)
+                checked[gi] = ortho_items(group)  # canonicalised
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, refusing a state saved under another layout, mode or parameter shape,
@@ -208,6 +223,8 @@ class OrthoMixin:
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        if not torch.compiler.is_compiling():
+            self._check_changed_groups()
         loss = None
         if closure is not None:
             # Evaluated here, before the plan, which skips parameters whose grad is None.
