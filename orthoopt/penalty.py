@@ -44,6 +44,7 @@ __all__ = [
     "largest_residual",
     "max_error",
     "polar",
+    "project",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -284,9 +285,10 @@ def _power_of_two_below(x: torch.Tensor) -> torch.Tensor:
     return x / torch.frexp(x)[0].mul_(2)
 
 
-def max_error(mats: torch.Tensor) -> float:
-    """``max |Φ_iᵀΦ_i - I|`` over a whole stack, as a Python float (a host sync)."""
-    return residual(mats).abs().max().item()
+def max_error(mats: torch.Tensor, target: str = "orthonormal", normalize: bool = False) -> float:
+    """``max |R_i|`` over a whole stack, as a Python float (a host sync): ``max |Φ_iᵀΦ_i - I|``
+    for the default target, else that of :func:`target_residual`."""
+    return target_residual(mats, target, normalize).abs().max().item()
 
 
 def polar(mats: torch.Tensor) -> torch.Tensor:
@@ -296,27 +298,48 @@ def polar(mats: torch.Tensor) -> torch.Tensor:
     return (u @ vh).to(mats.dtype)
 
 
+def project(mats: torch.Tensor, target: str = "orthonormal") -> torch.Tensor:
+    r"""The nearest point of ``target``: :func:`polar` for orthonormal columns; for orthogonal
+    columns, the nearest with orthogonal columns of the same lengths,
+
+    .. math::
+        Q D, \qquad Q = \operatorname{polar}(\Phi D) = \operatorname{polar}ig(U (D/\max_j d_j)^2ig),
+        \qquad D = \operatorname{diag}(\|arphi_j\|)
+
+    (:math:`\|QD - \Phi\|_F^2 = \|D\|_F^2 - 2\operatorname{tr}(Q^	op \Phi D) + \|\Phi\|_F^2`, so
+    this is orthogonal Procrustes; polar is invariant to the positive factor).  A zero-length
+    column stays zero.
+    """
+    if target == "orthonormal":
+        return polar(mats)
+    unit, _, length = _unit_columns(mats)
+    ratio = length / length.amax(-1, keepdim=True).clamp_min(torch.finfo(length.dtype).tiny)
+    return (polar(unit * (ratio * ratio)[:, None, :]) * length[:, None, :]).to(mats.dtype)
+
+
 # -- the targets -------------------------------------------------------------------------
 # What the penalty drives to zero: ΦᵀΦ - I (orthonormal vectors), or the off-diagonal part of
 # ΦᵀΦ (orthogonal vectors of free lengths); with normalize=True, of the cosines UᵀU instead.
 TARGETS = ("orthonormal", "orthogonal")
 
 
-def check_target(target: str, normalize: bool, where: str = "") -> None:
-    """Refuse a target or a ``normalize`` flag that the penalties do not know, naming it."""
+def check_target(target: str, normalize: bool, where: str = "", prefix: str = "") -> None:
+    """Refuse a target or a ``normalize`` flag that the penalties do not know, naming it
+    (``prefix``: of the names, ``'ortho_'`` for a parameter group's options)."""
     where = f"{where}: " if where else ""
     if not isinstance(target, str) or target not in TARGETS:
         raise ValueError(
-            f"{where}target must be one of {TARGETS} ('orthonormal': ΦᵀΦ = I; 'orthogonal': ΦᵀΦ diagonal, "
-            f"the lengths free), got {target!r}"
+            f"{where}{prefix}target must be one of {TARGETS} ('orthonormal': ΦᵀΦ = I; 'orthogonal': ΦᵀΦ "
+            f"diagonal, the lengths free), got {target!r}"
         )
     if not isinstance(normalize, bool):
-        raise TypeError(f"{where}normalize must be True or False, got {normalize!r}")
+        raise TypeError(f"{where}{prefix}normalize must be True or False, got {normalize!r}")
     if normalize and target == "orthonormal":
         raise ValueError(
-            f"{where}normalize=True compares the vectors' directions (their cosines) and leaves their lengths "
-            "free, so it cannot ask for orthonormal vectors: use target='orthogonal' with normalize=True "
-            "(the cosines, as Keras's OrthogonalRegularizer), or normalize=False for orthonormal vectors"
+            f"{where}{prefix}normalize=True compares the vectors' directions (their cosines) and leaves their "
+            f"lengths free, so it cannot ask for orthonormal vectors: use {prefix}target='orthogonal' with "
+            f"{prefix}normalize=True (the cosines, as Keras's OrthogonalRegularizer), or {prefix}normalize=False "
+            "for orthonormal vectors"
         )
 
 
@@ -333,6 +356,12 @@ def unit_columns(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     column has a finite unit vector.  Half-precision stacks are widened to float32.
     Differentiable by autograd, zero-length columns included (their gradient is 0).
     """
+    unit, inverse, _ = _unit_columns(mats)
+    return unit, inverse
+
+
+def _unit_columns(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # unit_columns, and the lengths (m, n): 0 for a zero-length column, inf beyond the float's max.
     wide = mats.float() if mats.dtype in _HALF else mats
     with torch.no_grad():
         top = wide.abs().amax(-2, keepdim=True)
@@ -344,7 +373,7 @@ def unit_columns(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     safe = torch.where(zero, 1.0, length)
     unit = torch.where(zero, 0.0, v / safe)
     inverse = torch.where(zero, 0.0, scale.reciprocal() / safe)
-    return unit, inverse.squeeze(-2)
+    return unit, inverse.squeeze(-2), torch.where(zero, 0.0, length * scale).squeeze(-2)
 
 
 def target_residual(

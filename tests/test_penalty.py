@@ -798,3 +798,32 @@ def test_bad_target_and_normalize_are_named():
             fn(phi, target="orthogonal", normalize="yes")
         with pytest.raises(ValueError, match="normalize=True .* use target='orthogonal' with normalize=True"):
             fn(phi, normalize=True)
+
+
+def test_project_to_orthogonal_columns_keeps_the_lengths_and_is_nearest():
+    """The norms-free projection: orthogonal columns of the same lengths (a zero column stays
+    zero), nearer to Φ than any other point QD with those lengths; polar for orthonormal."""
+    g = torch.Generator().manual_seed(5)
+    phi = torch.randn(2, 8, 4, dtype=torch.float64, generator=g) * torch.tensor([0.1, 1.0, 3.0, 10.0]).double()
+    phi[1, :, 0] = 0
+    q = penalty.project(phi, "orthogonal")
+    lengths = torch.linalg.vector_norm(phi, dim=-2)
+    torch.testing.assert_close(torch.linalg.vector_norm(q, dim=-2), lengths, rtol=1e-14, atol=0)
+    assert penalty.max_error(q, "orthogonal") <= 1e-13 * 100  # entries of ΦᵀΦ up to 10²
+    assert q[1, :, 0].abs().max() == 0
+    distance = (q - phi).square().sum((-2, -1))
+    for _ in range(50):
+        turn = torch.linalg.matrix_exp(0.05 * (lambda a: a - a.mT)(torch.randn(2, 4, 4, generator=g).double()))
+        other = penalty.polar(q) @ turn * lengths[:, None, :]  # orthonormal directions, the same lengths
+        assert ((other - phi).square().sum((-2, -1)) >= distance - 1e-12).all()
+    assert torch.equal(penalty.project(phi, "orthonormal"), penalty.polar(phi))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert penalty.project(phi.to(dtype), "orthogonal").dtype == dtype
+
+
+def test_max_error_of_each_target():
+    phi = torch.randn(3, 7, 4, dtype=torch.float64) * 2
+    for target, normalize in CONVENTIONS:
+        expected = orthoopt.orthogonality_error(phi, group_dim=0, target=target, normalize=normalize).max().item()
+        assert penalty.max_error(phi, target, normalize) == expected
+    assert penalty.max_error(phi) == (phi.mT @ phi - torch.eye(4, dtype=torch.float64)).abs().max().item()
