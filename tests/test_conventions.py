@@ -127,3 +127,19 @@ def test_biggan_ortho(shape):
     torch.testing.assert_close(loss, by_formula.detach(), rtol=1e-13, atol=0)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-13, atol=1e-20)
     assert expected_grad.abs().max() > 0
+
+
+def test_the_coupled_forms_of_the_docs():
+    """docs/conventions.md's functional lines: Keras's loss on an nn.Linear in mode 'columns', and
+    BigGAN's on a conv weight, added to the user's loss (their gradients are autograd's)."""
+    fc = torch.nn.Linear(7, 5).double()
+    expected = keras_orthogonal_regularizer(fc.weight.t(), 0.01, "columns")
+    n = fc.weight.shape[0]
+    got = orthoopt.l1_orthogonality(
+        fc.weight.T, 0.01 / (n * (n - 1)), group_dim=None, target="orthogonal", normalize=True
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=0)
+    W = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    loss = orthoopt.frobenius_orthogonality(W.reshape(W.shape[0], -1).T, 1e-4 / 2, group_dim=None, target="orthogonal")
+    (grad,) = torch.autograd.grad(loss, W)
+    torch.testing.assert_close(grad, biggan_ortho_grad(W.detach(), 1e-4), rtol=1e-13, atol=0)
