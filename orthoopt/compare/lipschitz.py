@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+import orthoopt
+
 __all__ = [
     "max_min",
     "MaxMin",
@@ -76,14 +78,23 @@ class MaxMin(nn.Module):
 class LipschitzMLP(nn.Module):
     """``depth`` linear layers ``64 → width → … → width → 10`` with MaxMin between them.
 
-    Every weight starts orthogonal (``nn.init.orthogonal_``: square, orthonormal columns for
-    the first layer when ``width > 64``, orthonormal rows for the last), every bias at zero.
+    Every weight starts orthogonal in its own dtype (``nn.init.orthogonal_``: square,
+    orthonormal columns for the first layer when ``width > 64``, orthonormal rows for the last),
+    every bias at zero.
     """
 
-    def __init__(self, depth: int = 6, width: int = 128, features: int = FEATURES, classes: int = CLASSES):
+    def __init__(
+        self,
+        depth: int = 6,
+        width: int = 128,
+        features: int = FEATURES,
+        classes: int = CLASSES,
+        dtype=None,
+        device=None,
+    ):
         super().__init__()
         sizes = [features] + [width] * (depth - 1) + [classes]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b, dtype=dtype, device=device) for a, b in zip(sizes[:-1], sizes[1:]))
         self.act = MaxMin()
         for layer in self.layers:
             nn.init.orthogonal_(layer.weight)
@@ -104,9 +115,8 @@ def forward_with(weights: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Callab
 
     def f(x: torch.Tensor) -> torch.Tensor:
         for w, b in weights[:-1]:
-            x = max_min(x @ w.mT + b)
-        w, b = weights[-1]
-        return x @ w.mT + b
+            x = max_min(nn.functional.linear(x, w, b))
+        return nn.functional.linear(x, *weights[-1])
 
     return f
 
@@ -186,12 +196,10 @@ def pgd_l2(
 
 def orthogonality_per_layer(weights: Sequence[torch.Tensor]) -> list[float]:
     """``max |WᵀW - I|`` (``WWᵀ`` for a wide ``W``) per layer, in float64."""
-    out = []
-    for w in weights:
-        w = w.double()
-        gram = w.mT @ w if w.shape[0] >= w.shape[1] else w @ w.mT
-        out.append((gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().amax().item())
-    return out
+    return [
+        orthoopt.orthogonality_error(w.double() if w.shape[0] >= w.shape[1] else w.double().mT, group_dim=None).item()
+        for w in weights
+    ]
 
 
 @torch.no_grad()
@@ -308,7 +316,7 @@ def problem_fields(
     ytr, yte = (torch.as_tensor(v, device=device) for v in (ytr, yte))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LipschitzMLP(depth, width).to(device=device, dtype=dtype)
+        model = LipschitzMLP(depth, width, dtype=dtype, device=device)
     margin = math.sqrt(2.0) * train_radius
     rng = np.random.default_rng(seed)
     per_epoch = len(ytr) // batch
