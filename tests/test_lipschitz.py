@@ -240,6 +240,14 @@ def test_no_certified_point_is_broken_after_a_short_training():
     assert f["cert_at_0"] == f["test_acc"] and f[f"cert_at_{lipschitz.RADII[0]:g}"] == f["cert_1"]
 
 
+def test_an_overstated_certificate_is_caught_by_the_attack(monkeypatch):
+    """The check can fail: certificates three times too large are broken by PGD."""
+    honest = lipschitz.certified_radius
+    monkeypatch.setattr(lipschitz, "certified_radius", lambda logits, y, lip: 3 * honest(logits, y, lip))
+    comp = compare.run("lipschitz:depth=3,width=32,pgd_steps=20", methods=["hard"], seeds=[0], steps=40)
+    assert comp.runs[0].final["cert_broken"] > 10
+
+
 @pytest.mark.slow
 def test_cli_quick_run_writes_certified_and_pgd_accuracies_for_every_method(tmp_path, capsys):
     pytest.importorskip("geotorch")
