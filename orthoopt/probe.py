@@ -41,6 +41,9 @@ _PRODUCTS = {
     torch.Tensor.__matmul__,
     torch.Tensor.__rmatmul__,
     torch.Tensor.bmm,
+    torch.Tensor.baddbmm,
+    torch.mm,
+    torch.Tensor.mm,
     torch.functional.einsum,
     torch.einsum,
 }
@@ -96,7 +99,7 @@ class _Record(TorchFunctionMode):
         if func in _ATTENTION or func in _PRODUCTS or func in _MULTIPLY:
             flat = [a for a in args if isinstance(a, torch.Tensor)]
             flat += [a for a in args if isinstance(a, (list, tuple)) for a in a if isinstance(a, torch.Tensor)]
-            flat += [v for k, v in kwargs.items() if k in ("query", "key", "value") and isinstance(v, torch.Tensor)]
+            flat += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]  # baddbmm(input=, batch1=, ...)
             computed = [t for t in flat if t.grad_fn is not None]
             if func in _ATTENTION or func in _PRODUCTS:
                 self.operands.append((False, computed))
@@ -187,7 +190,9 @@ def _read(
 ) -> dict[str, Blocks]:
     """The partition of each wanted layer from the features each recorded operand depends on."""
     refs = [(n, leaf, axis) for n, (leaf, axis) in leaves.items() if n in wanted]
-    refs += [(n, w, layers[n][1]) for n, w in weights.items()]  # a weight used without calling its layer
+    # a weight used without calling its layer (F.linear(x, self.qkv.weight, bias)); a called layer's
+    # weight is no reference, since a weight tied to an embedding feeds the forward through its lookup too
+    refs += [(n, w, layers[n][1]) for n, w in weights.items() if n not in leaves]
     sets: dict[str, list[torch.Tensor]] = {}
     sizes = {n: layers[n][0].weight.shape[layers[n][1]] for n in wanted}
     generator = torch.Generator().manual_seed(0)
@@ -199,7 +204,7 @@ def _read(
                 (t * weight).sum(), [r for _, r, _ in refs], allow_unused=True, retain_graph=True
             )
             masks: dict[str, torch.Tensor] = {}
-            for (name, ref, axis), g in zip(refs, grads):
+            for (name, _, axis), g in zip(refs, grads):
                 if g is None:
                     continue
                 dims = [d for d in range(g.dim()) if d != axis % g.dim()]

@@ -30,8 +30,10 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from . import known_layouts  # noqa: F401 - its registrations of timm's and transformers' classes
-from . import registry
+from . import (
+    known_layouts,  # noqa: F401 - its registrations of timm's and transformers' classes
+    registry,
+)
 from .heads import output_layers
 from .layout import resolve_layout
 
@@ -180,7 +182,8 @@ def survey(model: nn.Module) -> dict[int, Verdict]:
             elif name in weights or id(p) in registered:
                 verdicts[id(p)] = _layer_verdict(module, full, p, shared, outputs, positional, registered)
             else:
-                reason = LEFT_OUT["shared"] if id(p) in shared else LEFT_OUT["raw"]
+                vector = p.dim() < 2 and not isinstance(p, nn.parameter.UninitializedParameter)
+                reason = LEFT_OUT["vector" if vector else "shared" if id(p) in shared else "raw"]
                 verdicts[id(p)] = Verdict(module, None, False, reason)
     return verdicts
 
