@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import register_layout
+from .registry import register_layout, register_positional
 
 __all__ = ["blocks"]
 
@@ -100,3 +100,163 @@ register_layout(_HF + "phi3.modeling_phi3.Phi3Attention", "qkv_proj.weight", _ph
 register_layout(_HF + "phi3.modeling_phi3.Phi3MLP", "gate_up_proj.weight", _same(2, "gate_up_proj"))  # chunk(2)
 register_layout(_HF + "codegen.modeling_codegen.CodeGenAttention", "qkv_proj.weight", _codegen)
 register_layout(_HF + "mpt.modeling_mpt.MptAttention", "Wqkv.weight", _same(3, "Wqkv"))  # chunk(3, dim=2)
+
+
+# -- timm ----------------------------------------------------------------------------------------------
+_T = "timm.models."
+_L = "timm.layers."
+
+
+def _thirds(layer: str = "qkv", dim: str | None = None, parts: int = 3) -> callable:
+    """``parts`` equal consecutive blocks (q, k, v: ``reshape(B, N, 3, heads, head_dim)``) of the
+    owner's ``layer``, each of ``owner.<dim>`` rows where the owner names its width."""
+
+    def rule(m: nn.Module) -> str | None:
+        rows = _rows(m.get_submodule(layer))
+        size = getattr(m, dim) if dim else rows // parts
+        return blocks([size] * parts, rows=rows)
+
+    return rule
+
+
+def _per_head(layer: str, sizes: callable, heads: str = "num_heads") -> callable:
+    """Rows laid out head by head, each head running through blocks of ``sizes(owner)`` rows."""
+
+    def rule(m: nn.Module) -> str | None:
+        return blocks(sizes(m), getattr(m, heads), _rows(m.get_submodule(layer)))
+
+    return rule
+
+
+def _maxxvit(layer: str = "qkv") -> callable:
+    def rule(m: nn.Module) -> str | None:
+        rows = _rows(m.get_submodule(layer))
+        if m.head_first:  # view(.., heads, 3 * dim_head).chunk(3): q, k, v per head
+            return blocks([m.dim_head] * 3, m.num_heads, rows)
+        return blocks([m.num_heads * m.dim_head] * 3, rows=rows)  # reshape(.., 3, heads, dim_head)
+
+    return rule
+
+
+def _gcvit(m: nn.Module) -> str | None:
+    # with a global query the qkv layer holds k and v only: reshape(B, N, 2, heads, head_dim)
+    parts = 2 if m.use_global else 3
+    return blocks([m.num_heads * m.head_dim] * parts, rows=m.qkv.out_features)
+
+
+# attentions that reshape their qkv output as (3, heads, head_dim): q, k, v in three equal blocks
+for _owner in (
+    _L + "attention.Attention",
+    _L + "attention.AttentionRope",
+    _T + "cait.TalkingHeadAttn",
+    _T + "coat.FactorAttnConvRelPosEnc",
+    _T + "convit.MHSA",
+    _T + "davit.ChannelAttention",
+    _T + "davit.ChannelAttentionV2",
+    _T + "davit.WindowAttention",
+    _T + "edgenext.CrossCovarianceAttn",
+    _T + "eva.EvaAttention",
+    _T + "fastvit.Attention",
+    _T + "hiera.MaskUnitAttention",
+    _T + "metaformer.Attention",
+    _T + "mvitv2.MultiScaleAttention",
+    _T + "nest.Attention",
+    _T + "csatv2.SpatialTransformerBlock",
+    _T + "twins.LocallyGroupedAttn",
+    _T + "visformer.Attention",
+    _T + "volo.Attention",
+    _T + "xcit.XCA",
+    _T + "vision_transformer_relpos.RelPosAttention",
+    _T + "vision_transformer_sam.Attention",
+    _T + "swin_transformer.WindowAttention",
+    _T + "swin_transformer_v2.WindowAttention",
+    _T + "swin_transformer_v2_cr.WindowMultiHeadAttention",
+    _T + "hieradet_sam2.MultiScaleAttention",
+    _T + "beit.Attention",
+    _L + "attention_pool2d.RotAttentionPool2d",
+    _L + "attention_pool2d.AttentionPool2d",
+):
+    register_layout(_owner, "qkv.weight", _thirds())
+# k and v only (q from another layer): reshape(B, N, 2, heads, head_dim)
+for _owner in (_T + "twins.GlobalSubSampleAttn", _T + "volo.ClassAttention", _L + "attention_pool.AttentionPoolLatent"):
+    register_layout(_owner, "kv.weight", _thirds("kv", parts=2))
+register_layout(_T + "tnt.Attention", "qk.weight", _thirds("qk", parts=2))
+register_layout(_T + "tiny_vit.Attention", "qkv.weight", _per_head("qkv", lambda m: [m.key_dim, m.key_dim, m.val_dim]))
+register_layout(
+    _T + "shvit.SHSA",
+    "qkv.c.weight",
+    lambda m: blocks([m.qk_dim, m.qk_dim, m.pdim], rows=m.qkv.c.out_channels),  # split([qk, qk, pdim])
+)
+register_layout(
+    _T + "vision_transformer.ParallelScalingBlock",
+    "in_proj.weight",
+    lambda m: blocks(list(m.in_split), rows=m.in_proj.out_features),  # split([mlp hidden, dim, dim, dim])
+)
+register_layout(_T + "convit.GPSA", "qk.weight", _thirds("qk", parts=2))  # reshape(B, N, 2, heads, head_dim)
+register_layout(_T + "pvt_v2.Attention", "kv.weight", _thirds("kv", parts=2))  # k, v
+register_layout(_T + "gcvit.WindowAttentionGlobal", "qkv.weight", _gcvit)
+register_layout(_T + "maxxvit.Attention2d", "qkv.weight", _maxxvit())
+register_layout(_T + "maxxvit.AttentionCl", "qkv.weight", _maxxvit())
+register_layout(
+    _L + "bottleneck_attn.BottleneckAttn",
+    "qkv.weight",
+    lambda m: blocks([m.dim_out_qk, m.dim_out_qk, m.dim_out_v], rows=m.qkv.out_channels),  # split(dim=1)
+)
+register_layout(
+    _L + "halo_attn.HaloAttn",
+    "kv.weight",
+    _per_head("kv", lambda m: [m.dim_head_qk, m.dim_head_v]),  # (heads, dim_head_qk + dim_head_v) split
+)
+register_layout(
+    _L + "lambda_layer.LambdaLayer",
+    "qkv.weight",
+    lambda m: blocks([m.num_heads * m.dim_qk, m.dim_qk, m.dim_v], rows=m.qkv.out_channels),
+)
+# the (heads, [key_dim, key_dim, val_dim]) split of EfficientFormer's and LeViT's attention
+_KQV = _per_head("qkv", lambda m: [m.key_dim, m.key_dim, m.val_dim])
+register_layout(_T + "efficientformer.Attention", "qkv.weight", _KQV)
+register_layout(
+    _T + "levit.Attention", "qkv.linear.weight", _per_head("qkv.linear", lambda m: [m.key_dim, m.key_dim, m.val_dim])
+)
+register_layout(
+    _T + "levit.AttentionDownsample", "kv.linear.weight", _per_head("kv.linear", lambda m: [m.key_dim, m.val_dim])
+)
+register_layout(
+    _T + "efficientvit_msra.CascadedGroupAttention",
+    "qkvs.*.conv.weight",
+    lambda m: blocks([m.key_dim, m.key_dim, m.val_dim], rows=m.qkvs[0].conv.out_channels),  # per head its own conv
+)
+register_layout(
+    _T + "efficientvit_mit.LiteMLA",
+    "qkv.conv.weight",
+    lambda m: blocks([m.dim] * 3, m.qkv.conv.out_channels // (3 * m.dim), m.qkv.conv.out_channels),
+)
+for _owner in (_T + "cpubone.ConvAttention", _T + "lowformer.ConvAttention"):
+    # reshape(N, heads, num_keys * head_dim, hw).chunk(3): q, k, v per head
+    register_layout(_owner, "pwise.weight", _per_head("pwise", lambda m: [m.head_dim] * m.num_keys))
+register_layout(
+    _T + "mobilevit.LinearSelfAttention",
+    "qkv_proj.weight",
+    # split([1, embed_dim, embed_dim]): the context-score query is one vector, left free
+    lambda m: f"row_blocks:~1,{m.embed_dim},{m.embed_dim}" if m.qkv_proj.out_channels == 1 + 2 * m.embed_dim else None,
+)
+register_layout(
+    _T + "focalnet.FocalModulation",
+    "f.weight",
+    # split([dim, dim, focal_level + 1]): q, the context, and one gate per level (single vectors, free)
+    lambda m: f"row_blocks:{m.input_split[0]},{m.input_split[1]},~{m.input_split[2]}",
+)
+# gated MLPs: x1, x2 = fc1(x).chunk(2); x1 * act(x2)
+register_layout(_L + "mlp.GluMlp", "fc1.weight", _same(2, "fc1"))
+register_layout(_T + "mambaout.GatedConvBlock", "fc1.weight", _same(2, "fc1"))  # g | (i, c): split(hidden, ...)
+register_layout(_T + "iformer.SHMA", "v_gate.c.weight", _same(2, "v_gate.c"))
+register_layout(_T + "efficientvim.HSMSSD", "hz_proj.conv.weight", _same(2, "hz_proj.conv"))  # h * act(z)
+register_layout(_T + "efficientvim.HSMSSD", "BCdt_proj.conv.weight", _same(3, "BCdt_proj.conv"))  # b, c, dt
+
+# positional encodings built from layers
+register_positional(_T + "convit.GPSA", "pos_proj")
+register_positional(_T + "swin_transformer_v2.WindowAttention", "cpb_mlp")
+register_positional(_T + "swin_transformer_v2_cr.WindowMultiHeadAttention", "meta_mlp")
+register_positional(_L + "pos_embed_rel.RelPosMlp")
+register_positional(_T + "edgenext.PositionalEncodingFourier")
+register_positional(_T + "xcit.PositionalEncodingFourier")

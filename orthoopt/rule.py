@@ -182,7 +182,7 @@ def survey(model: nn.Module) -> dict[int, Verdict]:
             elif name in weights or id(p) in registered:
                 verdicts[id(p)] = _layer_verdict(module, full, p, shared, outputs, positional, registered)
             else:
-                vector = p.dim() < 2 and not isinstance(p, nn.parameter.UninitializedParameter)
+                vector = not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() < 2
                 reason = LEFT_OUT["vector" if vector else "shared" if id(p) in shared else "raw"]
                 verdicts[id(p)] = Verdict(module, None, False, reason)
     return verdicts
