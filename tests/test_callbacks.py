@@ -15,6 +15,7 @@ from orthoopt.auto import AUTO_SAFETY
 from orthoopt.integrations import orthogonality_metrics
 
 
+@pytest.mark.slow
 def test_import_orthoopt_imports_no_framework():
     code = (
         "import sys, orthoopt, orthoopt.integrations, orthoopt.swap, orthoopt.wrappers\n"

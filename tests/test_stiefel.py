@@ -500,6 +500,7 @@ def test_half_precision_steps_in_float32_and_writes_back(dtype, manifold):
     assert opt.state[lin.weight][stiefel.EXP_AVG].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_torch_compile_takes_the_same_stiefel_step():
     """geoopt's own optimizers turn Euclidean under torch.compile; ours must not."""
 
