@@ -23,8 +23,8 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
 
 def workspace_bytes(opt: torch.optim.Optimizer | None) -> int:
     """Bytes held by the soft step's cached workspaces (0 for an optimizer without them)."""
-    cache = getattr(opt, "_soft_cache", None)
-    return sum(bucket.workspace_bytes() for bucket in cache[1] if hasattr(bucket, "workspace_bytes")) if cache else 0
+    plan = getattr(opt, "_ortho_plan", None)
+    return plan.workspace_bytes() if plan else 0
 
 
 def _cuda(step: Callable[[], object], device: torch.device) -> tuple[int, int, int]:
