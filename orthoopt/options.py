@@ -31,6 +31,7 @@ __all__ = [
     "STARTS",
     "SECOND_MOMENTS",
     "MANIFOLDS",
+    "STEPS_KEY",
     "is_number",
     "real_number",
     "check_options",
@@ -69,8 +70,8 @@ STARTS = ("warn", "project", "keep")
 SECOND_MOMENTS = ("mean", "sum")
 # Hard mode's geoopt manifolds (orthoopt.stiefel maps each name to its class).
 MANIFOLDS = ("euclidean", "canonical")
-# The per-group count of step() calls that ortho_every keeps (orthoopt.soft.STEPS_KEY): an
-# option of no one's choosing, but in every checkpoint of such a group.
+# The per-group count of step() calls that ortho_every > 1 keeps (orthoopt.soft): no one's
+# option, but in the groups, and saved with them.
 STEPS_KEY = "ortho_steps"
 # The modules whose frames stand between the user's line and step(): orthoopt's own, torch's
 # (torch.no_grad, the hook and scheduler wrappers) and the frameworks' that step for the user.

@@ -33,7 +33,7 @@ import torch
 
 from . import auto, distributed, penalty
 from .layout import Layout
-from .options import check_step_size, is_number, penalized, report_nonfinite
+from .options import STEPS_KEY, check_step_size, is_number, penalized, report_nonfinite
 from .pieces import Piece
 
 __all__ = ["Bucket", "Chunk", "buckets", "check_gradient", "view_or_none", "advance", "STEPS_KEY"]
@@ -43,8 +43,6 @@ __all__ = ["Bucket", "Chunk", "buckets", "check_gradient", "view_or_none", "adva
 # of one more chunk cost more time than the memory they save is worth.
 CHUNK_SHARE = 0.25
 MIN_CHUNK_BYTES = 1 << 20
-# The group's count of step() calls, kept for ortho_every > 1 (saved with the groups).
-STEPS_KEY = "ortho_steps"
 
 
 def buckets(soft_pieces: list[Piece], workspaces: bool) -> list[Bucket | distributed.ShardedBucket]:
