@@ -3,7 +3,7 @@
 orthoopt's soft step is η_i = min(2γβ, max|R_i|/(2 max|S_i|), ¼/‖S_i‖₂) with
 S = clamp(R / max(δ, 2γβ)) (the library's penalty.safe_step_size and penalty_step).  This
 script swaps the cap, *in this process only* (a monkeypatch; the library is unchanged), for
-  - "projection":    min(2γβ, ⟨R,S⟩/(2‖S‖²_F), ¼/‖S‖_∞)  (an earlier rule; with the plain
+  - "projection":    min(2γβ, ⟨R,S⟩/(2‖S‖²_F), ¼/‖S‖_∞)  (a projection rule; with the plain
                      sign direction it made the penalty lose exactness)
   - "spectral-only": min(2γβ, ¼/‖S‖₂)                      (no no-overshoot term)
   - "uncapped":      2γβ

@@ -26,7 +26,7 @@ SCRIPTS = [
     "procrustes",
     "classifiers",
     "soft_cap_ablation",
-    "seed_tensor",
+    "group_tensor",
     "mlp_swap",
     "copying",
     "mppca",
@@ -53,7 +53,7 @@ ROWS = {
     "procrustes": set(METHODS),
     "classifiers": set(METHODS),
     "soft_cap_ablation": {"soft", "frobenius"},
-    "seed_tensor": {"sign, constant lr", "sign, cosine lr", "huber δ=0.001, constant lr", "huber δ=0.001, cosine lr"},
+    "group_tensor": {"sign, constant lr", "sign, cosine lr", "huber δ=0.001, constant lr", "huber δ=0.001, cosine lr"},
     "mlp_swap": {
         "torch.optim.AdamW",
         "OrthoAdamW β=1",

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow  # each runs a tool's script
 
 def test_collect_gathers_the_results_readmes_in_order(tmp_path):
     collect = load("collect", TOOLS)
-    for folder, body in (("mppca/n4", "## Mixture\n\ntext m\n\n## more"), ("seed_tensor", "## Tensor\n\ntext s")):
+    for folder, body in (("mppca/n4", "## Mixture\n\ntext m\n\n## more"), ("group_tensor", "## Tensor\n\ntext s")):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "README.md").write_text(body)
     collect.main(["--results", str(tmp_path)])

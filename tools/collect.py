@@ -10,7 +10,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 ORDER = [
-    ("seed_tensor", "0. The (l, m, n) = (32, 8, 16) group tensor, penalty alone"),
+    ("group_tensor", "0. The (l, m, n) = (32, 8, 16) group tensor, penalty alone"),
     ("mlp_swap", "0. The one-line swap on a small MLP"),
     ("pca_target", "1. Class-wise PCA: the soft target, soft vs hard (k=8, 20,000 steps)"),
     ("pca_beta_sweep_k8", "1. Class-wise PCA: β across the exactness threshold"),

@@ -8,7 +8,7 @@ the held-out loss and metric, and the whole-iteration time (forward, backward, s
 the plain run: medians over all iterations, the variants stepped round-robin in one process
 (each with its own RNG state, so every run is the same as alone). The Trainer's loop cannot be
 interleaved: its variants run one after the other.  A second section is the
-word_language_model's own sizes (emsize = nhid = 200, bptt 35, batch 20), the old layout (each
+word_language_model's own sizes (emsize = nhid = 200, bptt 35, batch 20), one matrix per weight (each
 ``(800, 200)`` LSTM weight as one matrix, ``ortho_layout='columns'``) against the per-gate
 default, fixed β against ``'auto'``, constant against cosine learning rate.
 
