@@ -299,26 +299,28 @@ def _local_part(p: Any, whole: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def project_(p: Any, layout: Layout) -> None:
-    """Snap a DTensor parameter to the polar factor of its whole matrices (a collective).
+def project_(p: Any, layout: Layout, target: str = "orthonormal") -> None:
+    """Snap a DTensor parameter to the polar factor of its whole matrices (a collective), or to
+    :func:`orthoopt.penalty.project`'s point of another ``target``.
 
     Every rank gathers the parameter and takes the same SVD (the same input on the same
     library: the same bits), then keeps its own part.
     """
     full = p.full_tensor()
-    p.to_local().copy_(_local_part(p, layout.from_matrices(penalty.polar(layout.matrices(full)), full.shape)))
+    p.to_local().copy_(_local_part(p, layout.from_matrices(penalty.project(layout.matrices(full), target), full.shape)))
 
 
 @torch.no_grad()
-def max_error(layout: Layout, p: Any) -> float:
-    """``max |Φ_iᵀΦ_i - I|`` over all of a DTensor's matrices, the same on every rank.
+def max_error(layout: Layout, p: Any, target: str = "orthonormal", normalize: bool = False) -> float:
+    """``max |Φ_iᵀΦ_i - I|`` over all of a DTensor's matrices, the same on every rank (of
+    another ``target``: from the gathered matrices).
 
     A collective, by the step's paths: every rank of the mesh must call it.  (DTensor's own
     ops would reduce only the local shard's part here, a different number on each rank.)
     """
     how = path(p, layout)
-    if how == "gather":
-        return penalty.residual(layout.matrices(p.full_tensor())).abs().max().item()
+    if how == "gather" or target != "orthonormal":
+        return penalty.max_error(layout.matrices(p.full_tensor()), target, normalize)
     r = penalty.residual(_local_matrices(layout, p.to_local()))
     if how == "all_reduce":
         _all_reduce_residuals(p.device_mesh, shard_dims(p), [r])

@@ -143,3 +143,110 @@ def test_the_coupled_forms_of_the_docs():
     loss = orthoopt.frobenius_orthogonality(W.reshape(W.shape[0], -1).T, 1e-4 / 2, group_dim=None, target="orthogonal")
     (grad,) = torch.autograd.grad(loss, W)
     torch.testing.assert_close(grad, biggan_ortho_grad(W.detach(), 1e-4), rtol=1e-13, atol=0)
+
+
+# -- the targets as group options ---------------------------------------------------------------------
+
+
+def test_target_options_default_and_are_kept_per_group():
+    w, v = torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.randn(3, 5))
+    opt = orthoopt.OrthoSGD(
+        [{"params": [w]}, {"params": [v], "ortho_target": "orthogonal", "ortho_normalize": True}], lr=0.1, ortho=1.0
+    )
+    assert (opt.param_groups[0]["ortho_target"], opt.param_groups[0]["ortho_normalize"]) == ("orthonormal", False)
+    assert (opt.param_groups[1]["ortho_target"], opt.param_groups[1]["ortho_normalize"]) == ("orthogonal", True)
+    assert (opt.defaults["ortho_target"], opt.defaults["ortho_normalize"]) == ("orthonormal", False)
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"ortho_target": "cosine"}, ValueError, r"param group 0: ortho_target must be one of \('orthonormal', "),
+        ({"ortho_normalize": 1}, TypeError, "param group 0: ortho_normalize must be True or False, got 1"),
+        (
+            {"ortho_normalize": True},
+            ValueError,
+            "ortho_normalize=True .* cannot ask for orthonormal vectors: use ortho_target='orthogonal'",
+        ),
+        (
+            {"ortho_target": "orthogonal", "ortho": "auto"},
+            ValueError,
+            r"ortho='auto' sets β from the Lagrange multipliers of ΦᵀΦ = I .* set ortho to a number",
+        ),
+        (
+            {"ortho_target": "orthogonal", "ortho_normalize": True, "ortho_mode": "hard"},
+            ValueError,
+            r"ortho_mode='hard' moves on the Stiefel manifold .* ortho_target='orthogonal' with "
+            r"ortho_normalize=True .* another manifold \(the matrices with orthogonal nonzero columns.* orthoopt "
+            "does not provide it",
+        ),
+    ],
+)
+def test_bad_target_options_are_refused_naming_the_group(options, error, message):
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    with pytest.raises(error, match=message):
+        orthoopt.OrthoAdam([{"params": [w], "ortho": 1.0, **options}], lr=0.1)
+    with pytest.raises(error, match=message.replace("param group 0", "param_groups")):
+        orthoopt.param_groups(torch.nn.Linear(6, 4), **{"ortho": 1.0, **options})
+
+
+def test_a_target_set_on_a_hard_group_after_construction_is_refused_before_anything_changes():
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    opt = orthoopt.OrthoAdam([w], lr=0.1, ortho=1.0, ortho_mode="hard")
+    opt.param_groups[0]["ortho_target"] = "orthogonal"
+    w.grad = torch.randn_like(w)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match="param group 0: ortho_mode='hard' moves on the Stiefel manifold"):
+        opt.step()
+    assert torch.equal(w, before) and not opt.state[w]
+
+
+# -- the soft step of the targets -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["rows", "columns"])
+@pytest.mark.parametrize("shape", [(6, 9), (5, 3, 2, 2)], ids=["linear", "conv"])
+def test_a_small_soft_step_is_the_keras_gradient_step(mode, shape):
+    """With a small learning rate (no cap binds, every cosine at least the cutoff away from zero),
+    the soft step of the Keras mapping is -lr times the gradient of Keras's loss: the one-line
+    swap takes Keras's gradient step, decoupled from the base update (zero gradients here)."""
+    if mode == "rows":  # orthoopt's layouts take at most as many vectors as their length
+        shape = {(6, 9): (9, 6), (5, 3, 2, 2): (8, 2, 2, 1)}[shape]
+    weight = torch.randn(*shape, dtype=torch.float64) * torch.rand(shape[0], *([1] * (len(shape) - 1))).double()
+    leaf = weight.clone().requires_grad_(True)
+    kernel = keras_kernel(leaf)
+    (expected,) = torch.autograd.grad(
+        keras_orthogonal_regularizer(kernel.reshape(-1, kernel.shape[-1]), 0.03, mode), leaf
+    )
+    beta, layout = keras_terms(0.03, mode, weight)
+    p = torch.nn.Parameter(weight.clone())
+    lr = 1e-6
+    opt = orthoopt.OrthoSGD(
+        [p], lr=lr, ortho=beta, ortho_layout=layout, ortho_target="orthogonal", ortho_normalize=True, ortho_init="keep"
+    )
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    # The update is read back as a difference of numbers of the weights' size: up to eps·|w| off.
+    eps = torch.finfo(torch.float64).eps
+    torch.testing.assert_close(p.detach() - weight, -lr * expected, rtol=1e-12, atol=eps * weight.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (5, 3, 2, 2)], ids=["linear", "conv"])
+def test_a_small_soft_step_is_the_biggan_gradient_step(shape):
+    weight = torch.randn(*shape, dtype=torch.float64)
+    p = torch.nn.Parameter(weight.clone())
+    lr, strength = 1e-3, 1e-4
+    opt = orthoopt.OrthoSGD(
+        [p],
+        lr=lr,
+        ortho=strength / 2,
+        ortho_layout="rows",
+        ortho_penalty="frobenius",
+        ortho_target="orthogonal",
+        ortho_init="keep",
+    )
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    eps = torch.finfo(torch.float64).eps  # the update read back as a difference: up to eps·|w| off
+    expected = -lr * biggan_ortho_grad(weight, strength)
+    torch.testing.assert_close(p.detach() - weight, expected, rtol=1e-12, atol=eps * weight.abs().max().item())

@@ -704,11 +704,12 @@ def test_normalized_grad_is_orthogonal_to_each_column_and_scales_inversely(kind)
 
 
 @pytest.mark.parametrize("kind", ["l1", "frobenius"])
-@pytest.mark.parametrize("length", [0.0, 1e-310, 1e-320])
+@pytest.mark.parametrize("length", [0.0, 1e-160, 1e-310, 1e-320])
 def test_zero_length_columns_have_zero_cosines_and_a_zero_gradient(kind, length):
-    """normalize=True: a column of zeros (or of subnormal entries, below finfo.tiny) counts as
-    zero-length, by the documented convention: its cosine with every column is 0, the loss is that
-    of the other columns alone, its gradient is 0, and nothing is NaN, autograd included."""
+    """normalize=True: a column of zeros, or one shorter than √tiny (1.5e-154 in float64; its
+    squared length underflows), counts as zero-length, by the documented convention: its cosine
+    with every column is 0, the loss is that of the other columns alone, its gradient is 0, and
+    nothing is NaN, autograd included."""
     phi = torch.randn(6, 4, dtype=torch.float64)
     phi[:, 2] = length
     phi[0, 2] = length  # a subnormal column is not a multiple of another one
@@ -726,11 +727,11 @@ def test_zero_length_columns_have_zero_cosines_and_a_zero_gradient(kind, length)
     assert orthoopt.orthogonality_error(phi, **options) == orthoopt.orthogonality_error(others, **options)
 
 
-@pytest.mark.parametrize("dtype, exponents", [(torch.float64, (-1000, 1000)), (torch.float32, (-110, 100))])
+@pytest.mark.parametrize("dtype, exponents", [(torch.float64, (-505, 1000)), (torch.float32, (-60, 100))])
 def test_cosines_at_every_magnitude(dtype, exponents):
     """The unit columns are the columns over their lengths taken after an exact rescaling by a
     power of two: the same bits as ``x / ‖x‖`` where that is finite, and the same bits again at
-    magnitudes where the plain norm underflows to 0 or overflows to inf."""
+    magnitudes where the plain norm overflows to inf, or is just above the zero-length line."""
     phi = torch.randn(3, 8, 5, dtype=dtype)
     unit, inverse = penalty.unit_columns(phi)
     assert torch.equal(unit, phi / torch.linalg.vector_norm(phi, dim=-2, keepdim=True))
@@ -738,10 +739,10 @@ def test_cosines_at_every_magnitude(dtype, exponents):
     options = {"group_dim": 0, "target": "orthogonal", "normalize": True}
     error = orthoopt.orthogonality_error(phi, **options)
     grad = orthoopt.l1_orthogonality_grad(phi, **options)
-    for e in exponents:
-        c = 2.0**e
-        plain = torch.linalg.vector_norm(phi * c, dim=-2)
-        assert ((plain == 0) | (plain == math.inf)).all()  # where x / ‖x‖ fails
+    small, large = (2.0**e for e in exponents)
+    assert (torch.linalg.vector_norm(phi * large, dim=-2) == math.inf).all()  # where x / ‖x‖ fails
+    assert (torch.linalg.vector_norm(phi * small, dim=-2) > penalty.shortest_length(dtype)).all()
+    for c in (small, large):
         assert torch.equal(penalty.unit_columns(phi * c)[0], unit)
         assert torch.equal(orthoopt.orthogonality_error(phi * c, **options), error)
         assert torch.equal(orthoopt.l1_orthogonality_grad(phi * c, **options) * c, grad)
