@@ -40,7 +40,9 @@ __all__ = [
     "huber",
     "safe_step_size",
     "penalty_step",
+    "gram_matrix",
     "orthogonal_residual",
+    "orthogonal_from_gram",
     "orthogonal_step",
     "largest_weight",
     "max_abs",
@@ -64,12 +66,14 @@ def residual(mats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
 
     ``out``: an ``(m, n, n)`` workspace of the result's dtype (the optimizer reuses one).
     """
-    gram = _gram(mats, out)
+    gram = gram_matrix(mats, out)
     gram.diagonal(dim1=-2, dim2=-1).sub_(1)
     return gram
 
 
-def _gram(mats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gram_matrix(mats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``Φ_iᵀ Φ_i`` for a stack ``(m, l, n)``; float32 for half-precision stacks (``out``: as for
+    :func:`residual`)."""
     if mats.dtype in _HALF:
         if mats.is_cuda:
             # bf16/fp16 tensor-core matmul with a float32 output (fp32 accumulation).
@@ -272,7 +276,11 @@ def orthogonal_residual(
     :func:`unit_columns`, which draws the same line): its cosines are 0.  ``out``: an
     ``(m, n, n)`` workspace of the result's dtype.
     """
-    gram = _gram(mats, out)
+    return orthogonal_from_gram(gram_matrix(mats, out), normalize)
+
+
+def orthogonal_from_gram(gram: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`orthogonal_residual` from the Gram matrices ``ΦᵀΦ`` (e.g. summed over row shards), in place."""
     diagonal = gram.diagonal(dim1=-2, dim2=-1)
     squares = diagonal.clone()
     if normalize:

@@ -55,11 +55,6 @@ def buckets(soft_pieces: list[Piece], workspaces: bool) -> list[Bucket | distrib
         group, p = piece.group, piece.view
         every = group["ortho_every"]
         if distributed.is_dtensor(p):  # FSDP2: the Gram needs the other ranks' shards
-            if group["ortho_target"] != "orthonormal":
-                raise NotImplementedError(
-                    f"{piece.name} is sharded (FSDP2), where ortho_target={group['ortho_target']!r} is not "
-                    "supported; use ortho_target='orthonormal' for its group, or leave it out of the constraint"
-                )
             if every != 1:
                 raise NotImplementedError(
                     f"{piece.name} is sharded (FSDP2), where ortho_every={every} is not supported; "
