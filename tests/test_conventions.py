@@ -250,3 +250,172 @@ def test_a_small_soft_step_is_the_biggan_gradient_step(shape):
     eps = torch.finfo(torch.float64).eps  # the update read back as a difference: up to eps·|w| off
     expected = -lr * biggan_ortho_grad(weight, strength)
     torch.testing.assert_close(p.detach() - weight, expected, rtol=1e-12, atol=eps * weight.abs().max().item())
+
+
+def _free_weights(count, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.linspace(0.3, 3.0, shape[0], dtype=torch.float64)[:, None]
+    return [torch.randn(*shape, generator=g, dtype=torch.float64) * lengths for _ in range(count)]
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("kind", ["l1", "frobenius"])
+def test_a_bucket_of_several_parameters_in_chunks_steps_each_as_alone(monkeypatch, normalize, kind):
+    """Four same-shaped weights share a bucket (a stack, the update buffer, the cap's scratch in
+    the update's memory, two chunks): each moves by penalty.orthogonal_step of its own matrices."""
+    monkeypatch.setattr(orthoopt.soft, "MIN_CHUNK_BYTES", 0)
+    monkeypatch.setattr(orthoopt.soft, "CHUNK_SHARE", 0.5)
+    weights = _free_weights(4, (5, 8))
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    lr, beta = 0.05, 0.3
+    options = {"ortho_target": "orthogonal", "ortho_normalize": normalize, "ortho_penalty": kind}
+    opt = orthoopt.OrthoSGD(params, lr=lr, ortho=beta, ortho_layout="rows", ortho_init="keep", **options)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    (bucket,) = opt._ortho_plan.buckets
+    assert len(bucket.chunks) == 2 and bucket.stack is not None
+    for w, p in zip(weights, params):
+        mats = Layout("rows").matrices(w)
+        r, squares = orthoopt.penalty.orthogonal_residual(mats, normalize)
+        step = orthoopt.penalty.orthogonal_step(r, squares, mats, 0.0, kind, 2 * lr * beta, normalize)
+        expected = w + Layout("rows").from_matrices(step, w.shape)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-15)
+        assert (p.detach() - w).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_soft_step_reaches_the_target_and_leaves_the_lengths_free(normalize):
+    """Steps of the penalty alone (zero gradients) drive the target's error to zero while the
+    lengths stay spread as they started (0.3 to 3), where the orthonormal target makes them 1.
+    (The dot products also fall by shortening the vectors that overlap; a step of the cosines is
+    orthogonal to each vector, which only grows by the step's square.)"""
+    (weight,) = _free_weights(1, (5, 8))
+    lengths = weight.norm(dim=1)
+    p = torch.nn.Parameter(weight.clone())
+    options = {"ortho_target": "orthogonal", "ortho_normalize": normalize, "ortho_init": "keep"}
+    opt = orthoopt.OrthoSGD([p], lr=0.1, ortho=0.5 if normalize else 0.05, ortho_layout="rows", **options)
+    start = opt.orthogonality_errors()["group0.param0"]
+    for _ in range(300):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    assert start > 0.3 and opt.orthogonality_errors()["group0.param0"] < 1e-6
+    ratio = p.detach().norm(dim=1) / lengths
+    assert ((ratio > 0.4) & (ratio < 1.01)).all() if not normalize else ((ratio >= 1) & (ratio < 1.1)).all(), ratio
+    assert (p.detach().norm(dim=1).max() - p.detach().norm(dim=1).min()) > 1.0
+    error = orthoopt.orthogonality_error(p.detach().t(), group_dim=None, target="orthogonal", normalize=normalize)
+    assert opt.orthogonality_errors()["group0.param0"] == error.item()
+
+
+def test_a_non_finite_matrix_of_a_free_target_is_skipped_and_reported():
+    weights = _free_weights(2, (5, 8))
+    weights[1][0, 0] = float("nan")
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = orthoopt.OrthoSGD(params, lr=0.05, ortho=0.3, ortho_target="orthogonal", ortho_init="keep")
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with pytest.warns(RuntimeWarning, match="'group0.param1' holds NaN or Inf"):
+        opt.step()
+    assert (params[0].detach() - weights[0]).abs().max() > 1e-3
+    assert torch.equal(params[1].detach().nan_to_num(), weights[1].nan_to_num())
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_guard_judges_and_projects_the_groups_own_target(normalize):
+    """ortho_init='warn' names the target and its error; 'project' snaps to the nearest orthogonal
+    vectors of the same lengths (not to unit vectors)."""
+    (weight,) = _free_weights(1, (5, 8))
+    options = {"ortho_target": "orthogonal", "ortho_normalize": normalize, "ortho_layout": "rows"}
+    p = torch.nn.Parameter(weight.clone())
+    opt = orthoopt.OrthoSGD([p], lr=1e-4, ortho=0.01, **options)
+    p.grad = torch.zeros_like(p)
+    measure = "the largest |cos|" if normalize else "the largest |dot product|"
+    q = weight.norm(dim=1) ** (-2 if normalize else 2)
+    pull = 2 * 1e-4 * 0.01 * q.topk(2).values.sum().item()  # 2γβ·max(q_j + q_k): an entry's most per step
+    with pytest.warns(orthoopt.guard.OrthogonalityWarning, match=rf"starts far from orthogonal \({measure}") as w:
+        opt.step()
+    assert f"by at most {pull:.3g} per step" in str(w[0].message)
+    p = torch.nn.Parameter(weight.clone())
+    opt = orthoopt.OrthoSGD([p], lr=1e-4, ortho=0.01, ortho_init="project", **options)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.orthogonality_errors()["group0.param0"] < 1e-12
+    torch.testing.assert_close(p.detach().norm(dim=1), weight.norm(dim=1), rtol=1e-4, atol=0)
+    p = torch.nn.Parameter(weight.clone())
+    orthoopt.project_(orthoopt.OrthoSGD([p], lr=1e-4, ortho=0.01, **options))
+    torch.testing.assert_close(p.detach().norm(dim=1), weight.norm(dim=1), rtol=1e-14, atol=0)
+
+
+def test_a_checkpoint_of_another_target_is_refused():
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    opt = orthoopt.OrthoSGD([p], lr=0.1, ortho=1.0, ortho_target="orthogonal")
+    saved = opt.state_dict()
+    fresh = orthoopt.OrthoSGD([torch.nn.Parameter(torch.randn(4, 6))], lr=0.1, ortho=1.0)
+    with pytest.raises(ValueError, match="saved with ortho_target='orthogonal' but this optimizer has"):
+        fresh.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_step_in_float32(dtype):
+    (weight,) = _free_weights(1, (5, 8))
+    p = torch.nn.Parameter(weight.to(dtype))
+    opt = orthoopt.OrthoSGD([p], lr=0.05, ortho=0.3, ortho_target="orthogonal", ortho_normalize=True, ortho_init="keep")
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    mats = Layout("rows").matrices(weight.to(dtype))
+    r, squares = orthoopt.penalty.orthogonal_residual(mats, True)
+    step = orthoopt.penalty.orthogonal_step(r, squares, mats, 0.0, "l1", 0.03, True)
+    assert p.dtype == dtype and step.dtype == dtype
+    expected = weight.to(dtype) + Layout("rows").from_matrices(step, weight.shape)
+    assert torch.equal(p.detach(), expected)
+
+
+def test_groups_of_other_targets_take_their_own_steps():
+    """Same-shaped weights in groups of different targets do not share a bucket's step."""
+    weights = _free_weights(3, (5, 8))
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    targets = [("orthonormal", False), ("orthogonal", False), ("orthogonal", True)]
+    groups = [{"params": [p], "ortho_target": t, "ortho_normalize": n} for p, (t, n) in zip(params, targets)]
+    opt = orthoopt.OrthoSGD(groups, lr=0.05, ortho=0.3, ortho_layout="rows", ortho_init="keep")
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for w, p, (target, normalize) in zip(weights, params, targets):
+        alone = torch.nn.Parameter(w.clone())
+        single = orthoopt.OrthoSGD(
+            [alone],
+            lr=0.05,
+            ortho=0.3,
+            ortho_layout="rows",
+            ortho_init="keep",
+            ortho_target=target,
+            ortho_normalize=normalize,
+        )
+        alone.grad = torch.zeros_like(alone)
+        single.step()
+        assert torch.equal(p.detach(), alone.detach()), target
+    assert not torch.equal(params[0].detach() - weights[0], params[1].detach() - weights[1])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_a_weight_on_its_target_is_not_reported_or_projected(normalize, recwarn):
+    """Orthogonal rows of lengths 0.5 to 4 are on the target (far from orthonormal): the guard
+    neither warns nor projects them, at the start or when it watches for drift."""
+    q = torch.linalg.qr(torch.randn(8, 5, dtype=torch.float64)).Q.t()
+    weight = q * torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)[:, None]
+    for init in ("warn", "project"):
+        p = torch.nn.Parameter(weight.clone())
+        opt = orthoopt.OrthoSGD(
+            [p],
+            lr=1e-3,
+            ortho=0.01,
+            ortho_layout="rows",
+            ortho_init=init,
+            ortho_target="orthogonal",
+            ortho_normalize=normalize,
+        )
+        for _ in range(orthoopt.guard.WATCH_EVERY):
+            p.grad = torch.zeros_like(p)
+            opt.step()
+        torch.testing.assert_close(p.detach(), weight, rtol=0, atol=1e-12)
+    assert not [w for w in recwarn if issubclass(w.category, orthoopt.guard.OrthogonalityWarning)]
