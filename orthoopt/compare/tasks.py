@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import copying, mppca
+from . import copying, lipschitz, mppca
 
 __all__ = ["Task", "Problem", "get_task", "TASKS", "digits_class_covariances", "pca_optimum"]
 
@@ -315,6 +315,7 @@ TASKS: dict[str, Callable[[], Task]] = {
     # Their own modules: the copying memory problem (orthogonal RNN) and a mixture of PPCA.
     "copying": lambda: Task("copying", _from_fields(copying.problem_fields), **copying.TASK_SETTINGS),
     "mppca": lambda: Task("mppca", _from_fields(mppca.problem_fields, _split), **mppca.TASK_SETTINGS),
+    "lipschitz": lambda: Task("lipschitz", _from_fields(lipschitz.problem_fields, _split), **lipschitz.TASK_SETTINGS),
 }
 
 
@@ -444,4 +445,5 @@ _PARAM_CHECKS: dict[str, Callable[[str, dict[str, Any]], None]] = {
     "cnn": _check_classifier,
     "copying": lambda task, params: copying.check(**params),
     "mppca": lambda task, params: mppca.check(**params),
+    "lipschitz": lambda task, params: lipschitz.check(**params),
 }
