@@ -20,7 +20,10 @@ optimizer's moments never see the penalty.  Where every entry of :math:`R_i` is 
 :math:`2\eta` and the caps are inactive, the step is exactly
 :math:`-\gamma\,\partial\mathcal{L}/\partial\Phi`; smaller entries are moved to zero instead
 of across it (the linearised proximal step of :math:`|\cdot|`), and the caps keep the step
-from overshooting or diverging (:func:`orthoopt.penalty.safe_step_size`).  With
+from overshooting or diverging (:func:`orthoopt.penalty.safe_step_size`).  A group with
+``ortho_target='orthogonal'`` takes the same step on the off-diagonal of
+:math:`\Phi_i^\top\Phi_i` or of the cosines, with its caps
+(:func:`orthoopt.penalty.orthogonal_step`).  With
 ``ortho = 0`` everywhere the optimizer is bitwise the base class.
 """
 

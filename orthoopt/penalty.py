@@ -13,6 +13,11 @@ minimal-norm subgradient at a kink) or the Huber function of threshold :math:`\d
 whose derivative is :math:`\operatorname{clamp}(x/\delta, -1, 1)`.  The 2 comes from the
 symmetry of :math:`R_i`: :math:`d\mu = G : (\Phi^\top d\Phi + d\Phi^\top \Phi) = 2\Phi G : d\Phi`.
 
+That is the default target, orthonormal vectors.  ``target='orthogonal'`` keeps only the
+off-diagonal of :math:`\Phi_i^\top\Phi_i` (the lengths free), and ``normalize=True`` takes the
+cosines instead of the dot products (:func:`target_residual`, :func:`l1_orthogonality_grad`;
+the soft step's :func:`orthogonal_residual` and :func:`orthogonal_step`).
+
 Every function works on all groups at once with batched matmuls; half-precision inputs
 have their Gram matrices accumulated in float32.
 """

@@ -15,6 +15,8 @@ A step of a bucket runs in two halves around the base optimizer's update:
 - :meth:`Bucket.finish`, after it: for ``'auto'``, β from the base update and then the step
   (:mod:`orthoopt.auto`); then the update is added to the parameters.
 
+A bucket of ``ortho_target='orthogonal'`` forms that target's residual and step instead
+(:func:`orthoopt.penalty.orthogonal_residual`, :func:`~orthoopt.penalty.orthogonal_step`).
 :math:`S` is formed in place of :math:`R`, and a bucket of several parameters is gathered
 in chunks (:data:`CHUNK_SHARE`), so that the workspaces besides the update itself stay a
 fraction of the parameters.  The update must be held from before the base step to after
