@@ -419,3 +419,69 @@ def test_a_weight_on_its_target_is_not_reported_or_projected(normalize, recwarn)
             opt.step()
         torch.testing.assert_close(p.detach(), weight, rtol=0, atol=1e-12)
     assert not [w for w in recwarn if issubclass(w.category, orthoopt.guard.OrthogonalityWarning)]
+
+
+def _target_groups(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(8, 4, generator=g) / 3) for _ in range(3)]
+    targets = [("orthogonal", False, "l1"), ("orthogonal", True, "l1"), ("orthogonal", False, "frobenius")]
+    groups = [
+        {"params": [p], "ortho_target": t, "ortho_normalize": n, "ortho_penalty": k, "ortho_layout": "columns"}
+        for p, (t, n, k) in zip(ps, targets)
+    ]
+    return ps, groups
+
+
+def test_the_plan_without_workspaces_steps_targets_like_the_cached_plan(monkeypatch):
+    """torch.compile's plan has no workspaces (no scratch, no update buffer): the same steps."""
+
+    def run():
+        ps, groups = _target_groups()
+        opt = orthoopt.OrthoAdamW(groups, lr=0.01, ortho=1.0, ortho_init="keep")
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return ps, opt
+
+    cached, opt = run()
+    assert all(b.updates is not None for b in opt._plan().buckets)
+    real = orthoopt.soft.buckets
+    monkeypatch.setattr(orthoopt.soft, "buckets", lambda pieces, workspaces: real(pieces, workspaces=False))
+    bare, opt = run()
+    assert all(b.updates is None for b in opt._plan().buckets)
+    for p, q in zip(bare, cached):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.compile
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_compiled_step_of_the_targets_matches_eager():
+    torch._dynamo.reset()
+
+    def make():
+        ps, groups = _target_groups()
+        return ps, orthoopt.OrthoAdamW(groups, lr=torch.tensor(0.01), ortho=1.0, ortho_init="keep")
+
+    eager, eager_opt = make()
+    compiled, compiled_opt = make()
+
+    @torch.compile(fullgraph=False)
+    def step():
+        compiled_opt.step()
+
+    g = torch.Generator().manual_seed(1)
+    try:
+        for _ in range(3):
+            for p, q in zip(eager, compiled):
+                p.grad = torch.randn(p.shape, generator=g)
+                q.grad = p.grad.clone()
+            eager_opt.step()
+            step()
+            for p, q in zip(eager, compiled):
+                torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+    assert getattr(compiled_opt, "_ortho_plan", None) is None
+    assert not torch.equal(compiled[1], make()[0][1])
