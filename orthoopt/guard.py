@@ -113,7 +113,7 @@ def after_step(
         error = _error(piece)
         last = memory.get(key)
         if last is not None and error > FAR and error > last:
-            goal, measure = _target_words(piece.group)
+            goal, measure, _ = _target_words(piece.group)
             _warn(
                 f"{piece.name} is moving away from {goal}ity: {measure} rose from {last:.3g} to "
                 f"{error:.3g} over the last {WATCH_EVERY} steps. The base optimizer's updates move it faster "
@@ -144,10 +144,10 @@ def _start(piece: Piece, state: dict, before: float | None) -> float:
     pull = 2 * lr_beta * _largest_weight(piece)
     needed = before / pull if pull > 0 else math.inf
     if needed > FAR_STEPS:
-        goal, measure = _target_words(group)
+        goal, measure, residual = _target_words(group)
         _warn(
             f"{name} starts far from {goal} ({measure} = {before:.3g}): at this step's lr·ortho = "
-            f"{lr_beta:.3g} the soft step moves each entry of its residual by at most {pull:.3g} per step, so it "
+            f"{lr_beta:.3g} the soft step moves each entry of {residual} by at most {pull:.3g} per step, so it "
             f"needs at least {needed:.3g} steps to get there, more while the learning rate is warming up or "
             "decaying. Start on the manifold with ortho_init='project' (or orthoopt.project_(optimizer) before "
             "training), or use a larger ortho; ortho_init='keep' silences this"
@@ -170,13 +170,13 @@ def _largest_weight(piece: Piece) -> float:
     return penalty.largest_weight(piece.layout.matrices(piece.view), group["ortho_normalize"])
 
 
-def _target_words(group: dict) -> tuple[str, str]:
-    """What the group's target is, and its error, for messages."""
+def _target_words(group: dict) -> tuple[str, str, str]:
+    """What the group's target is, its error and its residual, for messages."""
     if group["ortho_target"] == "orthonormal":
-        return "orthonormal", "max |ΦᵀΦ - I|"
+        return "orthonormal", "max |ΦᵀΦ - I|", "ΦᵀΦ - I"
     if group["ortho_normalize"]:
-        return "orthogonal", "the largest |cos| of two of its vectors"
-    return "orthogonal", "the largest |dot product| of two of its vectors"
+        return "orthogonal", "the largest |cos| of two of its vectors", "its vectors' cosines"
+    return "orthogonal", "the largest |dot product| of two of its vectors", "its vectors' dot products"
 
 
 def _stronger_pull(group: dict) -> str:
