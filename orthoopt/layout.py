@@ -22,79 +22,126 @@ Layouts are named by short strings, so that they can live in an optimizer's
                               other two axes, in order, are ``l`` and ``n``
 ``"column_groups:H"``         2-D ``(out, in)``: the ``in`` columns split into ``H`` equal
                               groups (attention heads), each orthonormal on its own
-``"row_groups:G"``            2-D ``(out, in)``: the ``out`` rows split into ``G`` equal
-                              blocks (an LSTM's gates, attention's q/k/v), each on its
-                              own and by the ``"auto"`` rule: a block ``(out/G, in)``
-                              has orthonormal rows when ``out/G <= in``, else
-                              orthonormal columns, as :func:`torch.nn.init.orthogonal_`
-                              applied to each block makes them
+``"row_groups:G"``            ``(out, ...)`` seen as ``(out, numel/out)``: the ``out``
+                              rows split into ``G`` equal blocks (an LSTM's gates,
+                              attention's q/k/v, the groups of a grouped convolution,
+                              whose weight ``(out, in/G, kh, kw)`` gives blocks
+                              ``(out/G, in/G·kh·kw)``), each on its own and by the
+                              ``"auto"`` rule: a block has orthonormal rows when it is
+                              not taller than wide, else orthonormal columns, as
+                              :func:`torch.nn.init.orthogonal_` applied to each block
+                              makes them
+``"row_blocks:a,b,c"``        the rows split into consecutive blocks of ``a``, ``b`` and
+                              ``c`` rows (unequal sizes: q, k and v of grouped-query
+                              attention), each a matrix of its own by the ``"auto"`` rule
+``"row_blocks:Hx(a,b,c)"``    the rows run ``H`` times (heads) through blocks of ``a``,
+                              ``b`` and ``c`` rows; the ``j``-th block of every head
+                              together is one matrix (q, k and v of a projection that
+                              lays its rows out head by head)
+``"row_blocks:a,b,~c"``       a block written ``~c`` holds ``c`` rows that are left free
+                              (the per-level gates of a focal modulation, each a
+                              single vector)
 ============================  ==========================================================
+
+The blocks of ``row_blocks`` differ in size, so they make no single stack: such a layout
+is *composite*, and :meth:`Layout.pieces` gives one ``(view of the parameter, simple layout
+of that view)`` per block, every view sharing the parameter's storage.  A block that runs
+through the heads is a strided view ``(H, rows, ...)``, whose simple layout folds its first
+two axes into its rows (``Layout.fold``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
 
 __all__ = ["Layout", "resolve_layout", "canonical_layout", "as_matrices", "LAYOUT_NAMES"]
 
-LAYOUT_NAMES = ("auto", "rows", "columns", "group_axis:D", "column_groups:H", "row_groups:G")
+LAYOUT_NAMES = (
+    "auto",
+    "rows",
+    "columns",
+    "group_axis:D",
+    "column_groups:H",
+    "row_groups:G",
+    "row_blocks:a,b,...",
+    "row_blocks:Hx(a,b,...)",
+)
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A resolved layout: ``kind`` is one of rows/columns/group_axis/column_groups/row_groups.
+    """A resolved layout: ``kind`` is one of rows/columns/group_axis/column_groups/row_groups,
+    or the composite row_blocks.
 
     ``tall`` (row_groups only) says which side of each block is orthonormal: its columns
     when the blocks are taller than wide, else its rows; :func:`resolve_layout` sets it
-    from the shape.
+    from the shape.  ``fold`` (rows and columns) is how many leading axes make up the rows
+    (2 for a block of a head-by-head projection, a view ``(heads, rows, in)``).  A
+    row_blocks layout holds its block sizes (``blocks``), how often they repeat
+    (``repeat``, the heads), which blocks are left free (``free``, their indices) and, once
+    resolved, the simple layout of each constrained block (``parts``).
     """
 
     kind: str
     arg: int | None = None
     tall: bool = False
+    fold: int = 1
+    blocks: tuple[int, ...] = ()
+    repeat: int = 1
+    free: tuple[int, ...] = ()
+    parts: tuple[Layout, ...] = ()
 
     def __str__(self) -> str:
+        if self.kind == "row_blocks":
+            sizes = ",".join(("~" if j in self.free else "") + str(size) for j, size in enumerate(self.blocks))
+            return f"row_blocks:{self.repeat}x({sizes})" if self.repeat > 1 else f"row_blocks:{sizes}"
         return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
+
+    @property
+    def composite(self) -> bool:
+        """Whether the parameter splits into pieces of different shapes (:meth:`pieces`)."""
+        return self.kind == "row_blocks"
 
     # -- the map parameter -> stack of matrices -------------------------------------
     def stack_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
         """``(m, l, n)`` of the stack for a parameter of ``shape`` (no feasibility check)."""
+        self._simple("stack_shape")
         if self.kind in ("rows", "columns"):
-            flat = 1
-            for s in shape[1:]:
-                flat *= s
-            return (1, flat, shape[0]) if self.kind == "rows" else (1, shape[0], flat)
+            out, flat = math.prod(shape[: self.fold]), math.prod(shape[self.fold :])
+            return (1, flat, out) if self.kind == "rows" else (1, out, flat)
         if self.kind == "group_axis":
             rest = [s for d, s in enumerate(shape) if d != self.arg]
             return (shape[self.arg], rest[0], rest[1])
         if self.kind == "column_groups":
             return (self.arg, shape[0], shape[1] // self.arg)
         if self.kind == "row_groups":
-            block = shape[0] // self.arg
-            return (self.arg, block, shape[1]) if self.tall else (self.arg, shape[1], block)
+            block, flat = shape[0] // self.arg, math.prod(shape[1:])
+            return (self.arg, block, flat) if self.tall else (self.arg, flat, block)
         raise AssertionError(self.kind)
 
     def matrices(self, p: torch.Tensor) -> torch.Tensor:
         """The stack ``(m, l, n)``; a view of ``p`` unless ``p``'s strides forbid one."""
+        self._simple("matrices")
         if self.kind == "rows":
-            return p.reshape(p.shape[0], -1).t().unsqueeze(0)
+            return p.reshape(math.prod(p.shape[: self.fold]), -1).t().unsqueeze(0)
         if self.kind == "columns":
-            return p.reshape(p.shape[0], -1).unsqueeze(0)
+            return p.reshape(math.prod(p.shape[: self.fold]), -1).unsqueeze(0)
         if self.kind == "group_axis":
             return p.movedim(self.arg, 0)
         if self.kind == "column_groups":
             return p.reshape(p.shape[0], self.arg, -1).transpose(0, 1)
         if self.kind == "row_groups":
-            blocks = p.reshape(self.arg, -1, p.shape[1])
+            blocks = p.reshape(self.arg, p.shape[0] // self.arg, -1)
             return blocks if self.tall else blocks.mT
         raise AssertionError(self.kind)
 
     def from_matrices(self, stack: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """The inverse of :meth:`matrices`: a stack ``(m, l, n)`` back in the parameter's shape."""
+        self._simple("from_matrices")
         if self.kind == "rows":
             return stack.squeeze(0).t().reshape(shape)
         if self.kind == "columns":
@@ -107,13 +154,47 @@ class Layout:
             return (stack if self.tall else stack.mT).reshape(shape)
         raise AssertionError(self.kind)
 
+    def _simple(self, what: str) -> None:
+        if self.composite:
+            raise TypeError(
+                f"layout '{self}' has blocks of different sizes, which make no single stack of matrices; "
+                f"{what} applies to each of its pieces: for view, layout in layout.pieces(p)"
+            )
+
     def pieces(self, p: torch.Tensor) -> list[tuple[torch.Tensor, Layout]]:
         """The parts of ``p`` that are constrained each on its own, as ``(view of p, layout of
         that view)``.  A simple layout has one piece, ``p`` itself; a layout of blocks of
         unequal sizes (fused projections) has one per block, each a view of ``p`` with a
         simple layout, so that every consumer (the soft and hard steps, the errors, the
         projection) works on the pieces as on parameters."""
-        return [(p, self)]
+        if not self.composite:
+            return [(p, self)]
+        if not self.parts:
+            raise ValueError(f"layout '{self}' is not resolved: take it from resolve_layout(spec, shape, name)")
+        rows = p if self.repeat == 1 else p.unflatten(0, (self.repeat, sum(self.blocks)))
+        axis = 0 if self.repeat == 1 else 1
+        spans = [(sum(self.blocks[:j]), self.blocks[j]) for j in self._constrained()]
+        return [(rows.narrow(axis, start, size), part) for (start, size), part in zip(spans, self.parts)]
+
+    def _constrained(self) -> list[int]:
+        """The indices of the blocks that are constrained (not written ``~c``)."""
+        return [j for j in range(len(self.blocks)) if j not in self.free]
+
+    def piece_shapes(self, shape: torch.Size | tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The shape of each piece of a parameter of ``shape`` (:meth:`pieces`)."""
+        if not self.composite:
+            return [tuple(shape)]
+        rest = tuple(shape[1:])
+        return [
+            ((size,) if self.repeat == 1 else (self.repeat, size)) + rest
+            for size in map(self.blocks.__getitem__, self._constrained())
+        ]
+
+    def stack_shapes(self, shape: torch.Size | tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """``(m, l, n)`` of each piece's stack (one for a simple layout)."""
+        if not self.composite:
+            return [self.stack_shape(shape)]
+        return [part.stack_shape(s) for part, s in zip(self.parts, self.piece_shapes(shape))]
 
     def check(self, shape: torch.Size | tuple[int, ...], name: str, mode: str = "soft") -> None:
         """Raise ValueError naming ``name`` if the layout does not fit ``shape``."""
@@ -122,7 +203,7 @@ class Layout:
                 f"{name}: layout '{self}' needs a parameter of 2 or more dimensions, got shape "
                 f"{tuple(shape)}; put 0-D and 1-D parameters in a group with ortho=0"
             )
-        need = {"column_groups": 2, "row_groups": 2, "group_axis": 3}.get(self.kind)
+        need = {"column_groups": 2, "group_axis": 3}.get(self.kind)
         if need is not None and len(shape) != need:
             raise ValueError(
                 f"{name}: layout '{self}' needs a {need}-D parameter, got shape {tuple(shape)}; "
@@ -143,6 +224,13 @@ class Layout:
                 f"{name}: layout '{self}' splits {shape[0]} rows into {self.arg} equal blocks, "
                 f"which does not divide; choose a number of blocks that divides {shape[0]}"
             )
+        if self.kind in ("rows", "columns") and not 1 <= self.fold < len(shape):
+            raise ValueError(f"{name}: layout '{self}' folds {self.fold} axes into rows of a {len(shape)}-D view")
+        if self.composite:
+            self._check_blocks(shape, name)
+            for j, part, s in zip(self._constrained(), self.parts, self.piece_shapes(shape)):
+                part.check(s, f"{name} (block {j} of layout '{self}', {self.repeat * self.blocks[j]} rows)", mode)
+            return
         _, length, count = self.stack_shape(shape)
         if count > length:
             raise ValueError(
@@ -150,6 +238,18 @@ class Layout:
                 f"(shape {tuple(shape)}), which is impossible: at most {length} vectors of length "
                 f"{length} can be orthonormal. {_suggestion(self)}"
             )
+
+    def _check_blocks(self, shape: torch.Size | tuple[int, ...], name: str) -> None:
+        total = self.repeat * sum(self.blocks)
+        if total != shape[0]:
+            sizes = " + ".join(map(str, self.blocks))
+            held = f"{self.repeat} heads x ({sizes})" if self.repeat > 1 else f"blocks {sizes}"
+            raise ValueError(
+                f"{name}: layout '{self}' has {held} = {total} rows, but the parameter has {shape[0]} "
+                f"(shape {tuple(shape)}); give block sizes whose sum (times the heads) is {shape[0]}"
+            )
+        if len(self.parts) != len(self._constrained()):
+            raise ValueError(f"{name}: layout '{self}' is not resolved: take it from resolve_layout")
 
 
 def _suggestion(layout: Layout) -> str:
@@ -162,6 +262,21 @@ def _suggestion(layout: Layout) -> str:
     }[layout.kind]
 
 
+def _blocks_spec(arg: str) -> Layout | None:
+    """The row_blocks layout of ``"a,b,~c"`` or ``"Hx(a,b,~c)"``; None if malformed."""
+    repeat = "1"
+    if arg.endswith(")") and "x(" in arg:
+        repeat, _, arg = arg[:-1].partition("x(")
+    sizes = [size.removeprefix("~") for size in arg.split(",")]
+    if not repeat.isdigit() or not all(size.isdigit() for size in sizes):
+        return None
+    blocks = tuple(int(size) for size in sizes)
+    free = tuple(j for j, size in enumerate(arg.split(",")) if size.startswith("~"))
+    if int(repeat) < 1 or min(blocks) < 1 or len(free) == len(blocks):
+        return None
+    return Layout("row_blocks", blocks=blocks, repeat=int(repeat), free=free)
+
+
 @lru_cache(maxsize=256)
 def _parse(spec: str) -> Layout:
     kind, _, arg = spec.partition(":")
@@ -169,8 +284,11 @@ def _parse(spec: str) -> Layout:
         return Layout("rows" if kind == "filters" else kind)
     if kind in ("group_axis", "column_groups", "row_groups") and arg.lstrip("-").isdigit():
         return Layout(kind, int(arg))
+    if kind == "row_blocks" and (parsed := _blocks_spec(arg.replace(" ", ""))) is not None:
+        return parsed
     raise ValueError(
-        f"unknown layout {spec!r}; expected one of {', '.join(LAYOUT_NAMES)} (D an axis, H and G numbers of groups)"
+        f"unknown layout {spec!r}; expected one of {', '.join(LAYOUT_NAMES)} (D an axis, H and G numbers of "
+        "groups or heads, a, b, ... block sizes of at least 1 row, ~c a free block, one block at least constrained)"
     )
 
 
@@ -190,7 +308,9 @@ def resolve_layout(spec: str | Layout, shape: torch.Size | tuple[int, ...], name
     """The concrete layout of a parameter, or None when it is left unpenalized.
 
     'auto' skips 0-D and 1-D parameters (biases, norms); an explicit layout on them
-    is an error.  Empty parameters have nothing to constrain and are skipped.  The returned layout has been checked against ``shape``.
+    is an error.  Empty parameters have nothing to constrain and are skipped.  The returned
+    layout has been checked against ``shape``; a row_blocks layout comes with the simple
+    layout of each of its blocks.
     """
     layout = _parse(canonical_layout(spec))
     if len(shape) >= 2 and math.prod(shape) == 0:
@@ -198,17 +318,23 @@ def resolve_layout(spec: str | Layout, shape: torch.Size | tuple[int, ...], name
     if layout.kind == "auto":
         if len(shape) < 2:
             return None
-        rows, cols = shape[0], 1
-        for s in shape[1:]:
-            cols *= s
-        layout = Layout("rows" if rows <= cols else "columns")
+        layout = _auto(shape)
     elif layout.kind == "group_axis" and len(shape) == 3 and -3 <= layout.arg < 0:
         layout = Layout("group_axis", layout.arg + 3)  # below -3 is left for check to refuse
-    elif layout.kind == "row_groups" and len(shape) == 2 and layout.arg >= 1 and shape[0] % layout.arg == 0:
+    elif layout.kind == "row_groups" and len(shape) >= 2 and layout.arg >= 1 and shape[0] % layout.arg == 0:
         # each block by init.orthogonal_'s rule: its rows unless it is taller than wide
-        layout = Layout("row_groups", layout.arg, tall=shape[0] // layout.arg > shape[1])
+        layout = Layout("row_groups", layout.arg, tall=shape[0] // layout.arg > math.prod(shape[1:]))
+    elif layout.composite and len(shape) >= 2:
+        fold = 1 if layout.repeat == 1 else 2
+        layout = replace(layout, parts=tuple(_auto(s, fold) for s in layout.piece_shapes(shape)))
     layout.check(shape, name)
     return layout
+
+
+def _auto(shape: torch.Size | tuple[int, ...], fold: int = 1) -> Layout:
+    """init.orthogonal_'s rule: the rows (the first ``fold`` axes) orthonormal unless there are more rows than columns."""
+    rows, cols = math.prod(shape[:fold]), math.prod(shape[fold:])
+    return Layout("rows" if rows <= cols else "columns", fold=fold)
 
 
 def as_matrices(phi: torch.Tensor, group_dim: int | None) -> torch.Tensor:

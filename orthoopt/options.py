@@ -3,24 +3,26 @@
 Every other module reads a group's options through this one: the optimizer glue
 (:mod:`orthoopt.optim`), the soft step (:mod:`orthoopt.soft`), hard mode
 (:mod:`orthoopt.stiefel`) and the sharded step (:mod:`orthoopt.distributed`).  It imports
-nothing of orthoopt's but the layouts, so that the imports run one way.  What the
+nothing of orthoopt's but the layouts and the penalties' pure math, so that the imports run one way.  What the
 ``ortho_nonfinite`` policy does when a matrix is not finite (:func:`report_nonfinite`) is
 here too, so that the soft and the hard step report it in the same words.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import numbers
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from .layout import canonical_layout, resolve_layout
+from .penalty import check_target
 
 __all__ = [
     "ORTHO_DEFAULTS",
@@ -30,9 +32,13 @@ __all__ = [
     "STARTS",
     "SECOND_MOMENTS",
     "MANIFOLDS",
+    "STEPS_KEY",
     "is_number",
     "real_number",
     "check_options",
+    "check_known_options",
+    "ortho_items",
+    "name_unnamed",
     "report_nonfinite",
     "check_step_size",
     "warn_at_caller",
@@ -54,6 +60,8 @@ ORTHO_DEFAULTS: dict[str, Any] = {
     "ortho_init": "warn",
     "ortho_second_moment": "mean",
     "ortho_every": 1,
+    "ortho_target": "orthonormal",
+    "ortho_normalize": False,
     "ortho_tol": None,
 }
 MODES = ("soft", "hard")
@@ -66,6 +74,14 @@ STARTS = ("warn", "project", "keep")
 SECOND_MOMENTS = ("mean", "sum")
 # Hard mode's geoopt manifolds (orthoopt.stiefel maps each name to its class).
 MANIFOLDS = ("euclidean", "canonical")
+# The per-group count of step() calls that ortho_every > 1 keeps (orthoopt.soft): no one's
+# option, but in the groups, and saved with them.
+STEPS_KEY = "ortho_steps"
+# The modules whose frames stand between the user's line and step(): orthoopt's own, torch's
+# (torch.no_grad, the hook and scheduler wrappers) and the frameworks' that step for the user.
+_WRAPPING_PACKAGES = frozenset(
+    {"orthoopt", "torch", "accelerate", "transformers", "lightning", "pytorch_lightning", "lightning_fabric"}
+)
 
 
 def is_number(x: Any) -> bool:
@@ -95,8 +111,25 @@ def real_number(x: Any) -> float | None:
         return math.inf
 
 
+def check_known_options(options: Iterable[Any], where: str) -> None:
+    """Refuse an ``ortho_*`` key that is no option (a misspelled one would otherwise sit in the
+    group unread), naming the closest option.  The options are ``ORTHO_DEFAULTS``'s keys, as
+    they are when this runs, and the step counter ``ortho_steps``."""
+    for key in options:
+        if not (isinstance(key, str) and key.startswith("ortho_")) or key in ORTHO_DEFAULTS or key == STEPS_KEY:
+            continue
+        # Every option shares the 'ortho_' prefix: compare what follows it.
+        suffixes = {name.removeprefix("ortho_"): name for name in ORTHO_DEFAULTS}
+        close = difflib.get_close_matches(key.removeprefix("ortho_"), suffixes, n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {suffixes[close[0]]!r}?" if close else f"the options are {', '.join(sorted(ORTHO_DEFAULTS))}"
+        )
+        raise TypeError(f"{where}: unknown option {key!r}; {hint}")
+
+
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate the ortho options of a group (or the defaults); return them canonicalised."""
+    check_known_options(options, where)
     out = dict(options)
     ortho = out.get("ortho", 0.0)
     if not (isinstance(ortho, str) and ortho == "auto"):
@@ -162,6 +195,7 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where}: ortho_every={every} applies to the soft step; hard mode steps on the manifold at every "
             "step: use ortho_every=1 with ortho_mode='hard'"
         )
+    _check_target_options(out, where)
     tol = out.get("ortho_tol")
     if tol is not None:
         number = real_number(tol)
@@ -175,10 +209,40 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
                 f"{where}: ortho_tol={tol} corrects the soft step; hard mode stays on the manifold at every step: "
                 "use ortho_tol=None with ortho_mode='hard'"
             )
+        if out.get("ortho_target", "orthonormal") != "orthonormal":
+            raise ValueError(
+                f"{where}: ortho_tol={tol} corrects towards the polar factor, an orthonormal target; with "
+                f"ortho_target={out['ortho_target']!r} use ortho_tol=None"
+            )
         out["ortho_tol"] = number
     if "ortho_layout" in out:
         out["ortho_layout"] = canonical_layout(out["ortho_layout"], f"{where}: ortho_layout")
     return out
+
+
+def _check_target_options(options: dict[str, Any], where: str) -> None:
+    """``ortho_target`` and ``ortho_normalize``: known values, and only with the β and the mode
+    that can serve a target whose vectors' lengths are free."""
+    target = options.get("ortho_target", "orthonormal")
+    normalize = options.get("ortho_normalize", False)
+    ortho, mode = options.get("ortho", 0.0), options.get("ortho_mode", "soft")
+    check_target(target, normalize, where, prefix="ortho_")
+    if target == "orthonormal":
+        return
+    if isinstance(ortho, str) and ortho == "auto":
+        raise ValueError(
+            f"{where}: ortho='auto' sets β from the Lagrange multipliers of ΦᵀΦ = I (the exactness threshold "
+            "max|sym(Φᵀu)|/2, orthoopt.auto); ortho_target='orthogonal' constrains only the off-diagonal of ΦᵀΦ, "
+            "whose multipliers that estimate does not give: set ortho to a number"
+        )
+    if mode == "hard":
+        raise ValueError(
+            f"{where}: ortho_mode='hard' moves on the Stiefel manifold ΦᵀΦ = I (orthonormal vectors); "
+            f"ortho_target={target!r}{' with ortho_normalize=True' if normalize else ''} leaves the vectors' lengths "
+            "free, which is another manifold (the matrices with orthogonal nonzero columns, Φ = QD with QᵀQ = I and "
+            "D diagonal positive: the Stiefel manifold times the scalings), and orthoopt does not provide it. Use "
+            "ortho_mode='soft' for this target, or ortho_target='orthonormal' in hard mode"
+        )
 
 
 def param_key(group: dict, index: int, group_index: int) -> str:
@@ -187,6 +251,26 @@ def param_key(group: dict, index: int, group_index: int) -> str:
     if names is not None and index < len(names):
         return names[index]
     return f"group{group_index}.param{index}"
+
+
+def ortho_items(group: dict) -> tuple:
+    """The group's ortho options as they stand, to tell when they change: their values, and
+    the number of keys (which an unknown key added to the group changes).  Read at every step,
+    so one C-level pass over ``ORTHO_DEFAULTS``."""
+    return (len(group), *map(group.get, ORTHO_DEFAULTS))
+
+
+def name_unnamed(group: dict, group_index: int, groups: Sequence[dict]) -> None:
+    """Name the parameters of a group added without names to an optimizer whose groups have
+    them (constrain_'s and param_groups' do), as messages name unnamed ones
+    (``group{g}.param{i}``): torch refuses to mix named and unnamed groups.  ``group["params"]``
+    is a list."""
+    params = group["params"]
+    if not groups or "param_names" not in groups[0] or "param_names" in group:
+        return
+    if params and isinstance(params[0], tuple):
+        return  # (name, parameter) pairs: torch takes their names
+    group["param_names"] = [param_key({}, i, group_index) for i in range(len(params))]
 
 
 def param_name(group: dict, index: int, group_index: int) -> str:
@@ -232,9 +316,10 @@ def report_nonfinite(optimizer: Any, names: Sequence[str], policy: str, what: st
 
 def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """Warn at the caller of ``optimizer.step()``, past orthoopt's and torch's wrappers
-    (``torch.no_grad``, the step-hook wrapper), whose depth a fixed stacklevel cannot know."""
+    (``torch.no_grad``, the step-hook wrapper) and the training frameworks' (accelerate's
+    optimizer, the Trainer's and Lightning's loops), whose depth a fixed stacklevel cannot know."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("orthoopt", "torch"):
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _WRAPPING_PACKAGES:
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 

@@ -13,6 +13,11 @@ minimal-norm subgradient at a kink) or the Huber function of threshold :math:`\d
 whose derivative is :math:`\operatorname{clamp}(x/\delta, -1, 1)`.  The 2 comes from the
 symmetry of :math:`R_i`: :math:`d\mu = G : (\Phi^\top d\Phi + d\Phi^\top \Phi) = 2\Phi G : d\Phi`.
 
+That is the default target, orthonormal vectors.  ``target='orthogonal'`` keeps only the
+off-diagonal of :math:`\Phi_i^\top\Phi_i` (the lengths free), and ``normalize=True`` takes the
+cosines instead of the dot products (:func:`target_residual`, :func:`l1_orthogonality_grad`;
+the soft step's :func:`orthogonal_residual` and :func:`orthogonal_step`).
+
 Every function works on all groups at once with batched matmuls; half-precision inputs
 have their Gram matrices accumulated in float32.
 """
@@ -31,16 +36,28 @@ __all__ = [
     "frobenius_orthogonality",
     "frobenius_orthogonality_grad",
     "orthogonality_error",
+    "TARGETS",
+    "check_target",
+    "unit_columns",
+    "shortest_length",
+    "target_residual",
+    "cosine_direction",
     "residual",
     "direction",
     "huber",
     "safe_step_size",
     "penalty_step",
+    "gram_matrix",
+    "orthogonal_residual",
+    "orthogonal_from_gram",
+    "orthogonal_step",
+    "largest_weight",
     "max_abs",
     "steppable",
     "largest_residual",
     "max_error",
     "polar",
+    "project",
     "spectral_norm",
     "start_vector",
     "polar_correction",
@@ -93,6 +110,21 @@ def _minus_eye(like: torch.Tensor) -> torch.Tensor:
     return torch.eye(n, dtype=like.dtype, device=like.device).neg_()
 
 
+def gram_matrix(mats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``Φ_iᵀ Φ_i`` for a stack ``(m, l, n)``; float32 for half-precision stacks (``out``: as for
+    :func:`residual`)."""
+    if mats.dtype in _HALF:
+        if mats.is_cuda:
+            # bf16/fp16 tensor-core matmul with a float32 output (fp32 accumulation).
+            gram = torch.bmm(mats.mT, mats, out_dtype=torch.float32, out=out)
+        else:
+            wide = mats.float()
+            gram = torch.bmm(wide.mT, wide, out=out)
+    else:
+        gram = torch.bmm(mats.mT, mats, out=out)
+    return gram
+
+
 def direction(
     r: torch.Tensor, smoothing: float | torch.Tensor = 0.0, penalty: str = "l1", *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -118,7 +150,13 @@ def huber(x: torch.Tensor, delta: float) -> torch.Tensor:
 
 
 def safe_step_size(
-    r: torch.Tensor, s: torch.Tensor, eta: torch.Tensor | float, *, start: torch.Tensor | None = None
+    r: torch.Tensor,
+    s: torch.Tensor,
+    eta: torch.Tensor | float,
+    *,
+    r_max: torch.Tensor | None = None,
+    reach: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-matrix step :math:`\eta_i` for :math:`\Phi_i \leftarrow \Phi_i (I - \eta_i S_i)`, for any
     direction ``s`` of the residual ``r`` (both ``(m, n, n)``):
@@ -137,10 +175,15 @@ def safe_step_size(
     which bounds what the linearisation leaves out and keeps the step from diverging for
     any ``lr·β``.  For the directions of :func:`penalty_step` the middle term is known in
     closed form (see there), which is how the optimizer takes it; this function is the
-    general form, for other directions.
+    general form, for other directions.  ``r_max``: :func:`max_abs` of ``r``, if the caller
+    has it.  ``reach``: where the linearisation is :math:`R^+ \approx R - \eta\, W \odot G`
+    instead (a target whose lengths are free, :func:`orthogonal_step`),
+    :math:`\max_{jk} W_{jk}|G_{jk}|` per matrix, which then stands for :math:`2\max|S|` in the
+    middle term.
     """
     tiny = torch.finfo(r.dtype).tiny
-    no_overshoot = max_abs(r) / (2 * max_abs(s)).clamp_min(tiny)
+    r_max = max_abs(r) if r_max is None else r_max
+    no_overshoot = r_max / (2 * max_abs(s) if reach is None else reach).clamp_min(tiny)
     bounded = MAX_MULTIPLIER_STEP / spectral_norm(s, start=start).clamp_min(tiny)
     return torch.minimum(no_overshoot, bounded).clamp_(max=eta).nan_to_num_(nan=0.0)
 
@@ -305,6 +348,122 @@ def _no_crossing(smoothing: float, kind: str, eta: torch.Tensor | float) -> torc
     return max(smoothing, 2 * eta)
 
 
+def orthogonal_residual(
+    mats: torch.Tensor, normalize: bool, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The soft step's residual of ``target='orthogonal'``, from the Gram matrix
+    :math:`P = \Phi^\top\Phi`: :math:`R = P \odot (\mathbf 1 - I)`, or with ``normalize`` the cosines
+    :math:`R = D^{-1} P D^{-1} \odot (\mathbf 1 - I)`, :math:`D^2 = \operatorname{diag}(P)`; and the
+    squared lengths :math:`\operatorname{diag}(P)`, ``(m, n)``, that :func:`orthogonal_step` needs.
+
+    One matmul, as for the orthonormal target (and all-reducible over row shards).  A column
+    whose squared length is below the float's smallest normal number is zero-length (see
+    :func:`unit_columns`, which draws the same line): its cosines are 0.  ``out``: an
+    ``(m, n, n)`` workspace of the result's dtype.
+    """
+    return orthogonal_from_gram(gram_matrix(mats, out), normalize)
+
+
+def orthogonal_from_gram(gram: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`orthogonal_residual` from the Gram matrices ``ΦᵀΦ`` (e.g. summed over row shards), in place."""
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    squares = diagonal.clone()
+    if normalize:
+        inverse = _inverse_lengths(squares)
+        gram.mul_(inverse[:, :, None]).mul_(inverse[:, None, :])
+    diagonal.zero_()
+    return gram, squares
+
+
+def _inverse_lengths(squares: torch.Tensor) -> torch.Tensor:
+    # 1/‖φ_j‖ from ‖φ_j‖², 0 for a zero-length column (a squared length below the float's tiny).
+    return torch.where(squares < torch.finfo(squares.dtype).tiny, 0.0, squares.rsqrt())
+
+
+def orthogonal_step(
+    r: torch.Tensor,
+    squares: torch.Tensor,
+    mats: torch.Tensor,
+    smoothing: float,
+    kind: str,
+    eta: torch.Tensor | float,
+    normalize: bool,
+    *,
+    out: torch.Tensor | None = None,
+    finite: torch.Tensor | bool | None = None,
+    r_max: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r""":func:`penalty_step` for ``target='orthogonal'``: ``-η_i Φ_i S_i`` from
+    :func:`orthogonal_residual`'s ``r`` and ``squares``, with the caps of :func:`safe_step_size`
+    adapted to free lengths.
+
+    The gradient is :math:`2\beta\,\Phi S` with :math:`S = G = h'(R)` (zero diagonal), or for the
+    cosines :math:`S = D^{-1}(G - \operatorname{Diag}\rho)D^{-1}`, :math:`\rho_j = \sum_k R_{jk}G_{jk}`
+    (:func:`l1_orthogonality_grad`).  The step :math:`\Phi^+ = \Phi(I - \eta S)` changes the
+    residual, to first order and leaving out terms of the size of :math:`R` times the step (as
+    :func:`safe_step_size`'s :math:`R - 2\eta S` does), by
+
+    .. math::
+        R^+_{jk} \approx R_{jk} - \eta\, W_{jk}\, G_{jk}, \qquad W_{jk} = q_j + q_k,\quad
+        q_j = \|\varphi_j\|^2 \ \text{(dot products)}, \ \ q_j = \|\varphi_j\|^{-2} \ \text{(cosines)}:
+
+    with :math:`P = D^2 + R`, :math:`dP = -\eta(PS + SP)` has off-diagonal
+    :math:`-\eta(q_j + q_k)S_{jk}`; for the cosines :math:`\Phi^+ = (U - \eta U S' D^{-2}) D`
+    turns :math:`u_j` by :math:`-\eta (US')_j / \|\varphi_j\|^2` within its tangent space, and
+    :math:`dC_{jk} = -\eta(q_j + q_k)G_{jk}`.  (The orthonormal target is :math:`W = 2`.)  So:
+
+    - the L1 direction is :math:`G = \operatorname{clamp}(R / \max(\delta, \eta W), -1, 1)`, entry by
+      entry: an entry below :math:`\eta W_{jk}` moves to zero instead of across it;
+    - the no-overshoot term of :func:`safe_step_size` is :math:`\max|R| / \max_{jk} W_{jk}|G_{jk}|`,
+      the largest step after which no entry of :math:`R` is further from zero than the largest
+      was (the *reach*);
+    - the spectral cap :math:`\|\eta S\|_2 \le 1/4` is on the :math:`S` of the update itself, so
+      the relative change of :math:`\Phi` per step stays bounded as for the orthonormal target
+      (a short vector makes :math:`S` of the cosines large, and the whole matrix's step small).
+
+    ``out`` (like ``mats``) and ``scratch`` (like ``r``, free until the product: it may share
+    ``out``'s memory) are optional workspaces; ``r`` is spent, and one ``(m, n, n)`` tensor is
+    allocated.  ``finite`` and ``r_max``: as for :func:`penalty_step`.
+    """
+    r_max = max_abs(r) if r_max is None else r_max
+    finite = steppable(r_max, kind) if finite is None else finite
+    inverse = _inverse_lengths(squares) if normalize else None
+    q = inverse * inverse if normalize else squares
+    weights = torch.add(q[:, :, None], q[:, None, :], out=scratch)
+    g = torch.empty_like(r)  # G, then S: not in scratch, which may share the product's memory
+    if kind == "l1":
+        # Per entry, η·W_jk can leave the float's range where a vector is nearly zero-length
+        # (q ~ 1/tiny): the cutoff is then inf and that entry does not move, as a zero-length one.
+        eta_b = eta.reshape(-1, 1, 1) if isinstance(eta, torch.Tensor) and eta.dim() else eta
+        cutoff = torch.mul(weights, eta_b, out=g).clamp_(min=max(smoothing, torch.finfo(r.dtype).tiny))
+        direction(r, cutoff, kind, out=g)  # R / cutoff, in the cutoff's place
+    else:
+        direction(r, smoothing, kind, out=g)
+    reach = max_abs(weights.mul_(g))
+    if normalize:
+        g.diagonal(dim1=-2, dim2=-1).sub_(torch.mul(r, g, out=weights).sum(-1))
+        g.mul_(inverse[:, :, None]).mul_(inverse[:, None, :])
+    eta_i = safe_step_size(r, g, eta, r_max=r_max, reach=reach)
+    g.mul_(eta_i.neg_()[:, None, None])
+    delta = torch.bmm(mats, g.to(mats.dtype), out=out)
+    if finite is not True:
+        delta.masked_fill_(~finite[:, None, None], 0)
+    return delta
+
+
+def largest_weight(mats: torch.Tensor, normalize: bool) -> float:
+    """The largest :math:`W_{jk} = q_j + q_k` over distinct columns ``j, k`` of a stack (see
+    :func:`orthogonal_step`), as a Python float (a host sync): how far one step of unit ``η``
+    moves an entry of the residual at most, where the lengths are free; 0 for one column."""
+    if mats.shape[-1] < 2:
+        return 0.0
+    wide = mats.float() if mats.dtype in _HALF else mats
+    squares = wide.square().sum(-2)
+    q = _inverse_lengths(squares).square_() if normalize else squares
+    return q.topk(2, dim=-1).values.sum(-1).max().item()
+
+
 def start_vector(s: torch.Tensor) -> torch.Tensor:
     """The power iteration's fixed start :math:`v_0 = \\cos(2.399963\\,k)`, ``(m, n, 1)`` like ``s``:
     deterministic, well spread, and no draw from the user's RNG."""
@@ -385,9 +544,10 @@ def polar_correction(r: torch.Tensor, iterations: int = CORRECTION_ITERATIONS) -
     return z.div_(c.sqrt_()), error
 
 
-def max_error(mats: torch.Tensor) -> float:
-    """``max |Φ_iᵀΦ_i - I|`` over a whole stack, as a Python float (a host sync)."""
-    return residual(mats).abs().max().item()
+def max_error(mats: torch.Tensor, target: str = "orthonormal", normalize: bool = False) -> float:
+    """``max |R_i|`` over a whole stack, as a Python float (a host sync): ``max |Φ_iᵀΦ_i - I|``
+    for the default target, else that of :func:`target_residual`."""
+    return target_residual(mats, target, normalize).abs().max().item()
 
 
 def polar(mats: torch.Tensor) -> torch.Tensor:
@@ -397,13 +557,136 @@ def polar(mats: torch.Tensor) -> torch.Tensor:
     return (u @ vh).to(mats.dtype)
 
 
-def _check(phi: torch.Tensor, smoothing: float) -> None:
+def project(mats: torch.Tensor, target: str = "orthonormal") -> torch.Tensor:
+    r"""The nearest point of ``target``: :func:`polar` for orthonormal columns; for orthogonal
+    columns, the nearest with orthogonal columns of the same lengths,
+
+    .. math::
+        Q D, \qquad Q = \operatorname{polar}(\Phi D) = \operatorname{polar}ig(U (D/\max_j d_j)^2ig),
+        \qquad D = \operatorname{diag}(\|arphi_j\|)
+
+    (:math:`\|QD - \Phi\|_F^2 = \|D\|_F^2 - 2\operatorname{tr}(Q^	op \Phi D) + \|\Phi\|_F^2`, so
+    this is orthogonal Procrustes; polar is invariant to the positive factor).  A zero-length
+    column stays zero.
+    """
+    if target == "orthonormal":
+        return polar(mats)
+    unit, _, length = _unit_columns(mats)
+    ratio = length / length.amax(-1, keepdim=True).clamp_min(torch.finfo(length.dtype).tiny)
+    return (polar(unit * (ratio * ratio)[:, None, :]) * length[:, None, :]).to(mats.dtype)
+
+
+# -- the targets -------------------------------------------------------------------------
+# What the penalty drives to zero: ΦᵀΦ - I (orthonormal vectors), or the off-diagonal part of
+# ΦᵀΦ (orthogonal vectors of free lengths); with normalize=True, of the cosines UᵀU instead.
+TARGETS = ("orthonormal", "orthogonal")
+
+
+def check_target(target: str, normalize: bool, where: str = "", prefix: str = "") -> None:
+    """Refuse a target or a ``normalize`` flag that the penalties do not know, naming it
+    (``prefix``: of the names, ``'ortho_'`` for a parameter group's options)."""
+    where = f"{where}: " if where else ""
+    if not isinstance(target, str) or target not in TARGETS:
+        raise ValueError(
+            f"{where}{prefix}target must be one of {TARGETS} ('orthonormal': ΦᵀΦ = I; 'orthogonal': ΦᵀΦ "
+            f"diagonal, the lengths free), got {target!r}"
+        )
+    if not isinstance(normalize, bool):
+        raise TypeError(f"{where}{prefix}normalize must be True or False, got {normalize!r}")
+    if normalize and target == "orthonormal":
+        raise ValueError(
+            f"{where}{prefix}normalize=True compares the vectors' directions (their cosines) and leaves their "
+            f"lengths free, so it cannot ask for orthonormal vectors: use {prefix}target='orthogonal' with "
+            f"{prefix}normalize=True (the cosines, as Keras's OrthogonalRegularizer), or {prefix}normalize=False "
+            "for orthonormal vectors"
+        )
+
+
+def unit_columns(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The columns of a stack ``(m, l, n)`` over their lengths, :math:`U = \Phi D^{-1}` with
+    :math:`D = \operatorname{diag}(\|\varphi_j\|)`, and the inverse lengths ``(m, n)``.
+
+    A column shorter than :func:`shortest_length` (zero, or so short that its squared length
+    underflows) counts as zero-length: its unit vector and its inverse length are 0, so its
+    cosine with every vector is 0 and so is its gradient (the cosine is not continuous there,
+    and this is the convention; the soft step, which reads the lengths off the Gram matrix,
+    draws the same line).  The lengths are taken of the columns divided by a power of two near
+    their largest entry: an exact rescaling (the same bits as the plain norm wherever that does
+    not overflow), so that any finite column has a finite unit vector.  Half-precision stacks
+    are widened to float32.  Differentiable by autograd, zero-length columns included (their
+    gradient is 0).
+    """
+    unit, inverse, _ = _unit_columns(mats)
+    return unit, inverse
+
+
+def shortest_length(dtype: torch.dtype) -> float:
+    """The shortest vector that is not zero-length under ``normalize=True``: the square root of
+    the float's smallest normal number (2⁻⁶³ ≈ 1.1e-19 in float32, 2⁻⁵¹¹ ≈ 1.5e-154 in float64),
+    below which its squared length is no longer a normal number."""
+    return torch.finfo(dtype).tiny ** 0.5
+
+
+def _unit_columns(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # unit_columns, and the lengths (m, n): 0 for a zero-length column, inf beyond the float's max.
+    wide = mats.float() if mats.dtype in _HALF else mats
+    with torch.no_grad():
+        top = wide.abs().amax(-2, keepdim=True)
+        # 2^(e-1) for top = f·2^e (f in [1/2, 1)): exact, and never inf.
+        scale = torch.where(top > 0, top / torch.frexp(top)[0].mul_(2), 1.0)
+    v = wide / scale
+    length = torch.linalg.vector_norm(v, dim=-2, keepdim=True)  # in [1, 2√l] where not zero
+    with torch.no_grad():
+        # scale·|v| is the length, or below the line where it underflows; NaN columns stay NaN.
+        zero = length * scale < shortest_length(wide.dtype)
+    safe = torch.where(zero, 1.0, length)
+    unit = torch.where(zero, 0.0, v / safe)
+    inverse = torch.where(zero, 0.0, scale.reciprocal() / safe)
+    return unit, inverse.squeeze(-2), torch.where(zero, 0.0, length * scale).squeeze(-2)
+
+
+def target_residual(
+    mats: torch.Tensor, target: str = "orthonormal", normalize: bool = False, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""The residual that the penalty of ``target`` drives to zero, ``(m, n, n)``:
+
+    .. math::
+        R = \Phi^\top\Phi - I \;\; (\text{orthonormal}), \qquad
+        R = \Phi^\top\Phi \odot (\mathbf{1} - I) \;\; (\text{orthogonal}), \qquad
+        R = U^\top U \odot (\mathbf{1} - I) \;\; (\text{orthogonal}, \text{normalize})
+
+    with :math:`U` the unit columns (:func:`unit_columns`).  An orthogonal target's diagonal is
+    exactly zero.  float32 for half-precision stacks; ``out``: an ``(m, n, n)`` workspace.
+    """
+    if normalize:
+        unit, _ = unit_columns(mats)
+        r = torch.bmm(unit.mT, unit, out=out)
+        r.diagonal(dim1=-2, dim2=-1).zero_()
+        return r
+    r = residual(mats, out=out)
+    if target == "orthogonal":
+        r.diagonal(dim1=-2, dim2=-1).zero_()
+    return r
+
+
+def cosine_direction(r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    r"""The cosines' direction :math:`S' = S - \operatorname{Diag}(\rho)`,
+    :math:`\rho_j = \sum_k R_{jk} S_{jk}`, for ``R`` the cosines' residual and ``S = h'(R)``,
+    both symmetric with a zero diagonal (see :func:`l1_orthogonality_grad`).  ``s`` is
+    overwritten with the result."""
+    rho = (r * s).sum(-1)
+    s.diagonal(dim1=-2, dim2=-1).sub_(rho)
+    return s
+
+
+def _check(phi: torch.Tensor, smoothing: float, target: str = "orthonormal", normalize: bool = False) -> None:
     if not isinstance(phi, torch.Tensor):
         raise TypeError(f"phi must be a torch.Tensor, got {type(phi).__name__}")
     if not phi.is_floating_point():
         raise TypeError(f"phi must be a real floating-point tensor, got dtype {phi.dtype}")
     if not smoothing >= 0:
         raise ValueError(f"smoothing must be >= 0 (0 means the exact L1 penalty), got {smoothing}")
+    check_target(target, normalize)
 
 
 def _cast_back(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -411,51 +694,121 @@ def _cast_back(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def l1_orthogonality(
-    phi: torch.Tensor, beta: float = 1.0, *, group_dim: int | None = 1, smoothing: float = 0.0
+    phi: torch.Tensor,
+    beta: float = 1.0,
+    *,
+    group_dim: int | None = 1,
+    smoothing: float = 0.0,
+    target: str = "orthonormal",
+    normalize: bool = False,
 ) -> torch.Tensor:
-    """``β Σ_i Σ_jk h(Φ_iᵀΦ_i - I)_jk`` with ``h = |·|``, or Huber when ``smoothing > 0``.
+    r"""``β Σ_i Σ_jk h(R_i)_jk`` with ``h = |·|``, or Huber when ``smoothing > 0``.
 
     ``phi`` is 3-D with ``Φ_i = phi.select(group_dim, i)`` (``(l, m, n)`` and ``group_dim=1``
-    is the (l, m, n) group tensor's convention), or 2-D with ``group_dim=None``.  Differentiable by autograd.
+    is the (l, m, n) group tensor's convention), or 2-D with ``group_dim=None``; the vectors
+    are the columns of each :math:`\Phi_i`.  ``R_i`` is :func:`target_residual`:
+    ``target='orthonormal'`` (the default) asks for :math:`\Phi_i^\top\Phi_i = I`;
+    ``target='orthogonal'`` for the off-diagonal of :math:`\Phi_i^\top\Phi_i` only, the lengths
+    free; ``normalize=True`` (with ``target='orthogonal'``) for the off-diagonal of the cosines
+    :math:`U_i^\top U_i`, the Gram of the unit columns (zero-length columns: see
+    :func:`unit_columns`).  Differentiable by autograd.
     """
-    _check(phi, smoothing)
-    r = residual(as_matrices(phi, group_dim))
+    _check(phi, smoothing, target, normalize)
+    r = target_residual(as_matrices(phi, group_dim), target, normalize)
     h = huber(r, smoothing) if smoothing > 0 else r.abs()
     return _cast_back(beta * h.sum(), phi)
 
 
 def l1_orthogonality_grad(
-    phi: torch.Tensor, beta: float = 1.0, *, group_dim: int | None = 1, smoothing: float = 0.0
+    phi: torch.Tensor,
+    beta: float = 1.0,
+    *,
+    group_dim: int | None = 1,
+    smoothing: float = 0.0,
+    target: str = "orthonormal",
+    normalize: bool = False,
 ) -> torch.Tensor:
-    """``∂L/∂phi`` in closed form, ``2β Φ_i sign(Φ_iᵀΦ_i - I)`` per group, shaped like ``phi``."""
-    _check(phi, smoothing)
-    return _grad(phi, beta, group_dim, smoothing, "l1")
+    r"""``∂L/∂phi`` of :func:`l1_orthogonality` in closed form, shaped like ``phi``.
+
+    With :math:`S = h'(R)` (``sign``, ``sign(0) = 0``: the minimal-norm subgradient at a kink;
+    or :math:`\operatorname{clamp}(R/\delta, -1, 1)` for Huber), symmetric like :math:`R`:
+
+    .. math::
+        \frac{\partial \mathcal{L}}{\partial \Phi} = 2\beta\, \Phi S
+
+    for both targets without ``normalize``: the orthogonal target's :math:`S` has a zero diagonal
+    (:math:`h'(0) = 0`), and :math:`S : (X \odot (\mathbf{1} - I)) = S : X`.  With
+    ``normalize=True``, :math:`C = U^\top U`, :math:`u_j = \varphi_j / \|\varphi_j\|` and
+    :math:`du_j = (I - u_j u_j^\top)\, d\varphi_j / \|\varphi_j\|`, so
+
+    .. math::
+        d\mathcal{L} = \beta\, S : dC = 2\beta\, U S : dU
+        = \sum_j \frac{2\beta}{\|\varphi_j\|} \big((US)_j - u_j (CS)_{jj}\big)^\top d\varphi_j,
+
+    where :math:`(CS)_{jj} = \sum_k R_{jk} S_{jk} = \rho_j` (the diagonal of :math:`S` is zero), and
+
+    .. math::
+        \frac{\partial \mathcal{L}}{\partial \Phi} = 2\beta\, U \big(S - \operatorname{Diag}(\rho)\big) D^{-1}
+        = 2\beta\, \Phi\, D^{-1} \big(S - \operatorname{Diag}(\rho)\big) D^{-1},
+        \qquad D = \operatorname{diag}(\|\varphi_j\|):
+
+    each column's gradient is orthogonal to the column (the cosines do not change with the
+    lengths).  A zero-length column gets a zero gradient (:func:`unit_columns`).
+    """
+    _check(phi, smoothing, target, normalize)
+    return _grad(phi, beta, group_dim, smoothing, "l1", target, normalize)
 
 
-def frobenius_orthogonality(phi: torch.Tensor, beta: float = 1.0, *, group_dim: int | None = 1) -> torch.Tensor:
-    """The squared-Frobenius baseline ``β Σ_i ‖Φ_iᵀΦ_i - I‖_F²``."""
-    _check(phi, 0.0)
-    r = residual(as_matrices(phi, group_dim))
+def frobenius_orthogonality(
+    phi: torch.Tensor,
+    beta: float = 1.0,
+    *,
+    group_dim: int | None = 1,
+    target: str = "orthonormal",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """The squared-Frobenius baseline ``β Σ_i ‖R_i‖_F²``, ``R_i`` as in :func:`l1_orthogonality`
+    (``target='orthogonal'``: BigGAN's ``β‖ΦᵀΦ ⊙ (1 - I)‖_F²``)."""
+    _check(phi, 0.0, target, normalize)
+    r = target_residual(as_matrices(phi, group_dim), target, normalize)
     return _cast_back(beta * (r * r).sum(), phi)
 
 
-def frobenius_orthogonality_grad(phi: torch.Tensor, beta: float = 1.0, *, group_dim: int | None = 1) -> torch.Tensor:
-    """``4β Φ_i (Φ_iᵀΦ_i - I)`` per group, shaped like ``phi``."""
-    _check(phi, 0.0)
-    return _grad(phi, beta, group_dim, 0.0, "frobenius")
+def frobenius_orthogonality_grad(
+    phi: torch.Tensor,
+    beta: float = 1.0,
+    *,
+    group_dim: int | None = 1,
+    target: str = "orthonormal",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """``4β Φ_i R_i`` per group, shaped like ``phi``: :func:`l1_orthogonality_grad`'s formulas
+    with ``S = 2R`` (with ``normalize=True``, ``2β Φ D⁻¹(S - Diag(ρ))D⁻¹``)."""
+    _check(phi, 0.0, target, normalize)
+    return _grad(phi, beta, group_dim, 0.0, "frobenius", target, normalize)
 
 
-def _grad(phi, beta, group_dim, smoothing, penalty):
+def _grad(phi, beta, group_dim, smoothing, penalty, target, normalize):
     mats = as_matrices(phi, group_dim)
-    s = direction(residual(mats), smoothing, penalty)  # in place of R
-    out = torch.bmm(mats, _cast_back(s, mats)).mul_(2 * beta)
+    if normalize:
+        unit, inverse = unit_columns(mats)
+        r = target_residual(unit, target)  # the unit columns' off-diagonal Gram: the cosines
+        s = cosine_direction(r, direction(r.clone(), smoothing, penalty))
+        out = _cast_back(torch.bmm(unit, s).mul_(inverse[:, None, :]).mul_(2 * beta), mats)
+    else:
+        s = direction(target_residual(mats, target), smoothing, penalty)  # in place of R
+        out = torch.bmm(mats, _cast_back(s, mats)).mul_(2 * beta)
     if group_dim is None:
         return out.squeeze(0)
     return out.movedim(0, group_dim)
 
 
 @torch.no_grad()
-def orthogonality_error(phi: torch.Tensor, *, group_dim: int | None = 1) -> torch.Tensor:
-    """One number per group: ``max_jk |Φ_iᵀΦ_i - I|_jk`` (shape ``(m,)``, float32 or wider)."""
-    _check(phi, 0.0)
-    return residual(as_matrices(phi, group_dim)).abs().amax((-2, -1))
+def orthogonality_error(
+    phi: torch.Tensor, *, group_dim: int | None = 1, target: str = "orthonormal", normalize: bool = False
+) -> torch.Tensor:
+    """One number per group: ``max_jk |R_i|_jk`` of :func:`target_residual` (shape ``(m,)``,
+    float32 or wider): ``max|Φ_iᵀΦ_i - I|`` for the default target, the largest off-diagonal
+    dot product for ``target='orthogonal'``, the largest ``|cos|`` with ``normalize=True``."""
+    _check(phi, 0.0, target, normalize)
+    return target_residual(as_matrices(phi, group_dim), target, normalize).abs().amax((-2, -1))

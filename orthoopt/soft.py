@@ -15,6 +15,8 @@ A step of a bucket runs in two halves around the base optimizer's update:
 - :meth:`Bucket.finish`, after it: for ``'auto'``, β from the base update and then the step
   (:mod:`orthoopt.auto`); then the update is added to the parameters.
 
+A bucket of ``ortho_target='orthogonal'`` forms that target's residual and step instead
+(:func:`orthoopt.penalty.orthogonal_residual`, :func:`~orthoopt.penalty.orthogonal_step`).
 :math:`S` is formed in place of :math:`R`, and a bucket of several parameters is gathered
 in chunks (:data:`CHUNK_SHARE`), so that the workspaces besides the update itself stay a
 fraction of the parameters.  The update must be held from before the base step to after
@@ -33,7 +35,7 @@ import torch
 
 from . import auto, distributed, guard, host, penalty
 from .layout import Layout
-from .options import check_step_size, is_number, penalized, report_nonfinite, step_size_limit
+from .options import STEPS_KEY, check_step_size, is_number, penalized, report_nonfinite, step_size_limit
 from .pieces import Piece
 
 __all__ = ["Bucket", "Chunk", "buckets", "check_gradient", "view_or_none", "advance", "STEPS_KEY", "CORRECTIONS"]
@@ -43,8 +45,6 @@ __all__ = ["Bucket", "Chunk", "buckets", "check_gradient", "view_or_none", "adva
 # of one more chunk cost more time than the memory they save is worth.
 CHUNK_SHARE = 0.25
 MIN_CHUNK_BYTES = 1 << 20
-# The group's count of step() calls, kept for ortho_every > 1 (saved with the groups).
-STEPS_KEY = "ortho_steps"
 # The optimizer-state key of ortho_tol's count of corrections, per matrix of a piece.
 CORRECTIONS = "ortho_corrections"
 
@@ -70,7 +70,14 @@ def buckets(soft_pieces: list[Piece], workspaces: bool) -> list[Bucket | distrib
             found.setdefault("dtensor", distributed.ShardedBucket()).add(p, piece.layout, group)
             continue
         m, l, n = piece.layout.stack_shape(p.shape)
-        options = (group["ortho_smoothing"], group["ortho_penalty"], group["ortho_nonfinite"], group["ortho"] == "auto")
+        options = (
+            group["ortho_smoothing"],
+            group["ortho_penalty"],
+            group["ortho_nonfinite"],
+            group["ortho"] == "auto",
+            group["ortho_target"],
+            group["ortho_normalize"],
+        )
         tol = group.get("ortho_tol")
         # Groups that skip steps keep their own buckets: each has its own count.
         key = (l, n, p.dtype, p.device, *options, every, tol, piece.group_index if every > 1 else None)
@@ -135,13 +142,24 @@ class Bucket:
     """
 
     def __init__(
-        self, smoothing: float, kind: str, nonfinite: str, auto: bool, every: int = 1, tol: float | None = None
+        self,
+        smoothing: float,
+        kind: str,
+        nonfinite: str,
+        auto: bool,
+        target: str = "orthonormal",
+        normalize: bool = False,
+        every: int = 1,
+        tol: float | None = None,
     ):
         self.tol = tol
         self.smoothing = smoothing
         self.kind = kind
         self.nonfinite = nonfinite
         self.auto = auto
+        # The orthonormal target's residual and step, or those of free lengths (orthoopt.penalty).
+        self.target = target
+        self.normalize = normalize
         self.every = every
         self.params: list[torch.Tensor] = []
         self.layouts: list[Layout] = []
@@ -182,7 +200,7 @@ class Bucket:
             return  # found_inf read on the host: the base step skips this step, and so do we
         for chunk in self.chunks or [self.whole()]:
             mats = self.gather(chunk)
-            r = penalty.residual(mats, out=chunk.r, transposed=chunk.mats_t, minus_eye=self.minus_eye)
+            r, squares = self.residual(mats, chunk)
             r_max, finite = self._check(r, chunk, optimizer)
             self.errors.append(r_max)
             if self.auto:  # β comes from this step's base update: finish after it
@@ -191,7 +209,15 @@ class Bucket:
                 eta, top = self.eta(chunk, r)
                 if isinstance(eta, float) and eta > step_size_limit(mats.dtype):  # a tensor lr: not read
                     check_step_size(eta, mats.dtype, chunk.names, None)
-                self._step(chunk, mats, r, r_max, finite, eta, top)
+                self._step(chunk, mats, r, r_max, finite, eta, top, squares)
+
+    def residual(self, mats: torch.Tensor, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual of the bucket's target into the chunk's workspace, with the columns'
+        squared lengths where the lengths are free (:func:`orthoopt.penalty.orthogonal_residual`),
+        else None."""
+        if self.target == "orthonormal":
+            return penalty.residual(mats, out=chunk.r, transposed=chunk.mats_t, minus_eye=self.minus_eye), None
+        return penalty.orthogonal_residual(mats, self.normalize, out=chunk.r)
 
     def after(self, optimizer: Any, amp: Any = None) -> None:
         """After the base update: the 'auto' step, then the update added to the pieces (none
@@ -339,21 +365,38 @@ class Bucket:
         if bad:
             report_nonfinite(optimizer, bad, self.nonfinite, guard.NONFINITE_WHAT)
 
-    def _step(self, chunk: Chunk, mats: torch.Tensor, r: torch.Tensor, r_max, finite, eta, eta_top) -> None:
-        # S in place of R: R is not needed once the step sizes are known.
-        delta = penalty.penalty_step(
-            r,
-            mats,
-            self.smoothing,
-            self.kind,
-            eta,
-            out=chunk.delta,
-            finite=finite,
-            r_max=r_max,
-            in_place=True,
-            eta_top=eta_top,
-            start=chunk.start,
-        )
+    def _step(
+        self, chunk: Chunk, mats: torch.Tensor, r: torch.Tensor, r_max, finite, eta, eta_top, squares=None
+    ) -> None:
+        if squares is None:
+            # S in place of R: R is not needed once the step sizes are known.
+            delta = penalty.penalty_step(
+                r,
+                mats,
+                self.smoothing,
+                self.kind,
+                eta,
+                out=chunk.delta,
+                finite=finite,
+                r_max=r_max,
+                in_place=True,
+                eta_top=eta_top,
+                start=chunk.start,
+            )
+        else:  # free lengths ('auto', which steps after the base update without them, is refused there)
+            delta = penalty.orthogonal_step(
+                r,
+                squares,
+                mats,
+                self.smoothing,
+                self.kind,
+                eta,
+                self.normalize,
+                out=chunk.delta,
+                finite=finite if finite is True else finite.reshape(-1),
+                r_max=r_max.reshape(-1),
+                scratch=chunk.scratch,
+            )
         if chunk.delta is None:
             self._delta = delta  # no workspaces (torch.compile plans its own buffers): one chunk
 

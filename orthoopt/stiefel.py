@@ -130,6 +130,7 @@ import geoopt
 import torch
 
 from . import options, penalty
+from .guard import OrthogonalityWarning
 from .layout import Layout
 from .options import report_nonfinite, warn_at_caller
 
@@ -557,5 +558,5 @@ def _project_new(items: list[HardItem]) -> None:
             f"ortho_mode='hard': projected onto the Stiefel manifold (polar factor) at their first "
             f"hard step: {', '.join(moved)}. Call orthoopt.project_(optimizer) before training to "
             f"start there",
-            UserWarning,
+            OrthogonalityWarning,
         )
