@@ -17,8 +17,8 @@ checks, once per parameter at its first soft step and then every ``WATCH_EVERY``
   the pull needs more than ``FAR_STEPS`` steps to reach gets an :class:`OrthogonalityWarning`
   naming it, its error, the steps needed and the fixes;
 * ``ortho_init="keep"``: neither;
-* always: a parameter whose error has passed ``FAR`` since the last check, or more than
-  doubled above it, gets a warning (once), naming it and the fixes, among them leaving the
+* always: a parameter whose error is above ``FAR`` at two checks in a row and not falling
+  gets a warning (once), naming it and the fixes, among them ``ortho_tol`` and leaving the
   output layer out of the constraint (a classifier's or language model's head, whose rows
   cannot all be orthonormal to any use);
 * with ``ortho_nonfinite="warn"``, on an accelerator: the matrices that held NaN or Inf (the
@@ -27,9 +27,10 @@ checks, once per parameter at its first soft step and then every ``WATCH_EVERY``
 The drift check costs nothing on the device: the soft step computes every matrix's
 ``max|R|`` before its update anyway.  Every ``WATCH_EVERY`` steps the monitor copies those of
 the watched pieces to the host, asynchronously on an accelerator (no sync), and reads the
-copy: on CPU at once, elsewhere at the next check, when the copy has long arrived.  So a
-loss of the constraint is reported within ``2·WATCH_EVERY`` steps of the error passing
-``FAR`` (10).  The first-step check reads the errors (a sync, once).  The first-step mark
+copy: on CPU at once, elsewhere at the first step after it has arrived (it asks the device's
+event, which does not wait).  So a loss of the constraint is reported within
+``2·WATCH_EVERY`` steps (8) of the error passing ``FAR``, a step or two later on an
+accelerator: within 10.  The first-step check reads the errors (a sync, once).  The first-step mark
 lives in the optimizer state (``ortho_started``), so a resumed run does not project again.
 Sharded (FSDP2) and hard-mode parameters are not checked here: hard mode projects at its
 first step itself (:mod:`orthoopt.stiefel`).
@@ -57,8 +58,8 @@ __all__ = [
     "after_step",
 ]
 
-# Every how many optimizer steps the monitor copies the errors to the host (and reads the last copy).
-WATCH_EVERY = 5
+# Every how many optimizer steps the monitor copies the errors to the host.
+WATCH_EVERY = 4
 # max |ΦᵀΦ - I| above which a parameter is far from orthonormal (a singular value off by
 # about 5% or more), and the number of steps of the pull after which a far start is reported.
 FAR = 0.1
@@ -127,20 +128,26 @@ class Monitor:
     """The drift check and the deferred non-finite report, from the errors the soft step
     computes anyway (see the module).  :meth:`watch` takes, every ``WATCH_EVERY`` steps, the
     pieces with their ``max|R|`` per matrix (device tensors) and starts their copy to the
-    host; the copy is read where it is free at once, else at the next call."""
+    host; the copy is read where it is free at once, else by :meth:`poll`, at the first step
+    after it has arrived."""
 
     def __init__(self) -> None:
         self._copy: tuple[list[tuple[Piece, int, float]], torch.Tensor, Any] | None = None
+
+    def poll(self, optimizer: Any) -> None:
+        """Read the copy of the last check's errors if it has arrived (no wait): called at every
+        step, so that a check is read a step or two after it is made."""
+        if self._copy is not None and self._arrived():
+            pieces, copy, _ = self._copy
+            self._copy = None
+            self._check(pieces, host.read_copy(copy), optimizer)
 
     @torch.no_grad()
     def watch(self, entries: list[tuple[list[tuple[Piece, int, float]], torch.Tensor]], optimizer: Any) -> None:
         """``entries``: ``([(piece, its number of matrices, the largest finite max|R| of its
         penalty and dtype), ...], their max|R| per matrix)``."""
         entries = [(pieces, errors) for pieces, errors in entries if not errors.is_meta]
-        if self._copy is not None and self._arrived():
-            pieces, copy, _ = self._copy
-            self._copy = None
-            self._check(pieces, host.read_copy(copy), optimizer)
+        self.poll(optimizer)
         if not entries or self._copy is not None:
             return
         pieces = [item for found, _ in entries for item in found]
@@ -161,7 +168,7 @@ class Monitor:
         for piece, count, limit in pieces:
             part = errors[row : row + count]
             row += count
-            error = max(part)
+            error = max(part)  # NaN where a matrix is not finite (then not below the limit)
             if not all(e <= limit for e in part):
                 bad.setdefault(piece.group["ortho_nonfinite"], []).append(piece.name)
                 continue
@@ -194,7 +201,9 @@ def _missed(piece: Piece, error: float, tol: float, memory: dict[str, float | No
 def _drift(piece: Piece, error: float, memory: dict[str, float | None]) -> None:
     key = _memory_key(piece)
     last = memory.get(key)
-    if last is not None and error > FAR and (last <= FAR or error > 2 * last):
+    # Above FAR at two checks in a row and not falling: a blip above it (a noisy step that the pull
+    # undoes) says nothing; a start far away that the pull brings in is falling.
+    if last is not None and error > FAR and last > FAR and error >= last:
         goal, measure, _ = _target_words(piece.group)
         _warn(
             f"{piece.name} is moving away from {goal}ity: {measure} rose from {last:.3g} to "

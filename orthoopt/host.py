@@ -47,9 +47,10 @@ def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
     return t.to("cpu"), None  # other accelerators: a plain copy (it waits)
 
 
-def read_copy(copy: torch.Tensor) -> list[float]:
-    """The values of a host copy from :func:`copy_to_host`, once it has arrived (free)."""
-    return _TOLIST(copy.reshape(-1))
+def read_copy(copy: torch.Tensor) -> list:
+    """The values of a host copy from :func:`copy_to_host`, once it has arrived (free: no
+    operation on any device)."""
+    return _TOLIST(copy)
 
 
 _CUDA = torch.cuda.is_available()

@@ -149,6 +149,7 @@ class OrthoMixin:
             candidate["param_names"] = [n for n, _ in params]
             candidate["params"] = [p for _, p in params]
         self._check_params(candidate, index)
+        _refuse_counting_under_capture(candidate, self.defaults, index)
         super().add_param_group(param_group)
         self._ortho_plan = None
 
@@ -176,12 +177,6 @@ class OrthoMixin:
                 check_step_size(2 * lr * group["ortho"] * group["ortho_every"], p.dtype, name, group_index)
         if penalized(group) and group["ortho_mode"] == "hard":
             stiefel.update_rule(type(self))
-        if penalized(group) and group["ortho_every"] != 1 and group.get("capturable", self.defaults.get("capturable")):
-            raise ValueError(
-                f"param group {group_index}: ortho_every={group['ortho_every']} with capturable=True: the soft "
-                "step's count of step() calls is kept on the host, and a CUDA graph's replays run no Python; "
-                "use ortho_every=1 with capturable=True"
-            )
 
     def _check_changed_groups(self) -> None:
         """Check, as at construction, the groups whose ortho options were set since they were
@@ -301,6 +296,17 @@ class OrthoMixin:
             counts = self.state.get(piece.param, {}).get(soft.CORRECTIONS + piece.suffix)
             out[piece.key] = out.get(piece.key, 0) + (0 if counts is None else int(counts.sum()))
         return out
+
+
+def _refuse_counting_under_capture(group: dict, defaults: dict, group_index: int) -> None:
+    # At construction only: torch.compile's trace of a step sees capturable=True in every
+    # group, and writes it back into CPU groups too.
+    if penalized(group) and group["ortho_every"] != 1 and group.get("capturable", defaults.get("capturable")):
+        raise ValueError(
+            f"param group {group_index}: ortho_every={group['ortho_every']} with capturable=True: the soft "
+            "step's count of step() calls is kept on the host, and a CUDA graph's replays run no Python; "
+            "use ortho_every=1 with capturable=True"
+        )
 
 
 class _Reevaluate:

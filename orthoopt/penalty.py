@@ -25,6 +25,8 @@ have their Gram matrices accumulated in float32.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -47,6 +49,7 @@ __all__ = [
     "huber",
     "safe_step_size",
     "penalty_step",
+    "general_step",
     "gram_matrix",
     "orthogonal_residual",
     "orthogonal_from_gram",
@@ -281,6 +284,37 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     if key not in _ZEROS:
         _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
     return _ZEROS[key]
+
+
+def general_step(
+    r: torch.Tensor,
+    mats: torch.Tensor,
+    smoothing: float,
+    kind: str,
+    eta: torch.Tensor | float,
+    *,
+    step_size: Callable[..., torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+    finite: torch.Tensor | bool | None = None,
+    **_: Any,
+) -> torch.Tensor:
+    """The step of :func:`penalty_step` in its general form, for any per-matrix step size
+    ``step_size(r, s, eta)`` (default :func:`safe_step_size`): ``S = direction(R)`` with the
+    no-crossing cutoff, ``η_i = step_size(R, S, η)``, ``-η_i Φ S``, zero where not finite.
+    With the default it is :func:`penalty_step`'s step to rounding (tested); it is slower, and
+    serves as the reference, and for cap variants (``experiments/soft_cap_ablation.py``)."""
+    step_size = safe_step_size if step_size is None else step_size
+    r_max = max_abs(r)
+    finite = steppable(r_max, kind) if finite is None else finite
+    cutoff = _no_crossing(
+        smoothing, kind, eta.reshape(-1, 1, 1) if isinstance(eta, torch.Tensor) and eta.dim() else eta
+    )
+    s = direction(r.clone(), cutoff, kind)
+    eta_i = step_size(r, s, eta)
+    delta = torch.bmm(mats, s.mul_(-eta_i[:, None, None]).to(mats.dtype), out=out)
+    if finite is not True:
+        delta.masked_fill_(~finite.reshape(-1, 1, 1), 0)
+    return delta
 
 
 def _scaled_direction(

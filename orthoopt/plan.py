@@ -161,9 +161,11 @@ class Plan:
             self.starting = self._started = False
             guard.after_step(self.watched, optimizer.state, _memory(optimizer))
         steps = optimizer.__dict__["_ortho_steps"] = optimizer.__dict__.get("_ortho_steps", 0) + 1
+        monitor = optimizer.__dict__.setdefault("_ortho_monitor", guard.Monitor())
         if steps % guard.WATCH_EVERY == 0:
-            monitor = optimizer.__dict__.setdefault("_ortho_monitor", guard.Monitor())
             monitor.watch(self._errors(errors), optimizer)
+        else:
+            monitor.poll(optimizer)
 
     def _errors(self, errors: list[list[torch.Tensor]]) -> list[tuple[list[tuple[Piece, int, float]], torch.Tensor]]:
         """The watched pieces with their latest ``max|R|`` per matrix (``errors``: per soft

@@ -118,17 +118,19 @@ def test_the_step_is_cuda_graph_safe_with_a_tensor_learning_rate():
     with testing.accelerator_path():
         opt = orthoopt.OrthoAdamW(params, lr=lr, ortho=1.0, fused=True)
         g = torch.Generator().manual_seed(1)
+        # three steady steps, none of them the monitor's check (every WATCH_EVERY-th step)
+        counted = [t for t in range(10, 30) if (t + 1) % guard.WATCH_EVERY][:3]
         sequences, reads = [], []
-        for t in range(13):  # steps 11 to 13 counted: none of them the monitor's (every 5th)
+        for t in range(counted[-1] + 1):
             for p in params:
                 p.grad = 1e-2 * torch.randn(p.shape, generator=g)
-            if t == 11:
+            if t == counted[1]:
                 lr.fill_(1.0)  # the cap binds now
-            if t == 12:
+            if t == counted[2]:
                 with torch.no_grad():
                     params[0][0, 0] = float("nan")
             counter = testing.count_ops(opt.step)
-            if t >= 10:
+            if t in counted:
                 sequences.append(counter.calls)
                 reads.append(counter.host_reads)
     assert reads == [0, 0, 0] and sequences[0] == sequences[1] == sequences[2]

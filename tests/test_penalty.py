@@ -431,7 +431,8 @@ def test_penalty_step_is_the_documented_step_with_and_without_the_callers_hints(
     hinted = penalty.penalty_step(r.clone(), mats, smoothing, kind, eta, **hints)
     in_place = r.clone()  # as the optimizer calls it: S formed in place of R
     optimizers = penalty.penalty_step(in_place, mats, smoothing, kind, eta, in_place=True, **hints)
-    for got in (plain, hinted, optimizers):
+    general = penalty.general_step(r.clone(), mats, smoothing, kind, eta)  # through safe_step_size
+    for got in (plain, hinted, optimizers, general):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
 
 
