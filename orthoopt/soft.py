@@ -276,8 +276,8 @@ class Bucket:
         # The update is written by the step's last product only: before that its memory
         # (l·n >= n·n per matrix) serves for |R|.
         scratch = update.view(-1)[: size * n * n].view(size, n, n) if update.dtype == self.r.dtype else None
-        if self.stack is None:
-            mats, stack = self.views[0], None
+        if chunk.params.stop - chunk.params.start == 1:  # one piece: its own view, where it is one
+            mats, stack = self.views[chunk.params.start], None
         else:
             mats = stack = self.stack[:size]
         wide = mats is not None and mats.dtype == self.r.dtype  # half matrices are widened per step
@@ -460,9 +460,10 @@ class Bucket:
         """``ortho_tol``: after the step, every matrix whose ``max|ΦᵀΦ - I|`` is above the
         tolerance moves to (nearly) its polar factor, :func:`orthoopt.penalty.polar_correction`.
 
-        On the device the correction is computed for every matrix and masked (no read); where
-        reading is free a bucket with no matrix above the tolerance does no more than its Gram,
-        and a matrix the fixed iterations leave above it gets its polar factor by SVD.  How
+        On the device the correction is computed for every matrix, with a fixed number of
+        iterations, and masked (no read); where reading is free a bucket with no matrix above
+        the tolerance does no more than its Gram, the iterations stop once every matrix is within
+        half the tolerance, and a matrix they leave above it gets its polar factor by SVD.  How
         many times each matrix was corrected is counted in the optimizer state
         (``ortho_corrections``, suffixed for a later piece)."""
         delta = self.delta
@@ -479,7 +480,8 @@ class Bucket:
             else:
                 error = torch.linalg.vector_norm(r, float("inf"), dim=(-2, -1), keepdim=True)
             mask = error > self.tol
-            z, after = penalty.polar_correction(r)
+            # where reading is free, as few iterations as bring every matrix within half the tolerance
+            z, after = penalty.polar_correction(r, until=self.tol / 2 if host.reads_free(r) else None)
             z.diagonal(dim1=-2, dim2=-1).sub_(1)
             out = chunk.delta if chunk.delta is not None else torch.empty_like(mats)
             torch.bmm(mats, z.to(mats.dtype), out=out)

@@ -309,10 +309,14 @@ def test_step_is_bitwise_the_per_parameter_reference(dtype):
         assert not torch.equal(params[-1].detach(), specs[-1][0])  # it moved
 
 
-def test_chunked_bucket_is_bitwise_the_whole_bucket_and_holds_a_quarter(monkeypatch):
+@pytest.mark.parametrize("share, chunks", [(0.25, 4), (1 / 16, 16)], ids=["four_pieces_a_chunk", "one_piece_a_chunk"])
+def test_chunked_bucket_is_bitwise_the_whole_bucket_and_holds_a_quarter(monkeypatch, share, chunks):
+    """A chunk of one piece steps that piece's own view (no stack), as a chunk of several
+    steps their stack: both bitwise as the whole bucket."""
     from orthoopt import soft
 
     def run(chunked):
+        monkeypatch.setattr(soft, "CHUNK_SHARE", share)
         if chunked:
             monkeypatch.setattr(soft, "MIN_CHUNK_BYTES", 0)
         else:
@@ -333,14 +337,14 @@ def test_chunked_bucket_is_bitwise_the_whole_bucket_and_holds_a_quarter(monkeypa
     whole, whole_opt = run(False)
     chunked, chunked_opt = run(True)
     (bucket,) = chunked_opt._plan().buckets
-    assert len(bucket.chunks) == 4 and len(whole_opt._plan().buckets[0].chunks) == 1
+    assert len(bucket.chunks) == chunks and len(whole_opt._plan().buckets[0].chunks) == 1
     for p, q in zip(whole, chunked):
         assert torch.equal(p, q)
     size = sum(p.numel() * p.element_size() for p in chunked)
     # The stack of Φ⁻ and the residual are a chunk's; the update (which must live across
     # the base step) is the one buffer of the parameters' size.
-    assert bucket.stack.numel() * bucket.stack.element_size() <= 0.25 * size
-    assert bucket.workspace_bytes() - size <= 0.25 * size + bucket.r.numel() * bucket.r.element_size()
+    assert bucket.stack.numel() * bucket.stack.element_size() <= share * size
+    assert bucket.workspace_bytes() - size <= share * size + bucket.r.numel() * bucket.r.element_size()
 
 
 def test_auto_step_is_bitwise_the_reference():
