@@ -535,7 +535,8 @@ def _widen_state(state: dict[str, Any], dtype: torch.dtype) -> None:
 
 def _project_new(items: list[HardItem]) -> None:
     """Snap parameters that start hard mode onto the manifold (their finite matrices); warn
-    about those that moved."""
+    about those that moved, unless their group asked for the projection (``ortho_init="project"``,
+    the default of ``param_groups`` and ``constrain_``)."""
     moved = []
     for item in items:
         p, layout, keep = item.view, item.layout, item.finite
@@ -550,7 +551,8 @@ def _project_new(items: list[HardItem]) -> None:
         if not p.is_meta:  # nothing to measure on the meta device
             before = penalty.max_error(before_rows)
             # A half parameter is only as orthonormal as its rounding: judge it against that.
-            if not before <= max(PROJECTION_TOL, 2 * penalty.max_error(rows)):
+            asked = item.group["ortho_init"] == "project"
+            if not asked and not before <= max(PROJECTION_TOL, 2 * penalty.max_error(rows)):
                 moved.append(f"{item.name} (max |XᵀX - I| = {before:.3g})")
         p.copy_(layout.from_matrices(projected, p.shape))
     if moved:

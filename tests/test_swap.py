@@ -344,7 +344,7 @@ def test_lightning_warns_at_the_users_fit_line():
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
-            return orthoopt.constrain_(opt, self, ortho=1.0, ortho_mode="hard", exclude=["net.head"])
+            return orthoopt.constrain_(opt, self, ortho=1.0, ortho_mode="hard", ortho_init="warn", exclude=["net.head"])
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8) % 10), batch_size=4)
     trainer = pl.Trainer(
@@ -474,7 +474,9 @@ def test_hf_trainer_warns_at_the_users_train_line(tmp_path):
     model = _bert(transformers)
     trainer = _trainer(transformers, model, tmp_path, steps=1)
     trainer.create_optimizer()
-    orthoopt.constrain_(trainer.optimizer, model, ortho=1.0, ortho_mode="hard", exclude=["classifier"])
+    orthoopt.constrain_(
+        trainer.optimizer, model, ortho=1.0, ortho_mode="hard", ortho_init="warn", exclude=["classifier"]
+    )
     with pytest.warns(orthoopt.OrthogonalityWarning, match="projected onto the Stiefel manifold") as rec:
         trainer.train()
     assert {w.filename for w in rec if issubclass(w.category, orthoopt.OrthogonalityWarning)} == {__file__}
