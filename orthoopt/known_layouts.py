@@ -152,7 +152,6 @@ for _owner in (
     _T + "coat.FactorAttnConvRelPosEnc",
     _T + "convit.MHSA",
     _T + "davit.ChannelAttention",
-    _T + "davit.ChannelAttentionV2",
     _T + "davit.WindowAttention",
     _T + "edgenext.CrossCovarianceAttn",
     _T + "eva.EvaAttention",
@@ -173,8 +172,6 @@ for _owner in (
     _T + "swin_transformer_v2_cr.WindowMultiHeadAttention",
     _T + "hieradet_sam2.MultiScaleAttention",
     _T + "beit.Attention",
-    _L + "attention_pool2d.RotAttentionPool2d",
-    _L + "attention_pool2d.AttentionPool2d",
 ):
     register_layout(_owner, "qkv.weight", _thirds())
 # k and v only (q from another layer): reshape(B, N, 2, heads, head_dim)

@@ -32,7 +32,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["register_layout", "register_positional", "layout_entries", "positional_entries", "Entry", "qualified"]
+__all__ = [
+    "register_layout",
+    "register_positional",
+    "layout_entries",
+    "positional_entries",
+    "registered",
+    "entries_in",
+    "Entry",
+    "qualified",
+]
 
 Rule = Callable[[nn.Module], "str | None"]
 
@@ -99,6 +108,11 @@ def register_positional(owner: type | str, path: str = "") -> None:
         _POSITIONAL.setdefault(key, []).append(Entry(key, path))
 
 
+def registered() -> tuple[list[Entry], list[Entry]]:
+    """Every registered layout entry and every registered positional entry, in order of registration."""
+    return [e for es in _LAYOUTS.values() for e in es], [e for es in _POSITIONAL.values() for e in es]
+
+
 def _entries(table: dict[str, list[Entry]], module: nn.Module) -> list[Entry]:
     """The entries of ``module``'s class, or of a base class whose forward it keeps."""
     for cls in type(module).__mro__:
@@ -126,6 +140,11 @@ def layout_entries(model: nn.Module) -> dict[int, tuple[str | None, str]]:
             if fnmatch.fnmatchcase(path, entry.path):
                 out[id(p)] = (entry.layout(owner), f"{type(owner).__name__}.{path}")
     return out
+
+
+def entries_in(model: nn.Module) -> set[Entry]:
+    """The layout and positional entries that apply to some module of ``model``."""
+    return {entry for table in (_LAYOUTS, _POSITIONAL) for _, _, entry in _walk(model, table)}
 
 
 def positional_entries(model: nn.Module) -> dict[int, str]:

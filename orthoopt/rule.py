@@ -209,7 +209,7 @@ def _layer_verdict(
     elif (grouped := _grouped(module)) is not None:
         layout, source = grouped, f"grouped conv ({module.groups} groups): one block per group"
     else:
-        layout, source = "auto", "auto"
+        layout, source = "auto", "the default rule"
         if _fused_name(path):
             flags.append("fused name kept 'auto'")
     lazy = isinstance(p, nn.parameter.UninitializedParameter)

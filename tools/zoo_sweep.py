@@ -117,7 +117,11 @@ def sweep(out: Path, budget: float, pattern: str) -> None:
             try:
                 record = sweep_one(name, budget)
             except Exception as e:  # noqa: BLE001 - a model that does not build or run is counted as such
-                record = {"model": name, "error": f"{type(e).__name__}: {e}"[:400], "trace": traceback.format_exc()[-800:]}
+                record = {
+                    "model": name,
+                    "error": f"{type(e).__name__}: {e}"[:400],
+                    "trace": traceback.format_exc()[-800:],
+                }
             record["seconds"] = round(time.perf_counter() - start, 2)
             f.write(json.dumps(record) + "\n")
             f.flush()
