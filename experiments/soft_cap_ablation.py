@@ -3,7 +3,7 @@
 orthoopt's soft step is η_i = min(2γβ, max|R_i|/(2 max|S_i|), ¼/‖S_i‖₂) with
 S = clamp(R / max(δ, 2γβ)) (the library's penalty.safe_step_size and penalty_step).  This
 script swaps the cap, *in this process only* (a monkeypatch; the library is unchanged), for
-  - "projection":    min(2γβ, ⟨R,S⟩/(2‖S‖²_F), ¼/‖S‖_∞)  (an earlier rule; with the plain
+  - "projection":    min(2γβ, ⟨R,S⟩/(2‖S‖²_F), ¼/‖S‖_∞)  (a projection rule; with the plain
                      sign direction it made the penalty lose exactness)
   - "spectral-only": min(2γβ, ¼/‖S‖₂)                      (no no-overshoot term)
   - "uncapped":      2γβ
@@ -60,6 +60,7 @@ def main(argv=None):
     out = setup(args, f"soft_cap_ablation/{tag}")
     steps = 100 if args.quick else (args.steps or (20000 if task.name == "pca" else task.steps))
     beta = {"beta": 2.0, "beta_relative": True} if task.beta_relative else {}
+    target = {"target_gap": 1e-3} if task.name == "pca" else {}  # the 20,000-step target of experiments/pca_target.py
     sections = []
     try:
         for name, fn in VARIANTS.items():
@@ -73,6 +74,7 @@ def main(argv=None):
                 record_every=10,
                 progress=True,
                 **beta,
+                **target,
             )
             cmd = f"python experiments/soft_cap_ablation.py --task {args.task} --steps {steps}"
             cmd += f" --lr {args.lr}" if args.lr else ""

@@ -1,6 +1,7 @@
 """orthoopt: group orthogonality for PyTorch training, soft (L1 penalty) or hard (Stiefel)."""
 
 from .audit import audit
+from .guard import OrthogonalityWarning
 from .layout import Layout
 from .optim import (
     OrthoAdam,
@@ -19,6 +20,7 @@ from .penalty import (
     l1_orthogonality_grad,
     orthogonality_error,
 )
+from .schedulers import load_scheduler_state
 from .swap import constrain_
 
 __all__ = [
@@ -28,7 +30,9 @@ __all__ = [
     "OrthoAdamW",
     "OrthoMixin",
     "OrthoSGD",
+    "OrthogonalityWarning",
     "constrain_",
+    "load_scheduler_state",
     "named_orthogonality_errors",
     "orthogonalize",
     "param_groups",

@@ -10,6 +10,7 @@ import torch
 
 from orthoopt import bench
 from orthoopt.bench import contenders, iteration, models, step
+from orthoopt.bench.common import human_bytes
 
 
 # -- the module paths -------------------------------------------------------------------
@@ -39,8 +40,9 @@ def test_the_step_benchmarks_names_stay_in_orthoopt_bench():
 
 
 # -- the benchmark ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_quick_benchmark_writes_its_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "made" / "bench.json"  # its folder made
     assert bench.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"meta", "targets", "results"}
@@ -111,9 +113,49 @@ def test_benchmark_flags(capsys):
         assert e.value.code == 2 and match in capsys.readouterr().err
 
 
+def test_a_case_needs_every_contenders_tensors_at_once():
+    # floor: input and product; base: parameters, gradients and AdamW's two moments; 4 bytes each
+    assert step.case_bytes(step.Case(2, 8, 4), torch.float32, ["floor", "base"]) == (2 + 4) * 64 * 4
+    assert step.case_bytes(step.Case(2, 8, 4), torch.bfloat16, ["soft-auto", "base-stacked"]) == 5 * 64 * 2
+    assert step.case_bytes(step.Case(2, 8, 4, many=True), torch.float32, ["base-stacked"]) == 4 * 64 * 4
+
+
+@pytest.mark.parametrize("spare", [0, -1])
+def test_a_shape_is_refused_where_its_contenders_cannot_fit(spare, monkeypatch, capsys):
+    need = step.case_bytes(step.Case(4, 16, 4), torch.float32, ["floor", "soft"])
+    monkeypatch.setattr(step, "available_bytes", lambda device: need + spare)
+    argv = ["--device", "cpu", "--shapes", "4x16x4", "--contenders", "floor,soft", "--out", "x.json"]
+    if spare >= 0:
+        assert step.config(argv).cases == [step.Case(4, 16, 4)]
+        return
+    with pytest.raises(SystemExit) as e:
+        step.config(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"needs at least {human_bytes(need)} (6 tensors of 256 elements" in err
+
+
+@pytest.mark.slow
+def test_the_step_benchmark_exits_1_when_every_contender_of_a_case_failed(tmp_path, monkeypatch, capsys):
+    def fails(case, *args):
+        if case.l == 16:
+            raise RuntimeError("not enough memory")
+        return step.BUILDERS["base"](case, *args)
+
+    names = ["floor", "soft"]
+    monkeypatch.setattr(step, "BUILDERS", {**step.BUILDERS, **{n: fails for n in names}})
+    out = tmp_path / "b.json"
+    argv = ["--device", "cpu", "--shapes", "2x8x4,2x16x4", "--contenders", ",".join(names), "--repeats", "1"]
+    assert bench.main([*argv, "--out", str(out)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "orthoopt bench: every contender failed at (2,16,4) float32 (the n/a lines say why)"
+    report = json.loads(out.read_text())  # written, with the reasons
+    assert report["results"][1]["n/a"] == {n: "RuntimeError: not enough memory" for n in names}
+
+
 # -- the whole-iteration benchmark -----------------------------------------------------------
+@pytest.mark.slow
 def test_models_benchmark_quick_writes_its_json(tmp_path, capsys):
-    out = tmp_path / "models.json"
+    out = tmp_path / "made" / "models.json"  # its folder made
     assert iteration.main(["--quick", "--models", "mnist,lstm,vit", "--device", "cpu", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["meta"]["quick"] is True and report["meta"]["every"] == iteration.EVERY
@@ -152,6 +194,7 @@ def test_models_benchmark_starts_on_the_manifold_of_each_weights_own_layout(mode
     assert models.max_error(net, weights) < 1e-5, [str(w.layout) for w in weights]
 
 
+@pytest.mark.slow
 def test_models_benchmark_abandons_a_contender_over_budget():
     cfg = iteration.config(["--quick", "--device", "cpu"])
     job = ("wide", "geotorch")
@@ -160,6 +203,7 @@ def test_models_benchmark_abandons_a_contender_over_budget():
     assert status == "ok" and 0 < seconds < 120
 
 
+@pytest.mark.slow
 def test_models_benchmark_through_the_cli(tmp_path, capsys):
     from orthoopt import __main__ as cli
 
@@ -183,8 +227,9 @@ def test_models_benchmark_through_the_cli(tmp_path, capsys):
         assert e.value.code == 2 and match in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_k_experiment_and_targets_table_run(tmp_path, capsys):
-    from test_experiments import load
+    from test_experiments import TOOLS, load
 
     load("bench_every_k").main(["--quick", "--out", str(tmp_path), "--archs", "mlp", "--every", "1,2"])
     text = (tmp_path / "bench_every_k-quick" / "README.md").read_text()
@@ -192,12 +237,13 @@ def test_every_k_experiment_and_targets_table_run(tmp_path, capsys):
     out = tmp_path / "step.json"
     shapes = ["--shapes", "256x64x16,many:16x256x64", "--repeats", "2", "--warmup", "0"]
     bench.main(["--device", "cpu", *shapes, "--out", str(out), "--contenders", "floor,base,soft,soft-auto"])
-    rows = load("bench_targets").main([str(out)]).splitlines()
+    rows = load("bench_targets", TOOLS).main([str(out)]).splitlines()
     measured = [r for r in rows if r.startswith("| (soft - AdamW) / floor, (256, 64, 16)")]
     assert len(measured) == 1 and measured[0].rstrip(" |").endswith(("met", "**not met**"))
     assert sum("not measured" in r for r in rows) == len(rows) - 2 - 5  # the other cases were not run
 
 
+@pytest.mark.slow
 def test_profile_script_runs(capsys):
     from test_experiments import load
 
@@ -206,6 +252,7 @@ def test_profile_script_runs(capsys):
     assert "(soft - AdamW) / floor =" in out and "aten::bmm" in out
 
 
+@pytest.mark.slow
 def test_profile_script_says_where_the_clock_cannot_measure_the_floor(capsys, monkeypatch):
     # Seen under mutmut's forked workers: blocks of tiny steps read 0.0 ms of CPU time, and
     # the ratio divided by zero.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CLOCKS", "sync", "machine", "render", "publish"]
+__all__ = ["CLOCKS", "sync", "machine", "human_bytes", "render", "publish"]
 
 # CPU clocks: wall time, or the process's CPU time (all its threads), which leaves out the
 # time other processes hold the cores (steadier on a shared machine; with one thread it is
@@ -58,6 +58,19 @@ def machine(device: torch.device, clock: str) -> dict:
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+
+
+def human_bytes(n: int | None) -> str:
+    """``n`` bytes in B, KiB, MiB, GiB or TiB (``n/a`` for None)."""
+    if n is None:
+        return "n/a"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
 
 
 def render(

@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
+from .. import argtypes
 from ..optim import project_
-from .common import CLOCKS, machine, publish, render, sync
+from .common import CLOCKS, human_bytes, machine, publish, render, sync
 from .contenders import CONTENDERS, RISKY, Contender, held_bytes, make_contender, peak_bytes
 from .models import DEFAULT_MODELS, MODELS, ModelSpec, NotAvailable, constrained_weights, max_error
 
@@ -285,18 +286,6 @@ def _fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def format_table(report: dict) -> str:
     meta = report["meta"]
     lines = [
@@ -334,7 +323,7 @@ def format_table(report: dict) -> str:
                     _fmt(e.get("ratio"), ".3f"),
                     f"{e['ratio_q1']:.3f}-{e['ratio_q3']:.3f}" if "ratio_q1" in e else "",
                     f"{min(e['ratio_runs']):.3f}-{max(e['ratio_runs']):.3f}" if "ratio_runs" in e else "",
-                    _bytes(mem),
+                    human_bytes(mem),
                     f"{e['max_error']:.1e}",
                     "ok",
                 ]
@@ -359,13 +348,21 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--models",
+        type=argtypes.names(tuple(MODELS)),
         nargs="?",
         const=",".join(DEFAULT_MODELS),
         default=",".join(DEFAULT_MODELS),
         help=f"comma-separated, from {', '.join(MODELS)} (default: {','.join(DEFAULT_MODELS)})",
     )
-    ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated, from {', '.join(CONTENDERS)}")
-    ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    ap.add_argument(
+        "--contenders",
+        type=argtypes.names(CONTENDERS),
+        default=",".join(CONTENDERS),
+        help=f"comma-separated, from {', '.join(CONTENDERS)}",
+    )
+    ap.add_argument(
+        "--device", type=argtypes.device, default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny models, two rounds (a smoke test, not a measurement)")
     ap.add_argument(
         "--rounds",
@@ -397,7 +394,12 @@ def parser() -> argparse.ArgumentParser:
         help="CPU timer: wall time (default) or the process's CPU time (steadier on a shared machine)",
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="JSON file to write (default: bench_models_<device>.json)")
+    ap.add_argument(
+        "--out",
+        type=argtypes.out_file,
+        default=None,
+        help="JSON file to write, its missing folders made (default: bench_models_<device>.json)",
+    )
     return ap
 
 
@@ -405,14 +407,6 @@ def config(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = parser()
     cfg = ap.parse_args(argv)  # every refusal below is argparse's: exit code 2, before any work
     cfg.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available; use --device cpu")
-    cfg.models = [m.strip() for m in cfg.models.split(",") if m.strip()]
-    cfg.contenders = [c.strip() for c in cfg.contenders.split(",") if c.strip()]
-    for flag, names, known in (("--models", cfg.models, MODELS), ("--contenders", cfg.contenders, CONTENDERS)):
-        unknown = [n for n in names if n not in known]
-        if unknown or not names:
-            ap.error(f"{flag}: unknown {unknown or names}; choose from {', '.join(known)}")
     if cfg.rounds is None:
         cfg.rounds = 2 if cfg.quick else 10
     if cfg.warmup is None:

@@ -6,6 +6,7 @@ attributes each allocation to an op.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from .common import sync
 from .profiling import quiet_profile
 
-__all__ = ["step_memory", "workspace_bytes"]
+__all__ = ["step_memory", "workspace_bytes", "available_bytes"]
 
 
 def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -22,8 +23,8 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
 
 def workspace_bytes(opt: torch.optim.Optimizer | None) -> int:
     """Bytes held by the soft step's cached workspaces (0 for an optimizer without them)."""
-    cache = getattr(opt, "_soft_cache", None)
-    return sum(bucket.workspace_bytes() for bucket in cache[1] if hasattr(bucket, "workspace_bytes")) if cache else 0
+    plan = getattr(opt, "_ortho_plan", None)
+    return plan.workspace_bytes() if plan else 0
 
 
 def _cuda(step: Callable[[], object], device: torch.device) -> tuple[int, int, int]:
@@ -75,3 +76,21 @@ def step_memory(contender, device: torch.device) -> dict:
         "workspace_x_params": workspace_bytes(contender.optimizer) / size,
         "params_bytes": size,
     }
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """The memory a new run could take on ``device``: CUDA's free memory, the system's available
+    memory on Linux (``MemAvailable``), else its physical memory; None where none can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -40,8 +40,8 @@ import torch
 
 from .. import argtypes, penalty
 from ..optim import OrthoAdamW
-from .common import CLOCKS, machine, publish, render, sync
-from .memory import step_memory
+from .common import CLOCKS, human_bytes, machine, publish, render, sync
+from .memory import available_bytes, step_memory
 
 __all__ = [
     "main",
@@ -83,6 +83,10 @@ BETA = 1.0
 HARD = ("hard", "geoopt-E", "geoopt-C")
 CONTENDERS = ("floor", "base", "soft", "soft-auto", "autograd", *HARD, "base-stacked", "soft-stacked")
 OPTIONAL = ("soft-compiled",)
+# Tensors of the case's size (m·l·n elements) each contender holds, at least: the parameters,
+# their gradients and AdamW's two moments; the floor's input and product; a copy more for
+# the 'auto' step's previous weights and for the autograd contender's task gradient.
+HELD = {name: 4 for name in (*CONTENDERS, *OPTIONAL)} | {"floor": 2, "soft-auto": 5, "autograd": 5}
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,14 @@ class Contender:
 
 class NotAvailable(Exception):
     """A contender this environment cannot run; the table shows it as n/a."""
+
+
+def case_bytes(case: Case, dtype: torch.dtype, contenders: Sequence[str]) -> int:
+    """A lower bound on the memory one case takes: the tensors of :data:`HELD` of every
+    contender that runs it, all held at once (each case builds its contenders together)."""
+    names = [n for n in contenders if case.many or not n.endswith("-stacked")]
+    copies = sum(HELD[n] for n in names)
+    return copies * case.m * case.l * case.n * dtype.itemsize
 
 
 # -- parameters ------------------------------------------------------------------------
@@ -526,7 +538,10 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few rounds (a smoke test, not a measurement)")
     ap.add_argument(
-        "--out", type=argtypes.out_file, default=None, help="JSON file to write (default: bench_step_<device>.json)"
+        "--out",
+        type=argtypes.out_file,
+        default=None,
+        help="JSON file to write, its missing folders made (default: bench_step_<device>.json)",
     )
     ap.add_argument(
         "--repeats",
@@ -554,6 +569,7 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--contenders",
+        type=argtypes.names(CONTENDERS + OPTIONAL),
         default=",".join(CONTENDERS),
         help=f"comma-separated, from {', '.join(CONTENDERS + OPTIONAL)} (default: all but {', '.join(OPTIONAL)})",
     )
@@ -579,11 +595,6 @@ def config(argv: Sequence[str] | None) -> argparse.Namespace:
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
             ap.error(f"argument --dtype: {name!r} is not a torch floating dtype; use float32 or bfloat16")
         cfg.dtypes.append(dt)
-    cfg.contenders = [c.strip() for c in cfg.contenders.split(",") if c.strip()]
-    unknown = [c for c in cfg.contenders if c not in BUILDERS]
-    if unknown or not cfg.contenders:
-        what = f"unknown {unknown}" if unknown else "none given"
-        ap.error(f"argument --contenders: {what}; choose from {', '.join(CONTENDERS + OPTIONAL)}")
     try:
         cfg.cases = _shapes(cfg.shapes, cfg.device, cfg.quick)
     except SystemExit as e:  # _shapes says what it cannot read
@@ -591,6 +602,7 @@ def config(argv: Sequence[str] | None) -> argparse.Namespace:
     empty = [c.name for c in cfg.cases if min(c.m, c.l, c.n) < 1]
     if empty:
         ap.error(f"argument --shapes: {empty[0]} has a dimension < 1; every M, L and N must be >= 1")
+    _check_memory(ap, cfg)
     if cfg.out is None:
         cfg.out = f"bench_step_{cfg.device.type}.json"
         try:
@@ -598,6 +610,24 @@ def config(argv: Sequence[str] | None) -> argparse.Namespace:
         except argparse.ArgumentTypeError as e:
             ap.error(f"the default --out: {e}")
     return cfg
+
+
+def _check_memory(ap: argparse.ArgumentParser, cfg: argparse.Namespace) -> None:
+    """Refuse a shape whose contenders cannot fit in the device's memory, before building any."""
+    free = available_bytes(cfg.device)
+    if free is None:
+        return
+    for dtype in cfg.dtypes:
+        for case in cfg.cases:
+            need = case_bytes(case, dtype, cfg.contenders)
+            if need > free:
+                size = case.m * case.l * case.n
+                ap.error(
+                    f"argument --shapes: {case.name} in {str(dtype).removeprefix('torch.')} needs at least "
+                    f"{human_bytes(need)} ({need // (size * dtype.itemsize)} tensors of {size} elements held at once "
+                    f"by the contenders), more than the {human_bytes(free)} available on {cfg.device}; "
+                    "give smaller shapes or fewer --contenders"
+                )
 
 
 def run(cfg: argparse.Namespace) -> dict:
@@ -631,6 +661,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config(argv)
     report = run(cfg)
     publish(report, cfg.out, format_table(report))
+    failed = [f"{r['case']} {r['dtype']}" for r in report["results"] if not any(r["min_ms"].values())]
+    if failed:
+        print(f"orthoopt bench: every contender failed at {', '.join(failed)} (the n/a lines say why)", file=sys.stderr)
+        return 1
     return 0
 
 

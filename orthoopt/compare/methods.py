@@ -1,18 +1,22 @@
 """The compared methods, each built from the same parameter split and hyper-parameters.
 
-==============  ===========================================================================
-``none``        the base optimizer alone (plain ``torch.optim.SGD`` or ``AdamW``)
-``soft``        ``OrthoSGD``/``OrthoAdamW``, the decoupled L1 step (``ortho=β``)
-``soft-huber``  the same with Huber smoothing (``ortho_smoothing=δ``)
-``soft-auto``   the same with ``ortho='auto'``: β from the running multiplier estimate, no tuning
-``frobenius``   the same step on ``β‖ΦᵀΦ - I‖²_F`` (``ortho_penalty='frobenius'``)
-``landing``     the landing update (:mod:`orthoopt.compare.landing`) on the constrained
-                parameters, the base optimizer on the others
-``hard``        ``ortho_mode='hard'``: the Stiefel manifold through geoopt
-``geotorch``    geotorch's ``orthogonal`` parametrization (``W = B·expm(A)``, ``A`` skew, the
-                base ``B`` the initial weights), the base optimizer on ``A``; not in the
-                default set (it needs the ``geotorch`` package and 2-D ``auto`` layouts)
-==============  ===========================================================================
+======================  ===========================================================================
+``none``                the base optimizer alone (plain ``torch.optim.SGD`` or ``AdamW``)
+``soft``                ``OrthoSGD``/``OrthoAdamW``, the decoupled L1 step (``ortho=β``)
+``soft-huber``          the same with Huber smoothing (``ortho_smoothing=δ``)
+``soft-auto``           the same with ``ortho='auto'``: β from the running multiplier estimate, no tuning
+``frobenius``           the same step on ``β‖ΦᵀΦ - I‖²_F`` (``ortho_penalty='frobenius'``)
+``landing``             the landing update (:mod:`orthoopt.compare.landing`) on the constrained
+                        parameters, the base optimizer on the others
+``hard``                ``ortho_mode='hard'``: the Stiefel manifold through geoopt
+``hard-canonical``      the same on geoopt's canonical Stiefel manifold (``ortho_manifold='canonical'``)
+``geotorch``            geotorch's ``orthogonal`` parametrization (``W = B·expm(A)``, ``A`` skew, the
+                        base ``B`` the initial weights), the base optimizer on ``A``; not in the
+                        default set (it needs the ``geotorch`` package and 2-D ``auto`` layouts)
+``bjorck``              Björck orthonormalization as a parametrization (:mod:`orthoopt.compare.parametrized`),
+                        the base optimizer on the raw weight; 2-D ``auto`` layouts
+``torch-orthogonal``    torch's ``parametrizations.orthogonal`` (same conditions)
+======================  ===========================================================================
 
 Every method uses the base optimizer's settings; the constrained parameters take the lr
 times ``constrained_lr_scale`` (geotorch's copying example trains ``W`` at 1/5 of the lr).
@@ -20,6 +24,7 @@ times ``constrained_lr_scale`` (geotorch's copying example trains ``W`` at 1/5 o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,13 +33,17 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
-from .. import optim as ortho_optim
+from .. import OrthoAdam, OrthoAdamW, OrthoSGD, param_groups
+from ..selection import constrained
+from . import parametrized
 from .landing import Landing
 
-__all__ = ["METHODS", "ALL_METHODS", "Settings", "build_optimizers", "prepared"]
+__all__ = ["METHODS", "ALL_METHODS", "Settings", "task_settings", "build_optimizers", "prepared"]
 
+ORTHO_OPTIMIZERS = {"SGD": OrthoSGD, "Adam": OrthoAdam, "AdamW": OrthoAdamW}
 METHODS = ("none", "soft", "soft-huber", "soft-auto", "frobenius", "landing", "hard")
-ALL_METHODS = METHODS + ("geotorch",)
+ALL_METHODS = METHODS + ("hard-canonical", "geotorch", "bjorck", "torch-orthogonal")
+PARAMETRIZED = ("geotorch", "bjorck", "torch-orthogonal")  # methods that reparametrize the weights
 
 
 @dataclass
@@ -51,6 +60,18 @@ class Settings:
     landing_eps: float = 0.5
     betas: tuple[float, float] = (0.9, 0.999)
     constrained_lr_scale: float = 1.0
+
+
+def task_settings(task, **overrides: Any) -> Settings:
+    """The :class:`~orthoopt.compare.tasks.Task`'s settings, each override that is not None in
+    place of the task's (``base``, ``lr``, ``momentum``, ``beta``, ``smoothing``, ``landing_lr``,
+    ``constrained_lr_scale``)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise TypeError(f"task_settings: unknown settings {sorted(unknown)}")
+    fields = ("base", "lr", "momentum", "beta", "smoothing", "landing_lr", "betas", "constrained_lr_scale")
+    return Settings(**{**{f: getattr(task, f) for f in fields}, **given})
 
 
 def _base_kwargs(s: Settings) -> tuple[str, dict[str, Any]]:
@@ -79,22 +100,24 @@ def build_optimizers(method: str, model: torch.nn.Module, problem, s: Settings) 
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     base_name, kwargs = _base_kwargs(s)
-    if method == "geotorch":
-        return [getattr(torch.optim, base_name)(_geotorch_groups(model, s), **kwargs)]
+    if method in PARAMETRIZED:
+        return [getattr(torch.optim, base_name)(_parametrized_groups(model, s, method), **kwargs)]
     if method == "none":
         if s.constrained_lr_scale == 1.0:
             return [getattr(torch.optim, base_name)(model.parameters(), **kwargs)]
-        groups = ortho_optim.param_groups(model, ortho=1.0, include=problem.include, exclude=problem.exclude)
+        groups = param_groups(model, ortho=1.0, include=problem.include, exclude=problem.exclude)
         return [getattr(torch.optim, base_name)([_plain(g) for g in _split_lr(groups, s)], **kwargs)]
     options = {"ortho_layout": problem.layout}
     if method == "soft-huber":
         options["ortho_smoothing"] = s.smoothing
     elif method == "frobenius":
         options["ortho_penalty"] = "frobenius"
-    elif method == "hard":
+    elif method in ("hard", "hard-canonical"):
         options["ortho_mode"] = "hard"
+        if method == "hard-canonical":
+            options["ortho_manifold"] = "canonical"
     beta = "auto" if method == "soft-auto" else s.beta
-    groups = ortho_optim.param_groups(model, ortho=beta, include=problem.include, exclude=problem.exclude, **options)
+    groups = param_groups(model, ortho=beta, include=problem.include, exclude=problem.exclude, **options)
     groups = _split_lr(groups, s)
     if method == "landing":
         on = [g for g in groups if g["ortho"]]
@@ -111,23 +134,12 @@ def build_optimizers(method: str, model: torch.nn.Module, problem, s: Settings) 
         if off:
             out.append(getattr(torch.optim, base_name)([p for g in off for p in g["params"]], **kwargs))
         return out
-    cls = getattr(ortho_optim, "Ortho" + base_name)
-    return [cls(groups, **kwargs)]
+    return [ORTHO_OPTIMIZERS[base_name](groups, **kwargs)]
 
 
 def constrained_parameters(model: torch.nn.Module, problem) -> list[tuple[str, torch.Tensor, Any]]:
     """``(name, parameter, layout)`` of every constrained parameter of the problem."""
-    from ..layout import resolve_layout
-
-    named = dict(model.named_parameters())
-    out = []
-    for g in ortho_optim.param_groups(model, ortho=1.0, include=problem.include, exclude=problem.exclude):
-        if g["ortho"]:
-            for n in g["param_names"]:
-                lay = resolve_layout(problem.layout, named[n].shape, f"parameter '{n}'")
-                if lay is not None:
-                    out.append((n, named[n], lay))
-    return out
+    return constrained(model, layout=problem.layout, include=problem.include, exclude=problem.exclude)
 
 
 def _plain(group: dict[str, Any]) -> dict[str, Any]:
@@ -157,39 +169,55 @@ def prepared(method: str, model: torch.nn.Module, problem) -> Iterator[None]:
     """The model as ``method`` needs it, for the duration of a run.
 
     For ``geotorch``: each constrained parameter gets geotorch's ``orthogonal``
-    parametrization with the parameter's current value as its base (``A = 0``), and on exit
-    the parametrization is removed, leaving a plain parameter with the trained value (so
-    that the next method can load the shared initial weights).  Other methods: nothing.
+    parametrization with the parameter's current value as its base (``A = 0``); ``bjorck``
+    and ``torch-orthogonal`` theirs (:mod:`orthoopt.compare.parametrized`), also computing
+    the current value.  On exit the parametrization is removed, leaving a plain parameter with
+    the trained value (so that the next method can load the shared initial weights).  Other
+    methods: nothing.
     """
-    if method != "geotorch":
+    if method not in PARAMETRIZED:
         yield
         return
-    geotorch = _geotorch()
+    register = {
+        "geotorch": _register_geotorch,
+        "bjorck": parametrized.register_bjorck,
+        "torch-orthogonal": parametrized.register_torch_orthogonal,
+    }[method]
+    if method == "geotorch":
+        _geotorch()  # a clear error before any change if geotorch is missing
     owners = []
     try:
         for name, p, _ in constrained_parameters(model, problem):
             if p.dim() != 2 or problem.layout != "auto":
                 raise ValueError(
-                    f"method 'geotorch': parameter '{name}' has shape {tuple(p.shape)} and layout "
-                    f"{problem.layout!r}; geotorch's orthogonal applies to 2-D weights with the 'auto' "
-                    "layout (orthonormal along the shorter side); compare this task without 'geotorch'"
+                    f"method {method!r}: parameter '{name}' has shape {tuple(p.shape)} and layout "
+                    f"{problem.layout!r}; its parametrization applies to 2-D weights with the 'auto' "
+                    f"layout (orthonormal along the shorter side); compare this task without {method!r}"
                 )
             module, attr = _owner(model, name)
             start = p.detach().clone()
-            geotorch.orthogonal(module, attr)
+            register(module, attr, start)
             owners.append((module, attr))
-            setattr(module, attr, start)  # right_inverse: base = start, A = 0, so W = start exactly
         yield
     finally:
         for module, attr in owners:
             parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
 
 
-def _geotorch_groups(model: torch.nn.Module, s: Settings) -> list[dict[str, Any]]:
+def _register_geotorch(module: torch.nn.Module, attr: str, start: torch.Tensor) -> None:
+    # geotorch completes a non-square start to a square base with random columns, which the
+    # run's path depends on: they come from a generator of their own, the same in every run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        _geotorch().orthogonal(module, attr)
+        setattr(module, attr, start)  # right_inverse: base = start, A = 0, so W = start exactly
+
+
+def _parametrized_groups(model: torch.nn.Module, s: Settings, method: str) -> list[dict[str, Any]]:
     """The parametrizations' free parameters at the constrained lr, the rest at the lr."""
     free = {id(p) for m in model.modules() if parametrize.is_parametrized(m) for p in m.parametrizations.parameters()}
     if not free:
-        raise RuntimeError("method 'geotorch': the model has no geotorch parametrization; run it inside prepared()")
+        raise RuntimeError(f"method {method!r}: the model has no parametrization; run it inside prepared()")
     on = [p for p in model.parameters() if id(p) in free]
     off = [p for p in model.parameters() if id(p) not in free]
     return [{"params": on, "lr": s.lr * s.constrained_lr_scale}] + ([{"params": off}] if off else [])
