@@ -185,6 +185,17 @@ register_layout(
     lambda m: blocks([m.qk_dim, m.qk_dim, m.pdim], rows=m.qkv.c.out_channels),  # split([qk, qk, pdim])
 )
 register_layout(
+    _T + "vision_transformer.DiffParallelScalingBlock",
+    "in_proj.weight",
+    # split([mlp hidden, dim, dim, dim]); q and k as (2 heads, head_dim) pairs: q1 = the even heads, q2 the odd
+    lambda m: (
+        f"row_blocks:{m.in_split[0]}+{m.num_heads}x({m.head_dim},{m.head_dim})"
+        f"+{m.num_heads}x({m.head_dim},{m.head_dim})+{m.in_split[3]}"
+        if m.in_split[1] == 2 * m.num_heads * m.head_dim and sum(m.in_split) == m.in_proj.out_features
+        else None
+    ),
+)
+register_layout(
     _T + "vision_transformer.ParallelScalingBlock",
     "in_proj.weight",
     lambda m: blocks(list(m.in_split), rows=m.in_proj.out_features),  # split([mlp hidden, dim, dim, dim])

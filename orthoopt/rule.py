@@ -63,7 +63,7 @@ LEFT_OUT = {
 # Names of fused projections: flagged when no registered layout covers them.
 FUSED_NAMES = frozenset(
     {"qkv", "kv", "qk", "in_proj", "query_key_value", "qkv_proj", "c_attn", "wqkv", "w_pack", "to_qkv", "to_kv"}
-    | {"gate_up_proj", "gate_up", "w12", "fc1_g"}
+    | {"gate_up_proj", "gate_up", "w12"}
 )
 # Module names of positional encodings: a word of the name (split at '_' and '.') among these.
 _POSITIONAL_WORDS = frozenset({"pos", "posemb", "position", "positional", "relpos", "rpe", "cpb"})

@@ -60,7 +60,11 @@ def test_the_rows_say_what_is_constrained_and_why(net):
         "qkv.weight", "Linear", (24, 8), "auto", ((1, 24, 8),), True, "the default rule", ("fused name kept 'auto'",)
     )
     grouped = result.row("grouped.weight")
-    assert (grouped.layout, grouped.matrices, grouped.selected) == ("row_groups:2", ((2, 12, 8),), True)  # (8, 4·3) each
+    assert (grouped.layout, grouped.matrices, grouped.selected) == (
+        "row_groups:2",
+        ((2, 12, 8),),
+        True,
+    )  # (8, 4·3) each
     left = {r.name: (r.why, r.flags) for r in result.rows if not r.selected}
     assert left == {
         "emb.weight": ("of an embedding or norm layer (or tied to one)", ()),

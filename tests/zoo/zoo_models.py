@@ -270,6 +270,7 @@ TIMM_MODELS = [
     Timm("test_vit3", 160),  # a latent attention pool: its kv holds k and v
     Timm("test_vit_relpos", 160),  # rel_pos.mlp, a positional MLP
     Timm("vit_base_patch16_xp_224", 32, dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
+    Timm("vit_dpwee_patch16_reg1_gap_256", 32, dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
     Timm("beit_base_patch16_224", 32, dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
     Timm(
         "samvit_base_patch16",
@@ -346,7 +347,7 @@ TIMM_MODELS = [
     Timm("iformer_t", 64),
     # k and v only
     Timm("pvt_v2_b0", 64),
-    Timm("twins_svt_small", 64, dict(depths=(1, 1, 1, 1))),
+    Timm("twins_svt_small", 64, dict(depths=(2, 2, 2, 2))),  # local and global (k, v) attention in turn
     Timm("volo_d1_224", 64, dict(img_size=64)),
     Timm("gcvit_xxtiny", 64, dict(img_size=64)),
     Timm("csatv2", 64),  # nn.Linear(1, 3) qkv: single vectors
