@@ -85,7 +85,7 @@ def before_step(pieces: list[Piece], state: Any, memory: dict[str, float | None]
     """
     for piece in pieces:
         if STARTED + piece.suffix not in state.get(piece.param, ()):  # .get: a defaultdict; this step may yet raise
-            memory[_memory_key(piece)] = penalty.max_error(piece.layout.matrices(piece.view))
+            memory[_memory_key(piece)] = _error(piece)
 
 
 @torch.no_grad()
@@ -110,11 +110,12 @@ def after_step(
             continue
         if not watching:
             continue
-        error = penalty.max_error(piece.layout.matrices(piece.view))
+        error = _error(piece)
         last = memory.get(key)
         if last is not None and error > FAR and error > last:
+            goal, measure, _ = _target_words(piece.group)
             _warn(
-                f"{piece.name} is moving away from orthonormality: max |ΦᵀΦ - I| rose from {last:.3g} to "
+                f"{piece.name} is moving away from {goal}ity: {measure} rose from {last:.3g} to "
                 f"{error:.3g} over the last {WATCH_EVERY} steps. The base optimizer's updates move it faster "
                 f"than the soft step pulls it back: use {_stronger_pull(piece.group)}, a lower learning rate, or "
                 "ortho_mode='hard'"
@@ -128,27 +129,54 @@ def _start(piece: Piece, state: dict, before: float | None) -> float:
     """ortho_init after a piece's first soft step, judged by its error ``before`` it;
     returns its error now."""
     group, p, layout, name = piece.group, piece.view, piece.layout, piece.name
-    error = penalty.max_error(layout.matrices(p))
+    error = _error(piece)
     policy = group["ortho_init"]
     if before is None or not before > (PROJECT_TOL if policy == "project" else FAR):
         return error  # started on the manifold (or no start was read): nothing to do
     if policy == "project":
         if math.isfinite(error):
-            p.copy_(layout.from_matrices(penalty.polar(layout.matrices(p)), p.shape))
-        return penalty.max_error(layout.matrices(p))
+            p.copy_(layout.from_matrices(penalty.project(layout.matrices(p), group["ortho_target"]), p.shape))
+        return _error(piece)
     if policy != "warn":
         return error
-    pull = 4 * float(group["lr"]) * _beta(piece, state)  # the most an entry of R moves per step
+    # The most an entry of R moves per step: 2γβ·W_jk, W = 2 for orthonormal vectors.
+    lr_beta = float(group["lr"]) * _beta(piece, state)
+    pull = 2 * lr_beta * _largest_weight(piece)
     needed = before / pull if pull > 0 else math.inf
     if needed > FAR_STEPS:
+        goal, measure, residual = _target_words(group)
         _warn(
-            f"{name} starts far from orthonormal (max |ΦᵀΦ - I| = {before:.3g}): at this step's lr·ortho = "
-            f"{pull / 4:.3g} the soft step moves each entry of ΦᵀΦ - I by at most {pull:.3g} per step, so it needs "
-            f"at least {needed:.3g} steps to get there, more while the learning rate is warming up or decaying. "
-            "Start on the manifold with ortho_init='project' (or orthoopt.project_(optimizer) before training), "
-            "or use a larger ortho; ortho_init='keep' silences this"
+            f"{name} starts far from {goal} ({measure} = {before:.3g}): at this step's lr·ortho = "
+            f"{lr_beta:.3g} the soft step moves each entry of {residual} by at most {pull:.3g} per step, so it "
+            f"needs at least {needed:.3g} steps to get there, more while the learning rate is warming up or "
+            "decaying. Start on the manifold with ortho_init='project' (or orthoopt.project_(optimizer) before "
+            "training), or use a larger ortho; ortho_init='keep' silences this"
         )
     return error
+
+
+def _error(piece: Piece) -> float:
+    """The error of the piece's own target (:func:`orthoopt.penalty.max_error`)."""
+    group = piece.group
+    return penalty.max_error(piece.layout.matrices(piece.view), group["ortho_target"], group["ortho_normalize"])
+
+
+def _largest_weight(piece: Piece) -> float:
+    """``max W_jk`` of the soft step's linearisation (:func:`orthoopt.penalty.orthogonal_step`):
+    2 for orthonormal vectors, the largest ``q_j + q_k`` of distinct vectors where lengths are free."""
+    group = piece.group
+    if group["ortho_target"] == "orthonormal":
+        return 2.0
+    return penalty.largest_weight(piece.layout.matrices(piece.view), group["ortho_normalize"])
+
+
+def _target_words(group: dict) -> tuple[str, str, str]:
+    """What the group's target is, its error and its residual, for messages."""
+    if group["ortho_target"] == "orthonormal":
+        return "orthonormal", "max |ΦᵀΦ - I|", "ΦᵀΦ - I"
+    if group["ortho_normalize"]:
+        return "orthogonal", "the largest |cos| of two of its vectors", "its vectors' cosines"
+    return "orthogonal", "the largest |dot product| of two of its vectors", "its vectors' dot products"
 
 
 def _stronger_pull(group: dict) -> str:

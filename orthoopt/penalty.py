@@ -13,6 +13,11 @@ minimal-norm subgradient at a kink) or the Huber function of threshold :math:`\d
 whose derivative is :math:`\operatorname{clamp}(x/\delta, -1, 1)`.  The 2 comes from the
 symmetry of :math:`R_i`: :math:`d\mu = G : (\Phi^\top d\Phi + d\Phi^\top \Phi) = 2\Phi G : d\Phi`.
 
+That is the default target, orthonormal vectors.  ``target='orthogonal'`` keeps only the
+off-diagonal of :math:`\Phi_i^\top\Phi_i` (the lengths free), and ``normalize=True`` takes the
+cosines instead of the dot products (:func:`target_residual`, :func:`l1_orthogonality_grad`;
+the soft step's :func:`orthogonal_residual` and :func:`orthogonal_step`).
+
 Every function works on all groups at once with batched matmuls; half-precision inputs
 have their Gram matrices accumulated in float32.
 """
@@ -32,6 +37,7 @@ __all__ = [
     "TARGETS",
     "check_target",
     "unit_columns",
+    "shortest_length",
     "target_residual",
     "cosine_direction",
     "residual",
@@ -39,6 +45,11 @@ __all__ = [
     "huber",
     "safe_step_size",
     "penalty_step",
+    "gram_matrix",
+    "orthogonal_residual",
+    "orthogonal_from_gram",
+    "orthogonal_step",
+    "largest_weight",
     "max_abs",
     "steppable",
     "largest_residual",
@@ -60,6 +71,14 @@ def residual(mats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
 
     ``out``: an ``(m, n, n)`` workspace of the result's dtype (the optimizer reuses one).
     """
+    gram = gram_matrix(mats, out)
+    gram.diagonal(dim1=-2, dim2=-1).sub_(1)
+    return gram
+
+
+def gram_matrix(mats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``Φ_iᵀ Φ_i`` for a stack ``(m, l, n)``; float32 for half-precision stacks (``out``: as for
+    :func:`residual`)."""
     if mats.dtype in _HALF:
         if mats.is_cuda:
             # bf16/fp16 tensor-core matmul with a float32 output (fp32 accumulation).
@@ -69,7 +88,6 @@ def residual(mats: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
             gram = torch.bmm(wide.mT, wide, out=out)
     else:
         gram = torch.bmm(mats.mT, mats, out=out)
-    gram.diagonal(dim1=-2, dim2=-1).sub_(1)
     return gram
 
 
@@ -106,6 +124,7 @@ def safe_step_size(
     r_max: torch.Tensor | None = None,
     s_max: torch.Tensor | None = None,
     s_top: float | None = None,
+    reach: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-matrix step :math:`\eta_i` for :math:`\Phi_i \leftarrow \Phi_i (I - \eta_i S_i)`.
 
@@ -123,12 +142,15 @@ def safe_step_size(
     which bounds what the linearisation leaves out and keeps the step from diverging for
     any ``lr·β``.  ``r`` and ``s`` are ``(m, n, n)``; ``scratch``, like them, is overwritten.
     ``r_max`` and ``s_max``: :func:`max_abs` of ``r`` and ``s``, if the caller has them;
-    ``s_top``: the largest entry of ``s_max`` as a Python number, likewise.
+    ``s_top``: the largest entry of ``s_max`` as a Python number, likewise.  ``reach``: where the
+    linearisation is :math:`R^+ \approx R - \eta\, W \odot G` instead (a target whose lengths
+    are free, :func:`orthogonal_step`), :math:`\max_{jk} W_{jk}|G_{jk}|` per matrix, which then
+    stands for :math:`2\max|S|` in the middle term.
     """
     tiny = torch.finfo(r.dtype).tiny
     r_max = max_abs(r) if r_max is None else r_max
     s_max = max_abs(s) if s_max is None else s_max
-    no_overshoot = r_max / (2 * s_max).clamp_min(tiny)
+    no_overshoot = r_max / (2 * s_max if reach is None else reach).clamp_min(tiny)
     if s.device.type == "cpu" and not torch.compiler.is_compiling():
         # Host checks, free on CPU, that skip the cap's work where it cannot bind, with the
         # same result: ‖S‖₂ <= max row sum <= n·max|S| (a margin covers the sums' rounding,
@@ -246,6 +268,122 @@ def _no_crossing(smoothing: float, kind: str, eta: torch.Tensor | float) -> torc
     return max(smoothing, 2 * eta)
 
 
+def orthogonal_residual(
+    mats: torch.Tensor, normalize: bool, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The soft step's residual of ``target='orthogonal'``, from the Gram matrix
+    :math:`P = \Phi^\top\Phi`: :math:`R = P \odot (\mathbf 1 - I)`, or with ``normalize`` the cosines
+    :math:`R = D^{-1} P D^{-1} \odot (\mathbf 1 - I)`, :math:`D^2 = \operatorname{diag}(P)`; and the
+    squared lengths :math:`\operatorname{diag}(P)`, ``(m, n)``, that :func:`orthogonal_step` needs.
+
+    One matmul, as for the orthonormal target (and all-reducible over row shards).  A column
+    whose squared length is below the float's smallest normal number is zero-length (see
+    :func:`unit_columns`, which draws the same line): its cosines are 0.  ``out``: an
+    ``(m, n, n)`` workspace of the result's dtype.
+    """
+    return orthogonal_from_gram(gram_matrix(mats, out), normalize)
+
+
+def orthogonal_from_gram(gram: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`orthogonal_residual` from the Gram matrices ``ΦᵀΦ`` (e.g. summed over row shards), in place."""
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    squares = diagonal.clone()
+    if normalize:
+        inverse = _inverse_lengths(squares)
+        gram.mul_(inverse[:, :, None]).mul_(inverse[:, None, :])
+    diagonal.zero_()
+    return gram, squares
+
+
+def _inverse_lengths(squares: torch.Tensor) -> torch.Tensor:
+    # 1/‖φ_j‖ from ‖φ_j‖², 0 for a zero-length column (a squared length below the float's tiny).
+    return torch.where(squares < torch.finfo(squares.dtype).tiny, 0.0, squares.rsqrt())
+
+
+def orthogonal_step(
+    r: torch.Tensor,
+    squares: torch.Tensor,
+    mats: torch.Tensor,
+    smoothing: float,
+    kind: str,
+    eta: torch.Tensor | float,
+    normalize: bool,
+    *,
+    out: torch.Tensor | None = None,
+    finite: torch.Tensor | bool | None = None,
+    r_max: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r""":func:`penalty_step` for ``target='orthogonal'``: ``-η_i Φ_i S_i`` from
+    :func:`orthogonal_residual`'s ``r`` and ``squares``, with the caps of :func:`safe_step_size`
+    adapted to free lengths.
+
+    The gradient is :math:`2\beta\,\Phi S` with :math:`S = G = h'(R)` (zero diagonal), or for the
+    cosines :math:`S = D^{-1}(G - \operatorname{Diag}\rho)D^{-1}`, :math:`\rho_j = \sum_k R_{jk}G_{jk}`
+    (:func:`l1_orthogonality_grad`).  The step :math:`\Phi^+ = \Phi(I - \eta S)` changes the
+    residual, to first order and leaving out terms of the size of :math:`R` times the step (as
+    :func:`safe_step_size`'s :math:`R - 2\eta S` does), by
+
+    .. math::
+        R^+_{jk} \approx R_{jk} - \eta\, W_{jk}\, G_{jk}, \qquad W_{jk} = q_j + q_k,\quad
+        q_j = \|\varphi_j\|^2 \ \text{(dot products)}, \ \ q_j = \|\varphi_j\|^{-2} \ \text{(cosines)}:
+
+    with :math:`P = D^2 + R`, :math:`dP = -\eta(PS + SP)` has off-diagonal
+    :math:`-\eta(q_j + q_k)S_{jk}`; for the cosines :math:`\Phi^+ = (U - \eta U S' D^{-2}) D`
+    turns :math:`u_j` by :math:`-\eta (US')_j / \|\varphi_j\|^2` within its tangent space, and
+    :math:`dC_{jk} = -\eta(q_j + q_k)G_{jk}`.  (The orthonormal target is :math:`W = 2`.)  So:
+
+    - the L1 direction is :math:`G = \operatorname{clamp}(R / \max(\delta, \eta W), -1, 1)`, entry by
+      entry: an entry below :math:`\eta W_{jk}` moves to zero instead of across it;
+    - the no-overshoot term of :func:`safe_step_size` is :math:`\max|R| / \max_{jk} W_{jk}|G_{jk}|`,
+      the largest step after which no entry of :math:`R` is further from zero than the largest
+      was (the *reach*);
+    - the spectral cap :math:`\|\eta S\|_2 \le 1/4` is on the :math:`S` of the update itself, so
+      the relative change of :math:`\Phi` per step stays bounded as for the orthonormal target
+      (a short vector makes :math:`S` of the cosines large, and the whole matrix's step small).
+
+    ``out`` (like ``mats``) and ``scratch`` (like ``r``, free until the product: it may share
+    ``out``'s memory) are optional workspaces; ``r`` is spent, and one ``(m, n, n)`` tensor is
+    allocated.  ``finite`` and ``r_max``: as for :func:`penalty_step`.
+    """
+    r_max = max_abs(r) if r_max is None else r_max
+    finite = steppable(r_max, kind) if finite is None else finite
+    inverse = _inverse_lengths(squares) if normalize else None
+    q = inverse * inverse if normalize else squares
+    weights = torch.add(q[:, :, None], q[:, None, :], out=scratch)
+    g = torch.empty_like(r)  # G, then S: not in scratch, which may share the product's memory
+    if kind == "l1":
+        # Per entry, η·W_jk can leave the float's range where a vector is nearly zero-length
+        # (q ~ 1/tiny): the cutoff is then inf and that entry does not move, as a zero-length one.
+        eta_b = eta.reshape(-1, 1, 1) if isinstance(eta, torch.Tensor) and eta.dim() else eta
+        cutoff = torch.mul(weights, eta_b, out=g).clamp_(min=max(smoothing, torch.finfo(r.dtype).tiny))
+        direction(r, cutoff, kind, out=g)  # R / cutoff, in the cutoff's place
+    else:
+        direction(r, smoothing, kind, out=g)
+    reach = max_abs(weights.mul_(g))
+    if normalize:
+        g.diagonal(dim1=-2, dim2=-1).sub_(torch.mul(r, g, out=weights).sum(-1))
+        g.mul_(inverse[:, :, None]).mul_(inverse[:, None, :])
+    eta_i = safe_step_size(r, g, eta, scratch=r, r_max=r_max, reach=reach)
+    g.mul_(eta_i.neg_()[:, None, None])
+    delta = torch.bmm(mats, g.to(mats.dtype), out=out)
+    if finite is not True:
+        delta.masked_fill_(~finite[:, None, None], 0)
+    return delta
+
+
+def largest_weight(mats: torch.Tensor, normalize: bool) -> float:
+    """The largest :math:`W_{jk} = q_j + q_k` over distinct columns ``j, k`` of a stack (see
+    :func:`orthogonal_step`), as a Python float (a host sync): how far one step of unit ``η``
+    moves an entry of the residual at most, where the lengths are free; 0 for one column."""
+    if mats.shape[-1] < 2:
+        return 0.0
+    wide = mats.float() if mats.dtype in _HALF else mats
+    squares = wide.square().sum(-2)
+    q = _inverse_lengths(squares).square_() if normalize else squares
+    return q.topk(2, dim=-1).values.sum(-1).max().item()
+
+
 def spectral_norm(
     s: torch.Tensor, iters: int = 4, rowsum: torch.Tensor | None = None, s_max: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -347,17 +485,25 @@ def unit_columns(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The columns of a stack ``(m, l, n)`` over their lengths, :math:`U = \Phi D^{-1}` with
     :math:`D = \operatorname{diag}(\|\varphi_j\|)`, and the inverse lengths ``(m, n)``.
 
-    A column whose entries are all below the float's smallest normal number
-    (``torch.finfo(dtype).tiny``: zero, or subnormal) counts as zero-length: its unit vector and
-    its inverse length are 0, so its cosine with every vector is 0 and so is its gradient (the
-    cosine is not continuous there, and this is the convention).  The lengths are taken of the
-    columns divided by a power of two near their largest entry: an exact rescaling (the same
-    bits as the plain norm wherever that does not overflow or underflow), so that any finite
-    column has a finite unit vector.  Half-precision stacks are widened to float32.
-    Differentiable by autograd, zero-length columns included (their gradient is 0).
+    A column shorter than :func:`shortest_length` (zero, or so short that its squared length
+    underflows) counts as zero-length: its unit vector and its inverse length are 0, so its
+    cosine with every vector is 0 and so is its gradient (the cosine is not continuous there,
+    and this is the convention; the soft step, which reads the lengths off the Gram matrix,
+    draws the same line).  The lengths are taken of the columns divided by a power of two near
+    their largest entry: an exact rescaling (the same bits as the plain norm wherever that does
+    not overflow), so that any finite column has a finite unit vector.  Half-precision stacks
+    are widened to float32.  Differentiable by autograd, zero-length columns included (their
+    gradient is 0).
     """
     unit, inverse, _ = _unit_columns(mats)
     return unit, inverse
+
+
+def shortest_length(dtype: torch.dtype) -> float:
+    """The shortest vector that is not zero-length under ``normalize=True``: the square root of
+    the float's smallest normal number (2⁻⁶³ ≈ 1.1e-19 in float32, 2⁻⁵¹¹ ≈ 1.5e-154 in float64),
+    below which its squared length is no longer a normal number."""
+    return torch.finfo(dtype).tiny ** 0.5
 
 
 def _unit_columns(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -365,11 +511,13 @@ def _unit_columns(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     wide = mats.float() if mats.dtype in _HALF else mats
     with torch.no_grad():
         top = wide.abs().amax(-2, keepdim=True)
-        zero = top < torch.finfo(wide.dtype).tiny  # NaN columns are not zero: they stay NaN
         # 2^(e-1) for top = f·2^e (f in [1/2, 1)): exact, and never inf.
-        scale = torch.where(zero, 1.0, top / torch.frexp(top)[0].mul_(2))
+        scale = torch.where(top > 0, top / torch.frexp(top)[0].mul_(2), 1.0)
     v = wide / scale
     length = torch.linalg.vector_norm(v, dim=-2, keepdim=True)  # in [1, 2√l] where not zero
+    with torch.no_grad():
+        # scale·|v| is the length, or below the line where it underflows; NaN columns stay NaN.
+        zero = length * scale < shortest_length(wide.dtype)
     safe = torch.where(zero, 1.0, length)
     unit = torch.where(zero, 0.0, v / safe)
     inverse = torch.where(zero, 0.0, scale.reciprocal() / safe)

@@ -15,6 +15,8 @@ A step of a bucket runs in two halves around the base optimizer's update:
 - :meth:`Bucket.finish`, after it: for ``'auto'``, β from the base update and then the step
   (:mod:`orthoopt.auto`); then the update is added to the parameters.
 
+A bucket of ``ortho_target='orthogonal'`` forms that target's residual and step instead
+(:func:`orthoopt.penalty.orthogonal_residual`, :func:`~orthoopt.penalty.orthogonal_step`).
 :math:`S` is formed in place of :math:`R`, and a bucket of several parameters is gathered
 in chunks (:data:`CHUNK_SHARE`), so that the workspaces besides the update itself stay a
 fraction of the parameters.  The update must be held from before the base step to after
@@ -61,7 +63,14 @@ def buckets(soft_pieces: list[Piece], workspaces: bool) -> list[Bucket | distrib
             found.setdefault("dtensor", distributed.ShardedBucket()).add(p, piece.layout, group)
             continue
         m, l, n = piece.layout.stack_shape(p.shape)
-        options = (group["ortho_smoothing"], group["ortho_penalty"], group["ortho_nonfinite"], group["ortho"] == "auto")
+        options = (
+            group["ortho_smoothing"],
+            group["ortho_penalty"],
+            group["ortho_nonfinite"],
+            group["ortho"] == "auto",
+            group["ortho_target"],
+            group["ortho_normalize"],
+        )
         # Groups that skip steps keep their own buckets: each has its own count.
         key = (l, n, p.dtype, p.device, *options, every, piece.group_index if every > 1 else None)
         if key not in found:
@@ -113,11 +122,23 @@ class Bucket:
     parameters' size from its second step on.
     """
 
-    def __init__(self, smoothing: float, kind: str, nonfinite: str, auto: bool, every: int = 1):
+    def __init__(
+        self,
+        smoothing: float,
+        kind: str,
+        nonfinite: str,
+        auto: bool,
+        target: str = "orthonormal",
+        normalize: bool = False,
+        every: int = 1,
+    ):
         self.smoothing = smoothing
         self.kind = kind
         self.nonfinite = nonfinite
         self.auto = auto
+        # The orthonormal target's residual and step, or those of free lengths (orthoopt.penalty).
+        self.target = target
+        self.normalize = normalize
         self.every = every
         self.params: list[torch.Tensor] = []
         self.layouts: list[Layout] = []
@@ -254,7 +275,7 @@ class Bucket:
         bad = []
         for chunk in self.chunks or [self._whole()]:
             mats = self.gather(chunk, chunk.stack)
-            r = penalty.residual(mats, out=chunk.r)
+            r, squares = self.residual(mats, chunk.r)
             r_max = penalty.max_abs(r)  # the step needs it; NaN or Inf where a matrix is not finite
             finite, r_top = self._finite(r_max)
             if finite is not True and self.nonfinite != "skip":
@@ -265,8 +286,15 @@ class Bucket:
                 eta = self.eta(chunk, r)
                 if isinstance(eta, float):  # a tensor lr is not read back: that would sync
                     check_step_size(eta, mats.dtype, chunk.names, None)
-                self._step(chunk, mats, r, r_max, finite, eta, r_top)
+                self._step(chunk, mats, r, r_max, finite, eta, r_top, squares)
         return bad
+
+    def residual(self, mats: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual of the bucket's target into ``out``, with the columns' squared lengths
+        where the lengths are free (:func:`orthoopt.penalty.orthogonal_residual`), else None."""
+        if self.target == "orthonormal":
+            return penalty.residual(mats, out=out), None
+        return penalty.orthogonal_residual(mats, self.normalize, out=out)
 
     def _finite(self, r_max: torch.Tensor) -> tuple[torch.Tensor | bool, float | None]:
         """Which matrices can take a step (True: all; :func:`orthoopt.penalty.steppable`), and
@@ -296,21 +324,38 @@ class Bucket:
         self.apply(self.delta if self._delta is None else self._delta)
         self._delta = None
 
-    def _step(self, chunk: Chunk, mats: torch.Tensor, r: torch.Tensor, r_max, finite, eta, r_top=None) -> None:
-        # S in place of R: R is not needed once the step sizes are known.
-        delta = penalty.penalty_step(
-            r,
-            mats,
-            self.smoothing,
-            self.kind,
-            eta,
-            s_out=r,
-            out=chunk.delta,
-            finite=finite,
-            r_max=r_max,
-            r_top=r_top,
-            scratch=chunk.scratch,
-        )
+    def _step(
+        self, chunk: Chunk, mats: torch.Tensor, r: torch.Tensor, r_max, finite, eta, r_top=None, squares=None
+    ) -> None:
+        if squares is None:
+            # S in place of R: R is not needed once the step sizes are known.
+            delta = penalty.penalty_step(
+                r,
+                mats,
+                self.smoothing,
+                self.kind,
+                eta,
+                s_out=r,
+                out=chunk.delta,
+                finite=finite,
+                r_max=r_max,
+                r_top=r_top,
+                scratch=chunk.scratch,
+            )
+        else:  # free lengths ('auto', which steps after the base update without them, is refused there)
+            delta = penalty.orthogonal_step(
+                r,
+                squares,
+                mats,
+                self.smoothing,
+                self.kind,
+                eta,
+                self.normalize,
+                out=chunk.delta,
+                finite=finite,
+                r_max=r_max,
+                scratch=chunk.scratch,
+            )
         if chunk.delta is None:
             self._delta = delta  # no workspaces (torch.compile plans its own buffers): one chunk
 
