@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .layout import canonical_layout
+
 __all__ = [
     "register_layout",
     "register_positional",
@@ -85,8 +87,6 @@ def register_layout(owner: type | str, path: str, layout: str | Rule) -> None:
     (a layout string, or a function of the module that returns one, or None where it does
     not know the module's configuration).  A later registration of the same (owner, path)
     replaces the earlier one; ``path`` may be a glob (``"weight_hh_l*"``)."""
-    from .layout import canonical_layout
-
     key = _key(owner, "register_layout")
     if not isinstance(path, str) or not path:
         raise TypeError(f"register_layout: path must name a parameter inside {key}, such as 'qkv.weight'; got {path!r}")

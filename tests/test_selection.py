@@ -513,3 +513,25 @@ def test_a_registration_is_checked_when_it_is_made():
     with pytest.raises(TypeError, match="a layout string or a function of the module"):
         registry.register_layout(Fused, "qkv.weight", 3)
     assert registry.qualified(Fused) not in registry._LAYOUTS
+
+
+@pytest.mark.parametrize(
+    "name, positional",
+    [
+        ("pos_embed", True),
+        ("pos_embd", True),
+        ("pos_proj", True),
+        ("rel_pos", True),
+        ("shared_rel_pos", True),
+        ("cpb_mlp", True),
+        ("pos_conv_embed", True),
+        ("continuous_position_bias_mlp", True),
+        ("pos_ff", False),  # Transformer-XL's position-wise feed-forward layer
+        ("position_wise_ffn", False),
+        ("post_proj", False),
+        ("pos", False),
+    ],
+)
+def test_which_names_say_positional(name, positional):
+    model = nn.Sequential(OrderedDict([(name, nn.Linear(8, 8)), ("body", nn.Linear(8, 8))]))
+    assert (f"{name}.weight" in chosen(model)) is not positional
