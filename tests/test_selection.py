@@ -535,3 +535,40 @@ def test_a_registration_is_checked_when_it_is_made():
 def test_which_names_say_positional(name, positional):
     model = nn.Sequential(OrderedDict([(name, nn.Linear(8, 8)), ("body", nn.Linear(8, 8))]))
     assert (f"{name}.weight" in chosen(model)) is not positional
+
+
+def _block_errors(w: torch.Tensor) -> list[float]:
+    """Orthogonality errors of q, k and v of Fused(heads=2), read off the weight's rows directly."""
+    q, k, v = [0, 1, 2, 3, 16, 17, 18, 19], [4, 5, 6, 7, 20, 21, 22, 23], [*range(8, 16), *range(24, 32)]
+    errors = []
+    for rows in (q, k, v):
+        block = w.detach().double()[rows]  # (8 or 16, 16): not taller than wide, its rows orthonormal
+        errors.append((block @ block.T - torch.eye(len(rows), dtype=torch.float64)).abs().max().item())
+    return errors
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_a_registered_composite_layout_end_to_end(fused_registered, mode):
+    """project_, the soft and the hard step and the errors work on each block of the per-head
+    interleaved rows (the pieces), as the forward uses them."""
+    torch.manual_seed(0)
+    model = Fused()
+    assert max(_block_errors(model.qkv.weight)) > 0.3
+    orthoopt.project_(model)
+    assert max(_block_errors(model.qkv.weight)) < 1e-5
+    with torch.no_grad():
+        model.qkv.weight.add_(0.05 * torch.randn_like(model.qkv.weight))
+    start = _block_errors(model.qkv.weight)
+    groups = orthoopt.param_groups(model, ortho=1.0, ortho_mode=mode, ortho_init="warn")
+    opt = orthoopt.OrthoSGD(groups, lr=0.05)
+    x = torch.randn(4, 3, 16)
+    for _ in range(30):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    errors = _block_errors(model.qkv.weight)
+    assert opt.orthogonality_errors()["qkv.weight"] == pytest.approx(max(errors), abs=1e-6)
+    if mode == "hard":  # projected at the first hard step, then kept on the manifold
+        assert max(errors) < 1e-5
+    else:  # the decoupled step pulls every block back
+        assert max(errors) < 0.2 * min(start)
