@@ -185,6 +185,17 @@ register_layout(
     lambda m: blocks([m.qk_dim, m.qk_dim, m.pdim], rows=m.qkv.c.out_channels),  # split([qk, qk, pdim])
 )
 register_layout(
+    _L + "diff_attention.DiffAttention",
+    "qkv.weight",
+    # chunk(3); q and k as (2 heads, head_dim) pairs: q1 = the even heads, q2 the odd; v whole
+    lambda m: (
+        f"row_blocks:{m.num_heads}x({m.head_dim},{m.head_dim})+{m.num_heads}x({m.head_dim},{m.head_dim})"
+        f"+{2 * m.num_heads * m.head_dim}"
+        if m.qkv.out_features == 6 * m.num_heads * m.head_dim
+        else None
+    ),
+)
+register_layout(
     _T + "vision_transformer.DiffParallelScalingBlock",
     "in_proj.weight",
     # split([mlp hidden, dim, dim, dim]); q and k as (2 heads, head_dim) pairs: q1 = the even heads, q2 the odd

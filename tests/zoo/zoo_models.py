@@ -271,6 +271,7 @@ TIMM_MODELS = [
     Timm("test_vit_relpos", 160),  # rel_pos.mlp, a positional MLP
     Timm("vit_base_patch16_xp_224", 32, dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
     Timm("vit_dpwee_patch16_reg1_gap_256", 32, dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
+    Timm("vit_dwee_patch16_reg1_gap_256", 32, dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
     Timm("beit_base_patch16_224", 32, dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
     Timm(
         "samvit_base_patch16",
