@@ -226,15 +226,20 @@ class ShardedBucket:
     def due(self) -> bool:
         return True
 
-    def before(self, optimizer: Any) -> None:
-        """Before the base step: the deltas at the pre-step weights (:meth:`delta`)."""
-        self._deltas = self.delta()
+    def before(self, optimizer: Any, amp: Any = None) -> None:
+        """Before the base step: the deltas at the pre-step weights (:meth:`delta`); none where
+        a GradScaler's ``found_inf`` was read on the host (:class:`orthoopt.plan.Amp`)."""
+        self._deltas = None if amp is not None and amp.skipped is True else self.delta()
 
-    def after(self, optimizer: Any) -> None:
-        """After the base step: the 'auto' deltas (:meth:`finish`), then all of them added."""
+    def after(self, optimizer: Any, amp: Any = None) -> None:
+        """After the base step: the 'auto' deltas (:meth:`finish`), then all of them added,
+        times ``amp.keep`` (0 where ``found_inf`` is set, on the device)."""
         deltas, self._deltas = self._deltas, None
-        self.finish(deltas, optimizer.state)
-        self.apply(deltas)
+        if deltas is None:
+            return
+        keep = None if amp is None else amp.keep
+        self.finish(deltas, optimizer.state, None if amp is None else amp.found)
+        self.apply(deltas, keep)
 
     @torch.no_grad()
     def delta(self) -> list[Any]:
@@ -268,9 +273,9 @@ class ShardedBucket:
         return _Staged(r, e.param.to_local().clone()) if e.auto else self._step(e, r, mats, e.eta)
 
     @torch.no_grad()
-    def finish(self, deltas: list[Any], state: Any) -> None:
+    def finish(self, deltas: list[Any], state: Any, skipped: torch.Tensor | None = None) -> None:
         """After the base step: β of the ``'auto'`` entries from their update, and their deltas
-        (``state``: the optimizer's, for the running estimate)."""
+        (``state``: the optimizer's, for the running estimate, which stays where ``skipped``)."""
         for k, (e, staged) in enumerate(zip(self.entries, deltas)):
             if not isinstance(staged, _Staged):
                 continue
@@ -280,7 +285,7 @@ class ShardedBucket:
             if e.path == "all_reduce":  # a sum over rows, like the Gram
                 _all_reduce_sums(e.param.device_mesh, shard_dims(e.param), [products])
             lam = auto.threshold(products, torch.isfinite(penalty.max_abs(staged.r)) & (lr > 0))
-            beta = auto.AUTO_SAFETY * auto.remember(state[e.param], lam)
+            beta = auto.AUTO_SAFETY * auto.remember(state[e.param], lam, skipped=skipped)
             deltas[k] = self._step(e, staged.r, before, 2 * lr * beta)
 
     @staticmethod
@@ -297,14 +302,18 @@ class ShardedBucket:
         return _local_part(e.param, e.layout.from_matrices(stack, e.param.shape))
 
     @torch.no_grad()
-    def apply(self, deltas: list[torch.Tensor | None]) -> None:
+    def apply(self, deltas: list[torch.Tensor | None], keep: torch.Tensor | None = None) -> None:
+        """Add each local delta to its shard (times ``keep`` where it is given)."""
         for e, d in zip(self.entries, deltas):
             local = e.param.to_local()
             if local.numel() == 0:
                 continue
             if e.path != "gather":
                 d = e.layout.from_matrices(d, local.shape)
-            local.add_(d)
+            if keep is None:
+                local.add_(d)
+            else:
+                local.addcmul_(d, keep)
 
 
 def _local_part(p: Any, whole: torch.Tensor) -> torch.Tensor:

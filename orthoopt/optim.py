@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, penalty, stiefel, wrappers
+from . import checkpoint, distributed, penalty, soft, stiefel, wrappers
 from .layout import Layout, resolve_layout
 from .options import (
     ORTHO_DEFAULTS,
@@ -87,6 +87,7 @@ class OrthoMixin:
         ortho_every: int = 1,
         ortho_target: str = "orthonormal",
         ortho_normalize: bool = False,
+        ortho_tol: float | None = None,
         **kwargs,
     ):
         check_known_options(kwargs, "optimizer defaults")  # the rest are the base class's
@@ -105,6 +106,7 @@ class OrthoMixin:
                 "ortho_every": ortho_every,
                 "ortho_target": ortho_target,
                 "ortho_normalize": ortho_normalize,
+                "ortho_tol": ortho_tol,
             },
             "optimizer defaults",
         )
@@ -147,6 +149,7 @@ class OrthoMixin:
             candidate["param_names"] = [n for n, _ in params]
             candidate["params"] = [p for _, p in params]
         self._check_params(candidate, index)
+        _refuse_counting_under_capture(candidate, self.defaults, index)
         super().add_param_group(param_group)
         self._ortho_plan = None
 
@@ -206,7 +209,7 @@ class OrthoMixin:
             super().load_state_dict(state_dict)
         finally:
             handle.remove()
-        self._ortho_plan = None
+        self._ortho_plan = self._ortho_shadow = None
         checkpoint.keep_wide_state(loaded["state_dict"], self.param_groups, self.state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -264,7 +267,7 @@ class OrthoMixin:
         """The plan of this step (:mod:`orthoopt.plan`), kept while it holds; one of its own
         while torch.compile traces the step (the compiler plans its own buffers)."""
         if torch.compiler.is_compiling():
-            return Plan(self.param_groups, cached=False)
+            return Plan(self.param_groups, workspaces=False)
         plan = self.__dict__.get("_ortho_plan")
         if plan is None or not plan.current(self.param_groups):
             plan = self._ortho_plan = Plan(self.param_groups)
@@ -282,6 +285,28 @@ class OrthoMixin:
             error = _max_error(piece.layout, piece.view, piece.group)
             errors[piece.key] = max(errors.get(piece.key, error), error)
         return errors
+
+    def ortho_tol_corrections(self) -> dict[str, int]:
+        """``{name: how many times ortho_tol corrected a matrix of the parameter}`` (summed over
+        its matrices and steps; read from the optimizer state, a sync on an accelerator)."""
+        out: dict[str, int] = {}
+        for piece in pieces(self.param_groups, mode="soft"):
+            if piece.group.get("ortho_tol") is None:
+                continue
+            counts = self.state.get(piece.param, {}).get(soft.CORRECTIONS + piece.suffix)
+            out[piece.key] = out.get(piece.key, 0) + (0 if counts is None else int(counts.sum()))
+        return out
+
+
+def _refuse_counting_under_capture(group: dict, defaults: dict, group_index: int) -> None:
+    # At construction only: torch.compile's trace of a step sees capturable=True in every
+    # group, and writes it back into CPU groups too.
+    if penalized(group) and group["ortho_every"] != 1 and group.get("capturable", defaults.get("capturable")):
+        raise ValueError(
+            f"param group {group_index}: ortho_every={group['ortho_every']} with capturable=True: the soft "
+            "step's count of step() calls is kept on the host, and a CUDA graph's replays run no Python; "
+            "use ortho_every=1 with capturable=True"
+        )
 
 
 class _Reevaluate:
@@ -322,6 +347,8 @@ _CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orth
     ortho_target (str): 'orthonormal' (ΦᵀΦ = I, the default) or 'orthogonal' (only the dot
         products of distinct vectors; their lengths free), soft mode only (docs/conventions.md).
     ortho_normalize (bool): with ortho_target='orthogonal', the cosines instead of the dot products.
+    ortho_tol (float or None): after every step, a matrix whose max |ΦᵀΦ - I| is above it is
+        corrected towards its polar factor within the step (:mod:`orthoopt.soft`); None (default): off.
 """
 
 # One class per base class, so that orthogonalize(X) is orthogonalize(X) (isinstance works,

@@ -62,6 +62,7 @@ ORTHO_DEFAULTS: dict[str, Any] = {
     "ortho_every": 1,
     "ortho_target": "orthonormal",
     "ortho_normalize": False,
+    "ortho_tol": None,
 }
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
@@ -195,6 +196,25 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
             "step: use ortho_every=1 with ortho_mode='hard'"
         )
     _check_target_options(out, where)
+    tol = out.get("ortho_tol")
+    if tol is not None:
+        number = real_number(tol)
+        if number is None or not (0 < number < 1):
+            raise ValueError(
+                f"{where}: ortho_tol must be None (off) or a number in (0, 1), the largest max |ΦᵀΦ - I| "
+                f"that a matrix may keep after a step, got {tol!r}"
+            )
+        if mode == "hard":
+            raise ValueError(
+                f"{where}: ortho_tol={tol} corrects the soft step; hard mode stays on the manifold at every step: "
+                "use ortho_tol=None with ortho_mode='hard'"
+            )
+        if out.get("ortho_target", "orthonormal") != "orthonormal":
+            raise ValueError(
+                f"{where}: ortho_tol={tol} corrects towards the polar factor, an orthonormal target; with "
+                f"ortho_target={out['ortho_target']!r} use ortho_tol=None"
+            )
+        out["ortho_tol"] = number
     if "ortho_layout" in out:
         out["ortho_layout"] = canonical_layout(out["ortho_layout"], f"{where}: ortho_layout")
     return out
