@@ -18,6 +18,7 @@ transformers was met by some model of the zoo, and so checked against its forwar
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -164,3 +165,33 @@ def test_every_registered_entry_of_timm_and_transformers_met_a_zoo_model():
     third_party = [e for e in layouts + positional if e.owner.startswith(("timm.", "transformers."))]
     missed = [f"{e.owner} {e.path}" for e in third_party if e not in MET]
     assert missed == []
+
+
+def test_the_sweep_script_on_one_model_and_its_table(tmp_path, capsys):
+    """tools/zoo_sweep.py: one record per model, its table counts what it found, and a
+    disagreement or a selected weight of a left-out class shows in the table."""
+    import_or_skip("timm")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "zoo_sweep.py"
+    spec = importlib.util.spec_from_file_location("zoo_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep.jsonl"
+    assert sweep.main(["--out", str(out), "--models", "test_vit"]) == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    qkv = next(w for w in record["weights"] if w["name"] == "blocks.0.attn.qkv.weight")
+    assert (qkv["layout"], qkv["agrees"], qkv["forward_blocks"]) == ("row_groups:3", True, 3)
+    table = capsys.readouterr().out
+    assert "| selected layouts that disagree with the forward | 0 |" in table
+    assert "| of those, selected | 0 |" in table
+    record["model"] = "planted"
+    qkv.update(layout="auto", agrees=False, forward=[[0, 64], [64, 64], [128, 64]])
+    depthwise = dict(qkv, name="dw.weight", selected=True, agrees=True, **{"class": "depthwise conv"})
+    record["weights"] += [depthwise]
+    with out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    table = sweep.table(out)
+    assert "| selected layouts that disagree with the forward | 1 |" in table
+    assert "| of those, selected | 1 |" in table and "planted dw.weight (depthwise conv)" in table
