@@ -152,7 +152,6 @@ for _owner in (
     _T + "coat.FactorAttnConvRelPosEnc",
     _T + "convit.MHSA",
     _T + "davit.ChannelAttention",
-    _T + "davit.ChannelAttentionV2",
     _T + "davit.WindowAttention",
     _T + "edgenext.CrossCovarianceAttn",
     _T + "eva.EvaAttention",
@@ -173,8 +172,6 @@ for _owner in (
     _T + "swin_transformer_v2_cr.WindowMultiHeadAttention",
     _T + "hieradet_sam2.MultiScaleAttention",
     _T + "beit.Attention",
-    _L + "attention_pool2d.RotAttentionPool2d",
-    _L + "attention_pool2d.AttentionPool2d",
 ):
     register_layout(_owner, "qkv.weight", _thirds())
 # k and v only (q from another layer): reshape(B, N, 2, heads, head_dim)
@@ -186,6 +183,28 @@ register_layout(
     _T + "shvit.SHSA",
     "qkv.c.weight",
     lambda m: blocks([m.qk_dim, m.qk_dim, m.pdim], rows=m.qkv.c.out_channels),  # split([qk, qk, pdim])
+)
+register_layout(
+    _L + "diff_attention.DiffAttention",
+    "qkv.weight",
+    # chunk(3); q and k as (2 heads, head_dim) pairs: q1 = the even heads, q2 the odd; v whole
+    lambda m: (
+        f"row_blocks:{m.num_heads}x({m.head_dim},{m.head_dim})+{m.num_heads}x({m.head_dim},{m.head_dim})"
+        f"+{2 * m.num_heads * m.head_dim}"
+        if m.qkv.out_features == 6 * m.num_heads * m.head_dim
+        else None
+    ),
+)
+register_layout(
+    _T + "vision_transformer.DiffParallelScalingBlock",
+    "in_proj.weight",
+    # split([mlp hidden, dim, dim, dim]); q and k as (2 heads, head_dim) pairs: q1 = the even heads, q2 the odd
+    lambda m: (
+        f"row_blocks:{m.in_split[0]}+{m.num_heads}x({m.head_dim},{m.head_dim})"
+        f"+{m.num_heads}x({m.head_dim},{m.head_dim})+{m.in_split[3]}"
+        if m.in_split[1] == 2 * m.num_heads * m.head_dim and sum(m.in_split) == m.in_proj.out_features
+        else None
+    ),
 )
 register_layout(
     _T + "vision_transformer.ParallelScalingBlock",

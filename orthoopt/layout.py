@@ -41,11 +41,15 @@ Layouts are named by short strings, so that they can live in an optimizer's
 ``"row_blocks:a,b,~c"``       a block written ``~c`` holds ``c`` rows that are left free
                               (the per-level gates of a focal modulation, each a
                               single vector)
+``"row_blocks:a+Hx(b,c)"``    sections of rows, one after the other, joined by ``+``:
+                              ``a`` rows, then ``H`` heads of ``b`` and ``c`` rows
+                              (a parallel block's MLP rows, then its differential
+                              attention's two queries interleaved head by head)
 ============================  ==========================================================
 
 The blocks of ``row_blocks`` differ in size, so they make no single stack: such a layout
-is *composite*, and :meth:`Layout.pieces` gives one ``(view of the parameter, simple layout
-of that view)`` per block, every view sharing the parameter's storage.  A block that runs
+is *composite* (:class:`RowBlocks`), and :meth:`Layout.pieces` gives one ``(view of the
+parameter, simple layout of that view)`` per block, every view sharing the parameter's storage.  A block that runs
 through the heads is a strided view ``(H, rows, ...)``, whose simple layout folds its first
 two axes into its rows (``Layout.fold``).
 """
@@ -58,7 +62,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["Layout", "resolve_layout", "canonical_layout", "as_matrices", "LAYOUT_NAMES"]
+__all__ = ["Layout", "RowBlocks", "Section", "resolve_layout", "canonical_layout", "as_matrices", "LAYOUT_NAMES"]
 
 LAYOUT_NAMES = (
     "auto",
@@ -69,47 +73,33 @@ LAYOUT_NAMES = (
     "row_groups:G",
     "row_blocks:a,b,...",
     "row_blocks:Hx(a,b,...)",
+    "row_blocks:a+Hx(b,c)+...",
 )
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A resolved layout: ``kind`` is one of rows/columns/group_axis/column_groups/row_groups,
-    or the composite row_blocks.
+    """A resolved simple layout: ``kind`` is one of rows/columns/group_axis/column_groups/row_groups.
 
     ``tall`` (row_groups only) says which side of each block is orthonormal: its columns
     when the blocks are taller than wide, else its rows; :func:`resolve_layout` sets it
     from the shape.  ``fold`` (rows and columns) is how many leading axes make up the rows
-    (2 for a block of a head-by-head projection, a view ``(heads, rows, in)``).  A
-    row_blocks layout holds its block sizes (``blocks``), how often they repeat
-    (``repeat``, the heads), which blocks are left free (``free``, their indices) and, once
-    resolved, the simple layout of each constrained block (``parts``).
+    (2 for a block of a head-by-head projection, a view ``(heads, rows, in)``).
     """
 
     kind: str
     arg: int | None = None
     tall: bool = False
     fold: int = 1
-    blocks: tuple[int, ...] = ()
-    repeat: int = 1
-    free: tuple[int, ...] = ()
-    parts: tuple[Layout, ...] = ()
 
     def __str__(self) -> str:
-        if self.kind == "row_blocks":
-            sizes = ",".join(("~" if j in self.free else "") + str(size) for j, size in enumerate(self.blocks))
-            return f"row_blocks:{self.repeat}x({sizes})" if self.repeat > 1 else f"row_blocks:{sizes}"
         return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
 
-    @property
-    def composite(self) -> bool:
-        """Whether the parameter splits into pieces of different shapes (:meth:`pieces`)."""
-        return self.kind == "row_blocks"
+    composite = False  # a layout of blocks of different shapes (RowBlocks) overrides pieces
 
     # -- the map parameter -> stack of matrices -------------------------------------
     def stack_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
         """``(m, l, n)`` of the stack for a parameter of ``shape`` (no feasibility check)."""
-        self._simple("stack_shape")
         if self.kind in ("rows", "columns"):
             out, flat = math.prod(shape[: self.fold]), math.prod(shape[self.fold :])
             return (1, flat, out) if self.kind == "rows" else (1, out, flat)
@@ -125,7 +115,6 @@ class Layout:
 
     def matrices(self, p: torch.Tensor) -> torch.Tensor:
         """The stack ``(m, l, n)``; a view of ``p`` unless ``p``'s strides forbid one."""
-        self._simple("matrices")
         if self.kind == "rows":
             return p.reshape(math.prod(p.shape[: self.fold]), -1).t().unsqueeze(0)
         if self.kind == "columns":
@@ -141,7 +130,6 @@ class Layout:
 
     def from_matrices(self, stack: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """The inverse of :meth:`matrices`: a stack ``(m, l, n)`` back in the parameter's shape."""
-        self._simple("from_matrices")
         if self.kind == "rows":
             return stack.squeeze(0).t().reshape(shape)
         if self.kind == "columns":
@@ -154,47 +142,21 @@ class Layout:
             return (stack if self.tall else stack.mT).reshape(shape)
         raise AssertionError(self.kind)
 
-    def _simple(self, what: str) -> None:
-        if self.composite:
-            raise TypeError(
-                f"layout '{self}' has blocks of different sizes, which make no single stack of matrices; "
-                f"{what} applies to each of its pieces: for view, layout in layout.pieces(p)"
-            )
-
     def pieces(self, p: torch.Tensor) -> list[tuple[torch.Tensor, Layout]]:
         """The parts of ``p`` that are constrained each on its own, as ``(view of p, layout of
         that view)``.  A simple layout has one piece, ``p`` itself; a layout of blocks of
-        unequal sizes (fused projections) has one per block, each a view of ``p`` with a
-        simple layout, so that every consumer (the soft and hard steps, the errors, the
-        projection) works on the pieces as on parameters."""
-        if not self.composite:
-            return [(p, self)]
-        if not self.parts:
-            raise ValueError(f"layout '{self}' is not resolved: take it from resolve_layout(spec, shape, name)")
-        rows = p if self.repeat == 1 else p.unflatten(0, (self.repeat, sum(self.blocks)))
-        axis = 0 if self.repeat == 1 else 1
-        spans = [(sum(self.blocks[:j]), self.blocks[j]) for j in self._constrained()]
-        return [(rows.narrow(axis, start, size), part) for (start, size), part in zip(spans, self.parts)]
-
-    def _constrained(self) -> list[int]:
-        """The indices of the blocks that are constrained (not written ``~c``)."""
-        return [j for j in range(len(self.blocks)) if j not in self.free]
+        unequal sizes (fused projections, :class:`RowBlocks`) has one per block, each a view
+        of ``p`` with a simple layout, so that every consumer (the soft and hard steps, the
+        errors, the projection) works on the pieces as on parameters."""
+        return [(p, self)]
 
     def piece_shapes(self, shape: torch.Size | tuple[int, ...]) -> list[tuple[int, ...]]:
         """The shape of each piece of a parameter of ``shape`` (:meth:`pieces`)."""
-        if not self.composite:
-            return [tuple(shape)]
-        rest = tuple(shape[1:])
-        return [
-            ((size,) if self.repeat == 1 else (self.repeat, size)) + rest
-            for size in map(self.blocks.__getitem__, self._constrained())
-        ]
+        return [tuple(shape)]
 
     def stack_shapes(self, shape: torch.Size | tuple[int, ...]) -> list[tuple[int, int, int]]:
-        """``(m, l, n)`` of each piece's stack (one for a simple layout)."""
-        if not self.composite:
-            return [self.stack_shape(shape)]
-        return [part.stack_shape(s) for part, s in zip(self.parts, self.piece_shapes(shape))]
+        """``(m, l, n)`` of each piece's stack."""
+        return [self.stack_shape(shape)]
 
     def check(self, shape: torch.Size | tuple[int, ...], name: str, mode: str = "soft") -> None:
         """Raise ValueError naming ``name`` if the layout does not fit ``shape``."""
@@ -226,11 +188,6 @@ class Layout:
             )
         if self.kind in ("rows", "columns") and not 1 <= self.fold < len(shape):
             raise ValueError(f"{name}: layout '{self}' folds {self.fold} axes into rows of a {len(shape)}-D view")
-        if self.composite:
-            self._check_blocks(shape, name)
-            for j, part, s in zip(self._constrained(), self.parts, self.piece_shapes(shape)):
-                part.check(s, f"{name} (block {j} of layout '{self}', {self.repeat * self.blocks[j]} rows)", mode)
-            return
         _, length, count = self.stack_shape(shape)
         if count > length:
             raise ValueError(
@@ -239,17 +196,110 @@ class Layout:
                 f"{length} can be orthonormal. {_suggestion(self)}"
             )
 
-    def _check_blocks(self, shape: torch.Size | tuple[int, ...], name: str) -> None:
-        total = self.repeat * sum(self.blocks)
+
+@dataclass(frozen=True)
+class Section:
+    """Consecutive rows of a row_blocks layout: ``repeat`` times (heads) the blocks ``sizes``;
+    ``free`` holds the indices of the blocks left free (written ``~c``)."""
+
+    repeat: int
+    sizes: tuple[int, ...]
+    free: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        inner = ",".join(("~" if j in self.free else "") + str(size) for j, size in enumerate(self.sizes))
+        return f"{self.repeat}x({inner})" if self.repeat > 1 else inner
+
+    @property
+    def rows(self) -> int:
+        return self.repeat * sum(self.sizes)
+
+
+@dataclass(frozen=True)
+class RowBlocks(Layout):
+    """A composite layout: the rows in sections of blocks (:class:`Section`), each block of a
+    section (through its heads) one matrix, of the simple layout in ``parts`` once resolved.
+    Blocks of different sizes make no single stack: :meth:`pieces` gives one view per block."""
+
+    kind: str = "row_blocks"
+    sections: tuple[Section, ...] = ()
+    parts: tuple[Layout, ...] = ()
+
+    composite = True
+
+    def __str__(self) -> str:
+        return "row_blocks:" + "+".join(map(str, self.sections))
+
+    def _blocks(self) -> list[tuple[int, Section, int, int]]:
+        """``(row offset of the section, section, offset of the block in a head, block size)``
+        of every constrained block, in order."""
+        out, offset = [], 0
+        for section in self.sections:
+            for j, size in enumerate(section.sizes):
+                if j not in section.free:
+                    out.append((offset, section, sum(section.sizes[:j]), size))
+            offset += section.rows
+        return out
+
+    def pieces(self, p: torch.Tensor) -> list[tuple[torch.Tensor, Layout]]:
+        if len(self.parts) != len(self._blocks()):
+            raise ValueError(f"layout '{self}' is not resolved: take it from resolve_layout(spec, shape, name)")
+        views = []
+        for offset, section, start, size in self._blocks():
+            rows = p.narrow(0, offset, section.rows)
+            if section.repeat == 1:
+                views.append(rows.narrow(0, start, size))
+            else:
+                views.append(rows.unflatten(0, (section.repeat, sum(section.sizes))).narrow(1, start, size))
+        return list(zip(views, self.parts))
+
+    def piece_shapes(self, shape: torch.Size | tuple[int, ...]) -> list[tuple[int, ...]]:
+        rest = tuple(shape[1:])
+        return [
+            ((size,) if section.repeat == 1 else (section.repeat, size)) + rest
+            for _, section, _, size in self._blocks()
+        ]
+
+    def stack_shapes(self, shape: torch.Size | tuple[int, ...]) -> list[tuple[int, int, int]]:
+        return [part.stack_shape(s) for part, s in zip(self.parts, self.piece_shapes(shape))]
+
+    def stack_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
+        raise self._no_stack("stack_shape")
+
+    def matrices(self, p: torch.Tensor) -> torch.Tensor:
+        raise self._no_stack("matrices")
+
+    def from_matrices(self, stack: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        raise self._no_stack("from_matrices")
+
+    def _no_stack(self, what: str) -> TypeError:
+        return TypeError(
+            f"layout '{self}' has blocks of different sizes, which make no single stack of matrices; "
+            f"{what} applies to each of its pieces: for view, layout in layout.pieces(p)"
+        )
+
+    def check(self, shape: torch.Size | tuple[int, ...], name: str, mode: str = "soft") -> None:
+        if len(shape) < 2:
+            raise ValueError(
+                f"{name}: layout '{self}' needs a parameter of 2 or more dimensions, got shape "
+                f"{tuple(shape)}; put 0-D and 1-D parameters in a group with ortho=0"
+            )
+        total = sum(section.rows for section in self.sections)
         if total != shape[0]:
-            sizes = " + ".join(map(str, self.blocks))
-            held = f"{self.repeat} heads x ({sizes})" if self.repeat > 1 else f"blocks {sizes}"
+            held = " + ".join(
+                f"{s.repeat} heads x ({' + '.join(map(str, s.sizes))})"
+                if s.repeat > 1
+                else " + ".join(map(str, s.sizes))
+                for s in self.sections
+            )
             raise ValueError(
                 f"{name}: layout '{self}' has {held} = {total} rows, but the parameter has {shape[0]} "
                 f"(shape {tuple(shape)}); give block sizes whose sum (times the heads) is {shape[0]}"
             )
-        if len(self.parts) != len(self._constrained()):
+        if len(self.parts) != len(self._blocks()):
             raise ValueError(f"{name}: layout '{self}' is not resolved: take it from resolve_layout")
+        for k, (part, s, (_, section, _, size)) in enumerate(zip(self.parts, self.piece_shapes(shape), self._blocks())):
+            part.check(s, f"{name} (block {k} of layout '{self}', {section.repeat * size} rows)", mode)
 
 
 def _suggestion(layout: Layout) -> str:
@@ -262,19 +312,27 @@ def _suggestion(layout: Layout) -> str:
     }[layout.kind]
 
 
-def _blocks_spec(arg: str) -> Layout | None:
-    """The row_blocks layout of ``"a,b,~c"`` or ``"Hx(a,b,~c)"``; None if malformed."""
+def _section(text: str) -> Section | None:
+    """A section ``"a,b,~c"`` or ``"Hx(a,b,~c)"`` of a row_blocks layout; None if malformed."""
     repeat = "1"
-    if arg.endswith(")") and "x(" in arg:
-        repeat, _, arg = arg[:-1].partition("x(")
-    sizes = [size.removeprefix("~") for size in arg.split(",")]
-    if not repeat.isdigit() or not all(size.isdigit() for size in sizes):
+    if text.endswith(")") and "x(" in text:
+        repeat, _, text = text[:-1].partition("x(")
+    items = text.split(",")
+    sizes = [item.removeprefix("~") for item in items]
+    if not repeat.isdigit() or not all(size.isdigit() for size in sizes) or int(repeat) < 1:
         return None
-    blocks = tuple(int(size) for size in sizes)
-    free = tuple(j for j, size in enumerate(arg.split(",")) if size.startswith("~"))
-    if int(repeat) < 1 or min(blocks) < 1 or len(free) == len(blocks):
+    if min(int(size) for size in sizes) < 1:
         return None
-    return Layout("row_blocks", blocks=blocks, repeat=int(repeat), free=free)
+    free = tuple(j for j, item in enumerate(items) if item.startswith("~"))
+    return Section(int(repeat), tuple(int(size) for size in sizes), free)
+
+
+def _row_blocks(arg: str) -> RowBlocks | None:
+    """The row_blocks layout of sections joined by '+'; None if malformed or all free."""
+    sections = [_section(text) for text in arg.split("+")]
+    if any(s is None for s in sections) or all(len(s.free) == len(s.sizes) for s in sections):
+        return None
+    return RowBlocks(sections=tuple(sections))
 
 
 @lru_cache(maxsize=256)
@@ -284,7 +342,7 @@ def _parse(spec: str) -> Layout:
         return Layout("rows" if kind == "filters" else kind)
     if kind in ("group_axis", "column_groups", "row_groups") and arg.lstrip("-").isdigit():
         return Layout(kind, int(arg))
-    if kind == "row_blocks" and (parsed := _blocks_spec(arg.replace(" ", ""))) is not None:
+    if kind == "row_blocks" and (parsed := _row_blocks(arg.replace(" ", ""))) is not None:
         return parsed
     raise ValueError(
         f"unknown layout {spec!r}; expected one of {', '.join(LAYOUT_NAMES)} (D an axis, H and G numbers of "
@@ -325,8 +383,8 @@ def resolve_layout(spec: str | Layout, shape: torch.Size | tuple[int, ...], name
         # each block by init.orthogonal_'s rule: its rows unless it is taller than wide
         layout = Layout("row_groups", layout.arg, tall=shape[0] // layout.arg > math.prod(shape[1:]))
     elif layout.composite and len(shape) >= 2:
-        fold = 1 if layout.repeat == 1 else 2
-        layout = replace(layout, parts=tuple(_auto(s, fold) for s in layout.piece_shapes(shape)))
+        folds = [1 if section.repeat == 1 else 2 for _, section, _, _ in layout._blocks()]
+        layout = replace(layout, parts=tuple(_auto(s, fold) for s, fold in zip(layout.piece_shapes(shape), folds)))
     layout.check(shape, name)
     return layout
 

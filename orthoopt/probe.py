@@ -50,10 +50,12 @@ _PRODUCTS = {
 _ATTENTION = {torch.nn.functional.scaled_dot_product_attention}
 _MULTIPLY = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
 F = torch.nn.functional
-# Elementwise activations pass every feature on: the probe takes them as the identity, so that a
-# unit that happens to be dead (a ReLU below zero at every position of the probe's input) cannot
-# look like a feature the forward leaves out.
+# Elementwise activations and softmax: the probe keeps their values but passes gradients through
+# them as through the identity, so that a unit that happens to be dead (a ReLU below zero at every
+# position of the probe's input) or a saturated softmax (a one-hot row, whose gradient is exactly
+# zero) cannot look like features the forward leaves out.
 _ACTIVATIONS = {
+    F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax,
     F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu6, F.leaky_relu,
     F.leaky_relu_, F.hardtanh, F.hardtanh_, F.elu, F.elu_, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
     F.hardsigmoid, F.softplus, F.sigmoid, torch.sigmoid, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.tanh,
@@ -93,7 +95,10 @@ class _Record(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func in _ACTIVATIONS and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-            return args[0] * 1
+            x, copy = args[0], args[0].detach().clone()
+            value = func(copy, *args[1:], **kwargs)  # the values, on a copy (the call may be in place)
+            through = value.detach() + (x - x.detach())
+            return x.copy_(through) if value is copy else through
         if func is F.glu and args and args[0].grad_fn is not None:  # a * sigmoid(b) of the two halves
             self.operands.append((True, list(args[0].chunk(2, args[1] if len(args) > 1 else kwargs.get("dim", -1)))))
         if func in _ATTENTION or func in _PRODUCTS or func in _MULTIPLY:
@@ -207,8 +212,7 @@ def _read(
             for (name, _, axis), g in zip(refs, grads):
                 if g is None:
                     continue
-                dims = [d for d in range(g.dim()) if d != axis % g.dim()]
-                used = g.abs().amax(dims) > 0 if dims else g != 0
+                used = (g != 0).movedim(axis % g.dim(), 0).reshape(g.shape[axis], -1).any(1)  # NaN counts as used
                 masks[name] = used | masks[name] if name in masks else used
             reached.append(masks)
         # x1 * act(x2) splits a layer only where both factors come from it (not x * gate(x))

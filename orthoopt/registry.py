@@ -32,7 +32,18 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["register_layout", "register_positional", "layout_entries", "positional_entries", "Entry", "qualified"]
+from .layout import canonical_layout
+
+__all__ = [
+    "register_layout",
+    "register_positional",
+    "layout_entries",
+    "positional_entries",
+    "registered",
+    "entries_in",
+    "Entry",
+    "qualified",
+]
 
 Rule = Callable[[nn.Module], "str | None"]
 
@@ -76,8 +87,6 @@ def register_layout(owner: type | str, path: str, layout: str | Rule) -> None:
     (a layout string, or a function of the module that returns one, or None where it does
     not know the module's configuration).  A later registration of the same (owner, path)
     replaces the earlier one; ``path`` may be a glob (``"weight_hh_l*"``)."""
-    from .layout import canonical_layout
-
     key = _key(owner, "register_layout")
     if not isinstance(path, str) or not path:
         raise TypeError(f"register_layout: path must name a parameter inside {key}, such as 'qkv.weight'; got {path!r}")
@@ -97,6 +106,11 @@ def register_positional(owner: type | str, path: str = "") -> None:
         raise TypeError(f"register_positional: path must be a module path inside {key} or '', got {path!r}")
     if all(e.path != path for e in _POSITIONAL.get(key, [])):
         _POSITIONAL.setdefault(key, []).append(Entry(key, path))
+
+
+def registered() -> tuple[list[Entry], list[Entry]]:
+    """Every registered layout entry and every registered positional entry, in order of registration."""
+    return [e for es in _LAYOUTS.values() for e in es], [e for es in _POSITIONAL.values() for e in es]
 
 
 def _entries(table: dict[str, list[Entry]], module: nn.Module) -> list[Entry]:
@@ -126,6 +140,11 @@ def layout_entries(model: nn.Module) -> dict[int, tuple[str | None, str]]:
             if fnmatch.fnmatchcase(path, entry.path):
                 out[id(p)] = (entry.layout(owner), f"{type(owner).__name__}.{path}")
     return out
+
+
+def entries_in(model: nn.Module) -> set[Entry]:
+    """The layout and positional entries that apply to some module of ``model``."""
+    return {entry for table in (_LAYOUTS, _POSITIONAL) for _, _, entry in _walk(model, table)}
 
 
 def positional_entries(model: nn.Module) -> dict[int, str]:

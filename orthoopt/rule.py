@@ -21,7 +21,6 @@ The rule looks at what each layer computes, not at its name alone:
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 
@@ -63,11 +62,17 @@ LEFT_OUT = {
 # Names of fused projections: flagged when no registered layout covers them.
 FUSED_NAMES = frozenset(
     {"qkv", "kv", "qk", "in_proj", "query_key_value", "qkv_proj", "c_attn", "wqkv", "w_pack", "to_qkv", "to_kv"}
-    | {"gate_up_proj", "gate_up", "w12", "fc1_g"}
+    | {"gate_up_proj", "gate_up", "w12"}
 )
-# Module names of positional encodings: a word of the name (split at '_' and '.') among these.
-_POSITIONAL_WORDS = frozenset({"pos", "posemb", "position", "positional", "relpos", "rpe", "cpb"})
-_WORD = re.compile(r"[._]")
+# Module names of positional encodings, by the words of a name's part (split at '_'): a word that
+# says it alone, 'rel' with 'pos', or a position word with a word of what encodes it ('pos_embed',
+# 'pos_proj', 'continuous_position_bias_mlp'; not 'pos_ff', a position-wise feed-forward layer).
+_POSITIONAL_ALONE = frozenset({"posemb", "relpos", "rpe", "cpb"})
+_POSITION = frozenset({"pos", "position", "positional"})
+_ENCODER = frozenset(
+    {"embed", "embd", "emb", "embedding", "embeddings", "enc", "encoding", "proj", "projection", "bias", "block"}
+    | {"conv", "mlp"}
+)
 
 
 @dataclass(frozen=True)
@@ -133,15 +138,19 @@ def _positional(model: nn.Module) -> dict[int, str]:
     marked = registry.positional_entries(model)
     out: dict[int, str] = {}
     for name, module in model.named_modules():
-        words = set(_WORD.split(name.lower()))
         if id(module) in marked:
             out[id(module)] = f"registered positional module {marked[id(module)]}"
-        elif words & _POSITIONAL_WORDS:
+        elif _positional_name(name.rpartition(".")[2]):
             out[id(module)] = "its name says positional"
         if id(module) in out:
             for inner in module.modules():
                 out.setdefault(id(inner), out[id(module)])
     return out
+
+
+def _positional_name(part: str) -> bool:
+    words = set(part.lower().split("_"))
+    return bool(words & _POSITIONAL_ALONE or {"rel", "pos"} <= words or (words & _POSITION and words & _ENCODER))
 
 
 def _depthwise(module: nn.Module) -> str | None:
@@ -209,7 +218,7 @@ def _layer_verdict(
     elif (grouped := _grouped(module)) is not None:
         layout, source = grouped, f"grouped conv ({module.groups} groups): one block per group"
     else:
-        layout, source = "auto", "auto"
+        layout, source = "auto", "the default rule"
         if _fused_name(path):
             flags.append("fused name kept 'auto'")
     lazy = isinstance(p, nn.parameter.UninitializedParameter)

@@ -91,7 +91,8 @@ def test_auto_skips_vectors_but_explicit_layout_refuses(shape):
         ("row_groups:3", (8, 6), "8 rows into 3 equal blocks"),
         ("row_groups:0", (8, 6), "8 rows into 0 equal blocks"),
         ("row_groups:3", (8, 6, 3), "8 rows into 3 equal blocks"),
-        ("row_blocks:4,2,2", (9, 6), r"blocks 4 \+ 2 \+ 2 = 8 rows, but the parameter has 9"),
+        ("row_blocks:4,2,2", (9, 6), r"has 4 \+ 2 \+ 2 = 8 rows, but the parameter has 9"),
+        ("row_blocks:2+2x(2,1)", (9, 6), r"has 2 \+ 2 heads x \(2 \+ 1\) = 8 rows, but the parameter has 9"),
         ("row_blocks:2x(2,1,1)", (9, 6), r"2 heads x \(2 \+ 1 \+ 1\) = 8 rows, but the parameter has 9"),
         ("row_blocks:4,8", (12,), "2 or more dimensions"),
         ("group_axis:3", (4, 3, 2), "axis 3"),
@@ -122,6 +123,9 @@ def test_infeasible_or_wrong_layouts_name_the_parameter(spec, shape, match):
         "row_blocks:2x(2,2",
         "row_blocks:~2,~2",
         "row_blocks:a,b",
+        "row_blocks:2+",
+        "row_blocks:~2+~3",
+        "row_blocks:2++3",
     ],
 )
 def test_unknown_layout_string(bad):
@@ -297,6 +301,12 @@ COMPOSITE = [
     ),
     ("row_blocks:3x(2,2)", (12, 2, 3, 3), [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]], [(1, 18, 6), (1, 18, 6)]),
     ("row_blocks:4,~2,4", (10, 5), [range(0, 4), range(6, 10)], [(1, 5, 4), (1, 5, 4)]),
+    (  # sections: a differential attention's parallel block, MLP rows, q1/q2 and k1/k2 by heads, v
+        "row_blocks:3+2x(1,1)+2x(1,1)+~2",
+        (13, 4),
+        [[0, 1, 2], [3, 5], [4, 6], [7, 9], [8, 10]],
+        [(1, 4, 3), (1, 4, 2), (1, 4, 2), (1, 4, 2), (1, 4, 2)],
+    ),
 ]
 
 
@@ -314,7 +324,7 @@ def test_pieces_are_views_of_the_rows_of_each_block(spec, shape, rows, stacks):
         block = p[list(block_rows)].reshape(len(block_rows), -1)
         # each block by init.orthogonal_'s rule: rows unless taller than wide, the heads folded into rows
         assert piece.kind == ("rows" if block.shape[0] <= block.shape[1] else "columns")
-        assert piece.fold == (2 if "x(" in spec else 1)
+        assert piece.fold == view.dim() - len(shape) + 1  # a (heads, rows, ...) view folds its heads into rows
         mats = piece.matrices(view)
         torch.testing.assert_close(piece.from_matrices(mats.clone(), view.shape), view, rtol=0, atol=0)
         # the block's rows, whatever their places in p, make one matrix

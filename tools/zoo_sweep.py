@@ -30,7 +30,6 @@ import sys
 import time
 import traceback
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -132,24 +131,40 @@ def table(out: Path) -> str:
     swept = [r for r in records if "weights" in r]
     failed = [r for r in records if "error" in r]
     weights = [(r["model"], w) for r in swept for w in r["weights"]]
-    selected = [w for _, w in weights if w["selected"]]
-    left = Counter(w["reason"].split(" (")[0].split(":")[0] for _, w in weights if not w["selected"])
-    classes = Counter(w["class"] for _, w in weights if w["class"])
+
+    def count(rows: list[tuple[str, dict]]) -> str:
+        return f"{len(rows)} in {len({m for m, _ in rows})} models"
+
+    def by(key, rows: list[tuple[str, dict]]) -> dict[str, list[tuple[str, dict]]]:
+        out: dict[str, list[tuple[str, dict]]] = {}
+        for m, w in rows:
+            if (k := key(w)) is not None:
+                out.setdefault(k, []).append((m, w))
+        return dict(sorted(out.items()))
+
+    selected = [(m, w) for m, w in weights if w["selected"]]
+    left = by(lambda w: None if w["selected"] else w["reason"].split(" (")[0].split(":")[0], weights)
+    classes = by(lambda w: w["class"], weights)
     wrong = [(m, w) for m, w in weights if w["class"] and w["selected"]]
-    fused = Counter(w["layout"].split(":")[0] for w in selected if w["layout"] not in ("auto", None))
+    fused = by(lambda w: w["layout"].split(":")[0] if w["layout"] not in ("auto", None) else None, selected)
+    flagged = by(lambda w: ", ".join(w["flags"]) or None, weights)
+    split = [(m, w) for m, w in selected if w.get("forward_blocks", 1) > 1]
     disagree = [(m, w) for m, w in weights if w.get("agrees") is False]
-    flagged = Counter(f for _, w in weights for f in w["flags"])
     lines = [
-        f"| timm models (under the budget) | {len(swept)} (and {len(failed)} that did not build or run) |",
+        "| | weights |",
         "|---|---|",
-        f"| weights of 2 or more dimensions | {len(weights)} |",
-        f"| selected | {len(selected)} in {sum(any(w['selected'] for w in r['weights']) for r in swept)} models |",
+        f"| timm models under the budget, built and run | {len(swept)} ({len(failed)} did not build or run) |",
+        f"| weights of 2 or more dimensions | {count(weights)} |",
+        f"| selected | {count(selected)} |",
     ]
-    lines += [f"| left out: {why} | {n} |" for why, n in sorted(left.items())]
-    lines += [f"| in a left-out class by the independent check: {c} | {n} |" for c, n in sorted(classes.items())]
-    lines += [f"| of those selected | {len(wrong)} |"]
-    lines += [f"| fused layouts: {kind} | {n} |" for kind, n in sorted(fused.items())]
-    lines += [f"| flagged: {flag} | {n} |" for flag, n in sorted(flagged.items())]
+    lines += [f"| left out: {why} | {count(rows)} |" for why, rows in left.items()]
+    lines += [f"| a left-out class by the sweep's own check: {c} | {count(rows)} |" for c, rows in classes.items()]
+    lines += [f"| of those, selected | {len(wrong)} |"]
+    lines += [f"| selected with layout {kind} | {count(rows)} |" for kind, rows in fused.items()]
+    checked = [(m, w) for m, w in selected if "agrees" in w]
+    lines += [f"| selected, checked against the forward (Linear, Conv and Conv1D weights it uses) | {count(checked)} |"]
+    lines += [f"| of those, split by the forward into blocks | {count(split)} |"]
+    lines += [f"| flagged: {flag} | {count(rows)} |" for flag, rows in flagged.items()]
     lines += [f"| selected layouts that disagree with the forward | {len(disagree)} |"]
     detail = [f"  {m} {w['name']} {w['layout']} forward {w.get('forward')}" for m, w in disagree[:30]]
     detail += [f"  selected in a left-out class: {m} {w['name']} ({w['class']})" for m, w in wrong[:30]]
