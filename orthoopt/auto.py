@@ -80,18 +80,33 @@ def remember_all(
     est = torch.maximum(lam, AUTO_DECAY * old)
     if skipped is not None:
         est = torch.where(skipped, old, est)
-    for state, part, key in zip(states, est.split(counts), keys):
-        state[key] = part
+    parts = est.split(counts)
+    if all(_in_place(o, part) for o, part in zip(olds, parts)):
+        torch._foreach_copy_(olds, list(parts))
+    else:
+        for state, part, key in zip(states, parts, keys):
+            state[key] = part
     return est
 
 
 def remember(state: dict, lam: torch.Tensor, key: str = STATE, *, skipped: torch.Tensor | None = None) -> torch.Tensor:
     """The running estimate for one parameter's matrices: ``max(λ, AUTO_DECAY · previous)``,
-    kept in ``state[key]`` (``state['ortho_multiplier']``, suffixed for a later piece); where
-    ``skipped`` is True, the previous one."""
+    kept in ``state[key]`` (``state['ortho_multiplier']``, suffixed for a later piece; updated
+    in place); where ``skipped`` is True, the previous one."""
     old = state.get(key)
-    est = lam if old is None else torch.maximum(lam, AUTO_DECAY * old.to(lam))
-    if skipped is not None and old is not None:
-        est = torch.where(skipped, old.to(lam), est)
+    if old is None:
+        state[key] = lam
+        return lam
+    out = old if _in_place(old, lam) else None
+    if skipped is None:
+        est = torch.maximum(lam, AUTO_DECAY * old.to(lam), out=out)
+    else:
+        est = torch.where(skipped, old.to(lam), torch.maximum(lam, AUTO_DECAY * old.to(lam)), out=out)
     state[key] = est
     return est
+
+
+def _in_place(old: torch.Tensor, new: torch.Tensor) -> bool:
+    # The estimate is written into the state's own tensor where it can be: a compiled step
+    # guards on the identity of the optimizer's state tensors, and a new one would recompile it.
+    return old.dtype == new.dtype and old.shape == new.shape and old.device == new.device

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import lru_cache
 
 import torch
 
@@ -335,8 +334,24 @@ def _row_blocks(arg: str) -> RowBlocks | None:
     return RowBlocks(sections=tuple(sections))
 
 
-@lru_cache(maxsize=256)
+# The layouts parsed so far, by their text: a plain dict, not functools.lru_cache, which
+# torch.compile warns about when it traces the step's plan.
+_PARSED: dict[str, Layout] = {}
+_PARSED_MAX = 256
+
+
 def _parse(spec: str) -> Layout:
+    if torch.compiler.is_compiling():
+        return _read(spec)  # a trace parses the constant text itself, leaving the dict alone
+    layout = _PARSED.get(spec)
+    if layout is None:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        layout = _PARSED[spec] = _read(spec)
+    return layout
+
+
+def _read(spec: str) -> Layout:
     kind, _, arg = spec.partition(":")
     if kind in ("auto", "rows", "columns", "filters") and not arg:
         return Layout("rows" if kind == "filters" else kind)

@@ -11,7 +11,6 @@ here too, so that the soft and the hard step report it in the same words.
 from __future__ import annotations
 
 import difflib
-import functools
 import math
 import numbers
 import sys
@@ -324,8 +323,7 @@ def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> No
     warnings.warn(message, category, stacklevel=level)
 
 
-@functools.cache
-def step_size_limit(dtype: torch.dtype) -> float:
+def _step_size_limit(dtype: torch.dtype) -> float:
     # The soft step divides R by its cutoff 2η (l1) and rescales by η_i: with 2η above the
     # square root of the float's largest value, the cutoff and R/2η leave the float's range
     # (2η = 4e38 in float32 rounds the cutoff to inf, and the step to zero).  No step needs
@@ -333,6 +331,17 @@ def step_size_limit(dtype: torch.dtype) -> float:
     # Half parameters take their step in float32.
     wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     return math.sqrt(torch.finfo(wide).max)
+
+
+# Computed once for the usual dtypes, as a plain table: the soft step reads one at every step
+# (functools.cache would have torch.compile warn when it traces the step).
+_STEP_SIZE_LIMITS = {d: _step_size_limit(d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def step_size_limit(dtype: torch.dtype) -> float:
+    """The largest ``2·lr·ortho`` the soft step can take in ``dtype``."""
+    limit = _STEP_SIZE_LIMITS.get(dtype)
+    return _step_size_limit(dtype) if limit is None else limit
 
 
 def check_step_size(eta: float, dtype: torch.dtype, name: str | Sequence[str], group_index: int | None) -> None:

@@ -50,7 +50,9 @@ class Plan:
     one without workspaces (:func:`_traced_start`, :func:`_traced_after`)."""
 
     def __init__(self, param_groups: list[dict[str, Any]], *, workspaces: bool = True):
-        traced = torch.compiler.is_compiling()
+        # Built while torch.compile traces the step: its start and finish are the shadow plan's,
+        # also where dynamo runs a part of the step eagerly (a frame it cannot trace).
+        self.traced = traced = torch.compiler.is_compiling()
         for gi, group in enumerate(param_groups):
             if group.get("differentiable", False) and penalized(group):
                 refuse_differentiable(group, gi)
@@ -89,7 +91,7 @@ class Plan:
         self._started = False
         if host.capturing():
             pass  # the start reads values (a sync): a capture follows eager warm-up steps
-        elif torch.compiler.is_compiling():
+        elif self.traced:
             _traced_start(optimizer, None if self._amp is None else self._amp.found_inf)
         elif self.starting:
             self.start(optimizer, self._amp)
@@ -140,7 +142,7 @@ class Plan:
         errors = [bucket.errors for bucket in self.buckets if isinstance(bucket, soft.Bucket)]
         if host.capturing():
             return  # the replays of a CUDA graph run no Python: no count, no monitor
-        if torch.compiler.is_compiling():
+        if self.traced:
             _traced_after(optimizer, errors)
         else:
             self.finish(optimizer, errors)

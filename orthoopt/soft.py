@@ -402,7 +402,11 @@ class Bucket:
 
     def _keep(self, mats: torch.Tensor) -> torch.Tensor:
         """Φ⁻ for after the base update: the stack or a layout's copy as they are, else a copy."""
-        if len(self.params) > 1 or view_or_none(mats, self.params[0]) is None:
+        if len(self.params) > 1:
+            return mats
+        if torch.compiler.is_compiling():  # a trace cannot compare storages: it copies
+            return mats.clone()
+        if view_or_none(mats, self.params[0]) is None:
             return mats
         return mats.clone() if self.kept is None else self.kept.copy_(mats)
 

@@ -385,6 +385,9 @@ def _is_pivot_error(e: RuntimeError) -> bool:
 
 
 # -- the step -------------------------------------------------------------------------------
+# The hard step reads values on the host (finiteness, the step count, a failed solve): under
+# torch.compile it runs eagerly, at a graph break, rather than traced in pieces.
+@torch.compiler.disable
 def check(optimizer: torch.optim.Optimizer, items: list[HardItem]) -> None:
     """Refuse a hard step that cannot be taken correctly, before anything has changed, and
     apply the groups' ``ortho_nonfinite`` policy (which sets each item's ``finite``)."""
@@ -427,6 +430,7 @@ def grads_hidden(items: list[HardItem]) -> Iterator[None]:
             item.param.grad = item.grad
 
 
+@torch.compiler.disable
 @torch.no_grad()
 def step_(optimizer: torch.optim.Optimizer, items: list[HardItem]) -> None:
     """Take one Riemannian step for each item, in place, with its state in ``optimizer.state``.

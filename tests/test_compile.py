@@ -10,21 +10,19 @@ inductor backends.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 
 import pytest
 import torch
 from conftest import near_orthonormal
+from torch import nn
 
 import orthoopt
 from orthoopt import OrthoAdamW, guard
 
-pytestmark = [
-    pytest.mark.compile,
-    # The layout parsers are lru_cached pure functions of a string: dynamo tracing through the
-    # cache, as it says it does, is correct for them.
-    pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`"),
-]
+pytestmark = pytest.mark.compile
 
 
 @pytest.fixture(autouse=True)
@@ -145,3 +143,78 @@ def test_a_compiled_step_under_an_lr_schedule_does_not_recompile():
     # Dynamo runs a frame eagerly where tracing it fails, so matching eager alone would not show
     # that the compiled step took its own plan: eager's would have been cached on the optimizer.
     assert getattr(compiled_opt, "_ortho_plan", None) is None and eager_opt._ortho_plan is not None
+
+
+# -- a quiet compiled step ----------------------------------------------------------------------
+MODES = {
+    "soft": {"ortho": 3.0},
+    "auto": {"ortho": "auto"},
+    "hard": {"ortho": 3.0, "ortho_mode": "hard"},
+}
+# torch's own words, the same for torch's optimizers: dynamo leaves out of the graph the profiler
+# scope that torch.optim.Optimizer's step wrapper opens, and says so.
+TORCHS_OWN = ("Profiler record function",)
+
+
+def _mlp_steps(options: dict, compiled: bool, steps: int):
+    """An MLP 64-128-10 under OrthoAdamW at a float lr (``param_groups``: its weights
+    constrained, projected at their first step), ``steps`` steps on one batch; its weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = OrthoAdamW(orthoopt.param_groups(model, **options), lr=1e-3)
+    step = torch.compile(opt.step) if compiled else opt.step
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(x).square().mean().backward()
+        step()
+        opt.zero_grad()
+    return [p.detach() for p in model.parameters()]
+
+
+@contextlib.contextmanager
+def _everything_said():
+    """The Python warnings and torch's log records (WARNING and above) of the block, with
+    torch's once-per-process warnings made to speak again."""
+    torch._logging._internal.warning_once.cache_clear()
+    torch._dynamo.variables.tensor.TensorVariable._warn_capture_scalar_outputs.cache_clear()
+    said: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(f"{record.name}: {record.getMessage()}")
+
+    handler = Record(logging.WARNING)
+    # torch's loggers that do not pass their records on to "torch"
+    loggers = [logging.getLogger(name) for name in ("torch", "torch._dynamo", "torch._inductor")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # as pyproject.toml does: torch's own modules, imported at the first compile, use torch.jit
+            warnings.filterwarnings("ignore", "`torch.jit.script", DeprecationWarning)
+            yield said
+        said.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    said[:] = [s for s in said if not any(own in s for own in TORCHS_OWN)]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_compiled_step_says_nothing(mode):
+    """torch.compile of the step, its first compile included: no warning (none about cached
+    functions in the traced plan), no graph break that torch reports (hard mode's host reads run
+    eagerly), no recompile at every step ('auto''s estimate is updated in place)."""
+    with _everything_said() as said:
+        _mlp_steps(MODES[mode], compiled=True, steps=6)
+    assert said == []
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_compiled_step_at_a_float_lr_is_the_eager_step(mode):
+    """At a float lr, where dynamo runs parts of the step eagerly: the first step's projection
+    (ortho_init='project') and the steps after it as eager ones."""
+    compiled, eager = _mlp_steps(MODES[mode], True, 3), _mlp_steps(MODES[mode], False, 3)
+    for p, q in zip(compiled, eager):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
