@@ -10,6 +10,7 @@ import torch
 
 # -- transformers -----------------------------------------------------------------------------------
 DECODER = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+SWIN = dict(embed_dim=16, depths=[1, 1], num_heads=[2, 4], image_size=32, patch_size=4, window_size=4, num_labels=5)
 
 
 @dataclass(frozen=True)
@@ -135,22 +136,8 @@ HF_MODELS = [
         "pixels",
         outputs=("classifier",),
     ),
-    HF(
-        "swin",
-        "SwinConfig",
-        dict(embed_dim=16, depths=[1, 1], num_heads=[2, 4], image_size=32, patch_size=4, window_size=4, num_labels=5),
-        "SwinForImageClassification",
-        "pixels",
-        outputs=("classifier",),
-    ),
-    HF(
-        "swinv2",
-        "Swinv2Config",
-        dict(embed_dim=16, depths=[1, 1], num_heads=[2, 4], image_size=32, patch_size=4, window_size=4, num_labels=5),
-        "Swinv2ForImageClassification",
-        "pixels",
-        outputs=("classifier",),
-    ),
+    HF("swin", "SwinConfig", SWIN, "SwinForImageClassification", "pixels", outputs=("classifier",)),
+    HF("swinv2", "Swinv2Config", SWIN, "Swinv2ForImageClassification", "pixels", outputs=("classifier",)),
     HF(
         "convnext",
         "ConvNextConfig",
@@ -253,6 +240,9 @@ def hf_inputs(spec: HF, model: torch.nn.Module) -> Callable[[torch.nn.Module], A
 
 
 # -- timm -------------------------------------------------------------------------------------------
+TIMM_SWIN = dict(img_size=64, window_size=4, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+
+
 @dataclass(frozen=True)
 class Timm:
     """A timm model at a small size: ``timm.create_model(name, pretrained=False, **kwargs)`` on
@@ -285,21 +275,9 @@ TIMM_MODELS = [
     Timm("xcit_nano_12_p16_224", 64, dict(img_size=64, depth=2)),  # XCA, Fourier positions
     Timm("crossvit_tiny_240", 240),
     Timm("tnt_s_patch16_224", 64, dict(img_size=64, depth=2)),
-    Timm(
-        "swin_tiny_patch4_window7_224",
-        64,
-        dict(img_size=64, window_size=4, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
-    ),
-    Timm(
-        "swinv2_tiny_window8_256",
-        64,
-        dict(img_size=64, window_size=4, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
-    ),  # cpb_mlp
-    Timm(
-        "swinv2_cr_tiny_224",
-        64,
-        dict(img_size=64, window_size=4, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
-    ),  # meta_mlp
+    Timm("swin_tiny_patch4_window7_224", 64, TIMM_SWIN),
+    Timm("swinv2_tiny_window8_256", 64, TIMM_SWIN),  # cpb_mlp
+    Timm("swinv2_cr_tiny_224", 64, TIMM_SWIN),  # meta_mlp
     Timm("mixer_s32_224", 64, dict(img_size=64)),
     Timm("levit_128s", 64, dict(img_size=64)),  # qkv and kv: (heads, [key_dim, key_dim, val_dim])
     Timm("efficientformer_l1", 224),  # qkv: (heads, [key_dim, key_dim, val_dim])
