@@ -12,32 +12,64 @@ from torch import nn
 import orthoopt
 
 
-def test_state_dict_round_trip_is_bitwise(tmp_path):
-    def fresh():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
-        opt = orthoopt.OrthoAdamW(orthoopt.param_groups(model, ortho=1.0, exclude=["2"]), lr=1e-2)
-        return model, opt
+def _regression(ortho):
+    """A 6-12-1 tanh MLP under OrthoAdamW, its last layer free, its first where nn.Linear starts
+    it (ortho_init='warn'): far from orthonormal, so that the step sizes (and with 'auto' the
+    threshold estimate) shape every step of the first twenty."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
+    groups = orthoopt.param_groups(model, ortho=ortho, exclude=["2"], ortho_init="warn")
+    return model, orthoopt.OrthoAdamW(groups, lr=1e-2)
 
-    x, y = torch.randn(64, 6), torch.randn(64, 1)
 
-    def steps(model, opt, n):
-        for _ in range(n):
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
+def _fit(model, opt, n):
+    """``n`` full-batch steps of the mean squared error on fixed data."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=g), torch.randn(64, 1, generator=g)
+    for _ in range(n):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
 
-    model, opt = fresh()
-    steps(model, opt, 10)
+
+def _checkpointed(tmp_path, ortho):
+    """10 steps, a checkpoint through torch.save, then 10 more: the model, the optimizer and the
+    checkpoint read back with ``torch.load(weights_only=True)``."""
+    model, opt = _regression(ortho)
+    _fit(model, opt, 10)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
-    steps(model, opt, 10)
-    model2, opt2 = fresh()
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    model2.load_state_dict(ckpt["model"])
-    opt2.load_state_dict(ckpt["opt"])
-    steps(model2, opt2, 10)
-    for a, b in zip(model.parameters(), model2.parameters()):
+    _fit(model, opt, 10)
+    return model, opt, torch.load(tmp_path / "ckpt.pt", weights_only=True)
+
+
+def _resumed(ckpt, ortho):
+    model, opt = _regression(ortho)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    return model, opt
+
+
+@pytest.mark.parametrize("ortho", [1.0, "auto"])
+def test_state_dict_round_trip_is_bitwise(tmp_path, ortho):
+    """A run resumed from a checkpoint takes the steps of the run that went on, bitwise; with
+    ortho='auto' it continues from the saved threshold estimate ('ortho_multiplier')."""
+    model, _, ckpt = _checkpointed(tmp_path, ortho)
+    resumed, resumed_opt = _resumed(ckpt, ortho)
+    if ortho == "auto":
+        saved = ckpt["opt"]["state"][0]["ortho_multiplier"]
+        assert torch.equal(resumed_opt.state[resumed[0].weight]["ortho_multiplier"], saved)
+    _fit(resumed, resumed_opt, 10)
+    for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_auto_resumed_without_its_estimate_ends_elsewhere(tmp_path):
+    """The estimate steers the step: a run resumed without it does not take the same steps."""
+    model, _, ckpt = _checkpointed(tmp_path, "auto")
+    forgetful, forgetful_opt = _resumed(ckpt, "auto")
+    del forgetful_opt.state[forgetful[0].weight]["ortho_multiplier"]
+    _fit(forgetful, forgetful_opt, 10)
+    assert (forgetful[0].weight - model[0].weight).abs().max() > 1e-5
 
 
 def test_old_checkpoint_without_ortho_keys_gets_defaults():
@@ -82,46 +114,6 @@ def test_float32_state_of_bfloat16_parameters_stays_float32():
     (p,) = fresh.param_groups[0]["params"]
     assert fresh.state[p]["momentum_buffer"].dtype == torch.float32
     assert torch.equal(fresh.state[p]["momentum_buffer"], saved["state"][0]["momentum_buffer"])
-
-
-def test_auto_state_round_trip_is_bitwise(tmp_path):
-    """ortho='auto' keeps its running threshold estimate in the state ('ortho_multiplier'): a
-    resumed run continues from it, bitwise, instead of estimating β afresh."""
-
-    def fresh():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
-        opt = orthoopt.OrthoAdamW(orthoopt.param_groups(model, ortho="auto", exclude=["2"]), lr=1e-2)
-        return model, opt
-
-    x, y = torch.randn(64, 6), torch.randn(64, 1)
-
-    def steps(model, opt, n):
-        for _ in range(n):
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
-
-    model, opt = fresh()
-    steps(model, opt, 10)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
-    saved = opt.state[model[0].weight]["ortho_multiplier"].clone()
-    steps(model, opt, 10)
-    model2, opt2 = fresh()
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    model2.load_state_dict(ckpt["model"])
-    opt2.load_state_dict(ckpt["opt"])
-    assert torch.equal(opt2.state[model2[0].weight]["ortho_multiplier"], saved)
-    steps(model2, opt2, 10)
-    for a, b in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(a, b)
-    # The estimate steers the step: a run resumed without it ends elsewhere.
-    model3, opt3 = fresh()
-    model3.load_state_dict(ckpt["model"])
-    opt3.load_state_dict(ckpt["opt"])
-    del opt3.state[model3[0].weight]["ortho_multiplier"]
-    steps(model3, opt3, 10)
-    assert (model3[0].weight - model[0].weight).abs().max() > 1e-5
 
 
 def _model():
