@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import settings
 from torch import nn
 
@@ -90,6 +93,21 @@ def import_or_skip(name: str):
         pytest.skip(
             f"{name} does not import in this environment ({type(e).__name__}: {e}); pip install '.[integration]'"
         )
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-rank gloo process group in the test process, for the module's tests."""
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group in this process yet")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60)
+    )
+    yield
+    dist.destroy_process_group()
 
 
 class ShardingPathsNet(nn.Module):

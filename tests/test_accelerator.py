@@ -12,12 +12,9 @@ learning rate: its operations do not depend on the values of the tensors.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import orthoopt
@@ -169,20 +166,6 @@ def test_a_cuda_graph_of_the_step_replays_as_the_eager_steps():
     torch.cuda.synchronize()
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed and no process group yet")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60)
-    )
-    yield
-    dist.destroy_process_group()
 
 
 def test_the_sharded_step_reads_nothing_on_the_host_on_the_accelerator_path(one_rank):

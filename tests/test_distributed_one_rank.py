@@ -8,9 +8,6 @@ sharded code is exercised (and seen by tools that trace the test process, such a
 
 from __future__ import annotations
 
-import datetime
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,20 +20,6 @@ from orthoopt import distributed as odist
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60)
-    )
-    yield
-    dist.destroy_process_group()
 
 
 CONSTRAINED = ("up.weight", "down.weight", "mix", "heads")
