@@ -68,3 +68,14 @@ def loss_within_margin(runs: Runs, variant: str) -> None:
         f"{variant}: held-out loss {run.loss:.4g} against {plain.loss:.4g} unswapped "
         f"({run.metric_name} {run.metric:.4g} against {plain.metric:.4g})"
     )
+
+
+def far_start_reported(step: Callable[[], Any], expected: set[str]) -> None:
+    """One ``step()`` of an optimizer swapped with ortho_init='warn' reports exactly the
+    ``expected`` parameters as starting far from orthonormal, each with the way to project them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OrthogonalityWarning)
+        step()
+    far = {str(w.message).split("'")[1] for w in caught if "starts far from orthonormal" in str(w.message)}
+    assert far == expected
+    assert all("ortho_init='project'" in str(w.message) for w in caught)
