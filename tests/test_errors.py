@@ -18,6 +18,14 @@ def snapshot(opt):
     return params, copy.deepcopy(opt.state_dict())
 
 
+def assert_step_refused(opt, error, match):
+    """``opt.step()`` raises ``error`` (matching ``match``) and changes no weight and no state."""
+    snap = snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert_unchanged(opt, snap)
+
+
 def assert_unchanged(opt, snap):
     params, state = snap
     for p, q in zip([p for g in opt.param_groups for p in g["params"]], params):
@@ -103,10 +111,7 @@ def test_sparse_gradient_is_refused_before_any_change():
     opt = orthoopt.OrthoSGD([("v", v), ("w", w)], lr=0.1, ortho=1.0)
     v.grad = torch.randn_like(v)
     w.grad = torch.randn_like(w).to_sparse()
-    snap = snapshot(opt)
-    with pytest.raises(TypeError, match="'w' has a sparse gradient"):
-        opt.step()
-    assert_unchanged(opt, snap)
+    assert_step_refused(opt, TypeError, "'w' has a sparse gradient")
 
 
 def test_layout_changed_after_construction_fails_at_step_without_changes():
@@ -158,10 +163,7 @@ def test_non_finite_raise_policy_changes_nothing():
     a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
     with torch.no_grad():
         b[1, 1] = float("inf")
-    snap = snapshot(opt)
-    with pytest.raises(FloatingPointError, match="'b'.*nothing was changed"):
-        opt.step()
-    assert_unchanged(opt, snap)
+    assert_step_refused(opt, FloatingPointError, "'b'.*nothing was changed")
 
 
 def test_load_state_dict_from_another_layout_mode_or_shape_is_refused():
@@ -284,10 +286,7 @@ def test_hard_mode_raise_policy_changes_nothing(when):
     with torch.no_grad():
         w[2, 0, 0] = float("-inf")
     w.grad, v.grad = torch.randn_like(w), torch.randn_like(v)
-    snap = snapshot(opt)
-    with pytest.raises(FloatingPointError, match="'w' holds NaN or Inf.*nothing was changed"):
-        opt.step()
-    assert_unchanged(opt, snap)
+    assert_step_refused(opt, FloatingPointError, "'w' holds NaN or Inf.*nothing was changed")
     assert (w in opt.state) == (when == "later")  # no empty state entry left behind
 
 
@@ -359,10 +358,7 @@ def test_an_overflowing_step_size_set_later_is_refused_before_any_change():
     opt = orthoopt.OrthoSGD([("w", w)], lr=0.1, ortho=1e18)
     opt.param_groups[0]["lr"] = 100.0  # e.g. a scheduler
     w.grad = torch.randn_like(w)
-    snap = snapshot(opt)
-    with pytest.raises(ValueError, match="parameter 'w': 2·lr·ortho = 2e\\+20"):
-        opt.step()
-    assert_unchanged(opt, snap)
+    assert_step_refused(opt, ValueError, "parameter 'w': 2·lr·ortho = 2e\\+20")
 
 
 def test_the_largest_step_size_takes_the_same_step_as_any_large_one():
