@@ -910,6 +910,15 @@ def test_cayley_solve_failure_warns_with_the_parameter_and_the_error(monkeypatch
 
 
 # -- the first hard step's projection --------------------------------------------------------
+def projection_warning(errors: dict[str, float]) -> str:
+    """The warning of a first hard step that moved the parameters ``{name: max|XᵀX - I|}``."""
+    moved = ", ".join(f"parameter '{name}' (max |XᵀX - I| = {error:.3g})" for name, error in errors.items())
+    return (
+        f"ortho_mode='hard': projected onto the Stiefel manifold (polar factor) at their first hard step: {moved}. "
+        "Call orthoopt.project_(optimizer) before training to start there"
+    )
+
+
 def test_projection_threshold_is_geoopts_tolerance():
     """An error of exactly PROJECTION_TOL is on the manifold for geoopt (``allclose`` with atol
     1e-5): projected silently; the next float above it is reported."""
@@ -924,14 +933,7 @@ def test_projection_threshold_is_geoopts_tolerance():
         opt = orthoopt.OrthoSGD([("w", p)], lr=1e-3, **HARD, ortho_layout="columns")
         p.grad = torch.randn_like(p)
         messages = recorded(opt.step)
-        assert messages == (
-            [
-                "ortho_mode='hard': projected onto the Stiefel manifold (polar factor) at their first hard step: "
-                "parameter 'w' (max |XᵀX - I| = 1e-05). Call orthoopt.project_(optimizer) before training to start there"
-            ]
-            if reported
-            else []
-        )
+        assert messages == ([projection_warning({"w": 1e-5})] if reported else [])
         assert stack_error("columns", p) < 1e-12  # projected either way
 
 
@@ -949,11 +951,7 @@ def test_half_parameter_is_reported_above_twice_its_rounding_error():
     assert min(before_a, before_b) > 100 * stiefel.PROJECTION_TOL
     opt = orthoopt.OrthoSGD([("a", a), ("b", b)], lr=1e-3, **HARD, ortho_layout="columns")
     a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
-    assert recorded(opt.step) == [
-        "ortho_mode='hard': projected onto the Stiefel manifold (polar factor) at their first hard step: "
-        f"parameter 'a' (max |XᵀX - I| = {before_a:.3g}). Call orthoopt.project_(optimizer) before training to "
-        "start there"
-    ]
+    assert recorded(opt.step) == [projection_warning({"a": before_a})]
 
 
 def test_projection_warning_lists_every_moved_parameter():
@@ -962,11 +960,7 @@ def test_projection_warning_lists_every_moved_parameter():
     errors = [stack_error("columns", p) for p in (a, b)]
     opt = orthoopt.OrthoAdam([("a", a), ("b", b)], lr=1e-3, **HARD, ortho_layout="columns")
     a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
-    assert recorded(opt.step) == [
-        "ortho_mode='hard': projected onto the Stiefel manifold (polar factor) at their first hard step: "
-        f"parameter 'a' (max |XᵀX - I| = {errors[0]:.3g}), parameter 'b' (max |XᵀX - I| = {errors[1]:.3g}). "
-        "Call orthoopt.project_(optimizer) before training to start there"
-    ]
+    assert recorded(opt.step) == [projection_warning({"a": errors[0], "b": errors[1]})]
     assert max(opt.orthogonality_errors().values()) < 1e-12
 
 
