@@ -209,8 +209,9 @@ def _no_work(*args, **kwargs):
     raise AssertionError("the run started despite a bad argument")
 
 
-def _bad_run(tmp_path, monkeypatch, capsys, argv):
-    """Run the CLI in an empty folder; return the exit code, stderr, and what was written."""
+def _assert_refused(tmp_path, monkeypatch, capsys, argv, prog, message):
+    """Run the CLI in an empty folder: it exits with argparse's code 2 before any work and
+    writes nothing, its last line ``prog``'s refusal of an argument, matching ``message``."""
     work, readonly = tmp_path / "work", tmp_path / "readonly"
     work.mkdir()
     readonly.mkdir()
@@ -233,7 +234,12 @@ def _bad_run(tmp_path, monkeypatch, capsys, argv):
     finally:
         readonly.chmod(stat.S_IRWXU)
     written = sorted(str(p) for p in (*work.rglob("*"), *readonly.rglob("*")))
-    return e.value.code, capsys.readouterr().err, written
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"{prog}: error: argument "), err
+    assert re.search(message, last), last
+    assert written == []
 
 
 def _refuse_write(*args, **kwargs):
@@ -243,22 +249,14 @@ def _refuse_write(*args, **kwargs):
 @pytest.mark.parametrize("argv,message", COMPARE_BAD, ids=[" ".join(a) for a, _ in COMPARE_BAD])
 def test_compare_bad_argument_exits_2_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
     out = [] if any(a.startswith("--out") for a in argv) else ["--out", "res"]
-    code, err, written = _bad_run(tmp_path, monkeypatch, capsys, ["compare", *argv, *out, "--no-progress"])
-    assert code == 2
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("orthoopt compare: error: argument "), err
-    assert re.search(message, last), last
-    assert written == []
+    _assert_refused(
+        tmp_path, monkeypatch, capsys, ["compare", *argv, *out, "--no-progress"], "orthoopt compare", message
+    )
 
 
 @pytest.mark.parametrize("argv,message", MODELS_BAD, ids=[" ".join(a) for a, _ in MODELS_BAD])
 def test_bench_models_bad_argument_exits_2_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
-    code, err, written = _bad_run(tmp_path, monkeypatch, capsys, ["bench", "--quick", *argv])
-    assert code == 2
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("orthoopt bench --models: error: argument "), err
-    assert re.search(message, last), last
-    assert written == []
+    _assert_refused(tmp_path, monkeypatch, capsys, ["bench", "--quick", *argv], "orthoopt bench --models", message)
 
 
 @pytest.mark.parametrize("argv", [["compare"], ["bench"], ["bench", "--models"]], ids=" ".join)
@@ -274,9 +272,4 @@ def test_every_out_says_that_missing_folders_are_made(argv, capsys):
 
 @pytest.mark.parametrize("argv,message", BENCH_BAD, ids=[" ".join(a) for a, _ in BENCH_BAD])
 def test_bench_bad_argument_exits_2_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
-    code, err, written = _bad_run(tmp_path, monkeypatch, capsys, ["bench", "--quick", *argv])
-    assert code == 2
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("orthoopt bench: error: argument "), err
-    assert re.search(message, last), last
-    assert written == []
+    _assert_refused(tmp_path, monkeypatch, capsys, ["bench", "--quick", *argv], "orthoopt bench", message)
