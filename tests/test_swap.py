@@ -53,6 +53,17 @@ def _run(model: nn.Module, opt, grads) -> None:
         opt.step()
 
 
+def _assert_same_runs(model, opt, twin, twin_opt, steps: int) -> None:
+    """``steps`` steps of the same gradients take ``model`` and ``twin`` (built alike) to the same
+    weights, bitwise, and leave their optimizers with the same groups."""
+    grads = _grads(model, steps)
+    _run(model, opt, grads)
+    _run(twin, twin_opt, grads)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert opt.state_dict()["param_groups"] == twin_opt.state_dict()["param_groups"]
+
+
 def test_swap_splits_each_group_and_keeps_its_options():
     model = _model()
     opt = torch.optim.AdamW(_timm_like_groups(model), lr=1e-2, betas=(0.8, 0.9))
@@ -118,12 +129,7 @@ def test_the_swap_is_the_ortho_optimizer_built_on_the_same_groups():
     for g in groups:
         g["params"] = [named[n] for n in g["param_names"]]
     direct = orthoopt.OrthoSGD(groups, lr=0.1, momentum=0.9)
-    grads = _grads(model, 5)
-    _run(model, opt, grads)
-    _run(twin, direct, grads)
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
-    assert opt.state_dict()["param_groups"] == direct.state_dict()["param_groups"]
+    _assert_same_runs(model, opt, twin, direct, 5)
 
 
 def test_swap_of_an_orthogonalized_class_and_a_list_of_groups():
@@ -544,12 +550,7 @@ def test_swap_of_an_ortho_optimizer_built_with_ortho_zero(base):
     assert type(opt) is orthoopt.orthogonalize(base)
     plain = base(_timm_like_groups(twin), lr=1e-2)
     orthoopt.constrain_(plain, twin, ortho=3.0, exclude=["head"])
-    grads = _grads(model, 4)
-    _run(model, opt, grads)
-    _run(twin, plain, grads)
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
-    assert opt.state_dict()["param_groups"] == plain.state_dict()["param_groups"]
+    _assert_same_runs(model, opt, twin, plain, 4)
 
 
 def test_a_group_added_without_names_after_the_swap():
