@@ -20,25 +20,15 @@ import torch
 from torch import nn
 
 import orthoopt
-
-
-class LanguageModel(nn.Module):
-    def __init__(self, vocab: int, width: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, width)
-        self.lstm = nn.LSTM(width, width, num_layers=2)
-        self.decoder = nn.Linear(width, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.lstm(self.embedding(tokens))[0])
+from orthoopt.bench.models import LSTMLanguageModel
 
 
 def _contender(args, tol):
     torch.manual_seed(0)
-    model = LanguageModel(args.vocab, args.width)
+    model = LSTMLanguageModel(args.vocab, args.width, dropout=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     options = {} if tol is None else {"ortho_tol": tol}
-    orthoopt.constrain_(opt, model, ortho=1.0, exclude=["embedding", "decoder"], **options)
+    orthoopt.constrain_(opt, model, ortho=1.0, exclude=["encoder", "decoder"], **options)
     tokens = torch.randint(0, args.vocab, (args.seq + 1, args.batch), generator=torch.Generator().manual_seed(1))
     worst = [0.0]
 
