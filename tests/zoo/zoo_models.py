@@ -10,6 +10,16 @@ import torch
 
 # -- transformers -----------------------------------------------------------------------------------
 DECODER = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+SEQ2SEQ = dict(
+    vocab_size=96,
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+)
 SWIN = dict(embed_dim=16, depths=[1, 1], num_heads=[2, 4], image_size=32, patch_size=4, window_size=4, num_labels=5)
 
 
@@ -106,16 +116,7 @@ HF_MODELS = [
     HF(
         "bart",
         "BartConfig",
-        dict(
-            vocab_size=96,
-            d_model=32,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=48,
-            decoder_ffn_dim=48,
-        ),
+        SEQ2SEQ,
         "BartForConditionalGeneration",
         "seq2seq",
         outputs=("lm_head",),
@@ -164,15 +165,8 @@ HF_MODELS = [
     HF(
         "whisper",
         "WhisperConfig",
-        dict(
-            vocab_size=96,
-            d_model=32,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=48,
-            decoder_ffn_dim=48,
+        SEQ2SEQ
+        | dict(
             num_mel_bins=16,
             max_source_positions=32,
             max_target_positions=32,
