@@ -1,8 +1,8 @@
 """``python -m orthoopt`` (also the ``orthoopt`` console script).
 
 orthoopt compare [--task pca] [--methods soft,hard] [--seeds 3] [--steps N] [--quick] [--out DIR]
-orthoopt bench ...   (the step benchmark, orthoopt.bench)
-orthoopt bench --models [mnist,lstm,vit,mlp,wide] ...   (the whole iteration, orthoopt.bench_iteration)
+orthoopt bench ...   (the step benchmark, orthoopt.bench.step)
+orthoopt bench --models [mnist,lstm,vit,mlp,wide] ...   (the whole iteration, orthoopt.bench.iteration)
 """
 
 from __future__ import annotations
@@ -168,14 +168,9 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
 
 def bench_main(argv: Sequence[str]) -> int:
-    argv = list(argv)
-    if any(a == "--models" or a.startswith("--models=") for a in argv):
-        from . import bench_iteration  # the whole training iteration on small real models
-
-        return bench_iteration.main(argv) or 0
     from . import bench  # imported here: it pulls in geoopt's optimizers and the profiler
 
-    return bench.main(argv) or 0
+    return bench.main(list(argv)) or 0
 
 
 COMMANDS = {"compare": "compare methods on a task", "bench": "time the optimizer step (orthoopt.bench)"}

@@ -187,10 +187,12 @@ def _bad_run(tmp_path, monkeypatch, capsys, argv):
     if os.geteuid() == 0 and any(str(readonly) in a for a in argv):
         # root may write in a read-only folder; what refuses it then is, say, a read-only mount
         monkeypatch.setattr(tempfile, "TemporaryFile", _refuse_write)
-    from orthoopt import bench, compare
+    from orthoopt import compare
+    from orthoopt.bench import iteration, step
 
     monkeypatch.setattr(compare, "run", _no_work)  # "before any work"
-    monkeypatch.setattr(bench, "run", _no_work)
+    monkeypatch.setattr(step, "run", _no_work)
+    monkeypatch.setattr(iteration, "run", _no_work)
     try:
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
