@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from typing import Any
 
 import griffe
@@ -64,7 +65,9 @@ def markdown(text: str) -> str:
 
 def _runtime_docstring(obj: griffe.Object) -> str | None:
     try:
-        runtime = griffe.dynamic_import(obj.path)
+        with warnings.catch_warnings():  # geoopt's import-time DeprecationWarning of torch.jit.script
+            warnings.simplefilter("ignore", DeprecationWarning)
+            runtime = griffe.dynamic_import(obj.path)
     except Exception:  # noqa: BLE001 - not importable here: keep what static analysis found
         return None
     doc = vars(runtime).get("__doc__") if inspect.isclass(runtime) else None
