@@ -118,5 +118,5 @@ def test_script_runs_quick(name, tmp_path):
             for method in (m for m in CONSTRAINED if m in ROWS[name]):
                 assert errors[method] < errors["none"] / CLOSER.get(name, 10), (name, method, errors)
         for row in table:
-            if "final max error" in row:  # the seed tensor, penalty alone: from O(1) to rounding
+            if "final max error" in row:  # the (l, m, n) group tensor, penalty alone: from O(1) to rounding
                 assert _number(row["final max error"]) < 1e-3 * _number(row["start"]), (name, row)
