@@ -3,6 +3,7 @@
 orthoopt compare [--task pca] [--methods soft,hard] [--seeds 3] [--steps N] [--quick] [--out DIR]
 orthoopt bench ...   (the step benchmark, orthoopt.bench.step)
 orthoopt bench --models [mnist,lstm,vit,mlp,wide] ...   (the whole iteration, orthoopt.bench.iteration)
+orthoopt audit MODEL [--set KEY=VALUE] [--show flagged] ...   (a model's weights, orthoopt.audit)
 """
 
 from __future__ import annotations

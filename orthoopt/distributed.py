@@ -4,22 +4,18 @@ r"""The soft orthogonality step for parameters sharded by FSDP2 (``fully_shard``
 rows (dim 0) are split over the ranks, ``Shard(0)``, in ``torch.chunk`` pieces (uneven, and
 empty on the last ranks when there are fewer rows than ranks).  The penalty step needs the
 Gram matrices of whole :math:`\Phi_i`; where dim 0 of the parameter lands in the stack
-:math:`(m, l, n)` (:mod:`orthoopt.layout`) decides how much of :math:`\Phi_i` a rank holds:
+:math:`(m, l, n)` (:mod:`orthoopt.layout`) decides how much of :math:`\Phi_i` a rank holds,
+and what a rank sends per step (docs/distributed.md has the same in a table):
 
-===========  =====================================  =============================================
-dim 0 is     layouts                                 what a rank does (communication per step)
-===========  =====================================  =============================================
-``m``        ``group_axis:0``                        whole groups: the step is local (none)
-``l``        ``columns``, ``column_groups:H``,       row blocks :math:`\Phi_i^{(r)}`: the Gram is a
-             ``group_axis:1``, ``group_axis:2``      sum over ranks, all-reduced (``m·n·n``, fp32
-                                                     for fp32 and half parameters)
-``n``        ``rows`` (``filters``)                  a slice of the vectors: all-gather the
-                                                     parameter, keep the local slice (its size)
-``m`` and    ``row_groups:G``                        dim 0 holds the blocks and, within each, the
-                                                     vectors' index (``n``) or their rows (``l``);
-                                                     a shard may end inside a block: gather, as
-                                                     for ``n``
-===========  =====================================  =============================================
+* dim 0 is ``m`` (``group_axis:0``): whole groups; the step is local, nothing is sent;
+* dim 0 is ``l`` (``columns``, ``column_groups:H``, ``group_axis:1``, ``group_axis:2``): row blocks
+  :math:`\Phi_i^{(r)}`; the Gram is a sum over ranks, all-reduced (``m·n·n`` numbers, fp32 for
+  fp32 and half parameters);
+* dim 0 is ``n`` (``rows``, ``filters``): a slice of the vectors; the parameter is all-gathered
+  and the local slice of the step kept (the parameter's size);
+* dim 0 holds ``m`` and ``n`` or ``l`` (``row_groups:G``: the blocks and, within each, the
+  vectors' index or their rows): a shard may end inside a block, so it is gathered, as for
+  ``n``.
 
 On the ``l`` path, with :math:`W` ranks,
 

@@ -6,46 +6,31 @@ of the parameter wherever strides allow, so an in-place update of the stack is
 an update of the parameter.
 
 Layouts are named by short strings, so that they can live in an optimizer's
-``param_groups`` and survive ``torch.load(weights_only=True)``:
+``param_groups`` and survive ``torch.load(weights_only=True)`` (docs/layouts.md has them in a
+table, with which modules get which):
 
-============================  ==========================================================
-``"auto"``                    the rule of :func:`torch.nn.init.orthogonal_`: view the
-                              parameter as ``(size(0), numel/size(0))`` and make the
-                              shorter side orthonormal (rows of a wide ``nn.Linear``
-                              weight, columns of a tall one, conv filters when they fit)
-``"rows"``                    ``(out, ...)`` seen as ``(out, numel/out)``: the ``out``
-                              rows are orthonormal; for a conv weight these are its
-                              filters of length ``in·kh·kw`` (``"filters"`` is an alias)
-``"columns"``                 ``(out, ...)`` seen as ``(out, numel/out)``: its columns
-                              are orthonormal
-``"group_axis:D"``            3-D: the group tensor; ``Φ_i = phi.select(D, i)`` and the
-                              other two axes, in order, are ``l`` and ``n``
-``"column_groups:H"``         2-D ``(out, in)``: the ``in`` columns split into ``H`` equal
-                              groups (attention heads), each orthonormal on its own
-``"row_groups:G"``            ``(out, ...)`` seen as ``(out, numel/out)``: the ``out``
-                              rows split into ``G`` equal blocks (an LSTM's gates,
-                              attention's q/k/v, the groups of a grouped convolution,
-                              whose weight ``(out, in/G, kh, kw)`` gives blocks
-                              ``(out/G, in/G·kh·kw)``), each on its own and by the
-                              ``"auto"`` rule: a block has orthonormal rows when it is
-                              not taller than wide, else orthonormal columns, as
-                              :func:`torch.nn.init.orthogonal_` applied to each block
-                              makes them
-``"row_blocks:a,b,c"``        the rows split into consecutive blocks of ``a``, ``b`` and
-                              ``c`` rows (unequal sizes: q, k and v of grouped-query
-                              attention), each a matrix of its own by the ``"auto"`` rule
-``"row_blocks:Hx(a,b,c)"``    the rows run ``H`` times (heads) through blocks of ``a``,
-                              ``b`` and ``c`` rows; the ``j``-th block of every head
-                              together is one matrix (q, k and v of a projection that
-                              lays its rows out head by head)
-``"row_blocks:a,b,~c"``       a block written ``~c`` holds ``c`` rows that are left free
-                              (the per-level gates of a focal modulation, each a
-                              single vector)
-``"row_blocks:a+Hx(b,c)"``    sections of rows, one after the other, joined by ``+``:
-                              ``a`` rows, then ``H`` heads of ``b`` and ``c`` rows
-                              (a parallel block's MLP rows, then its differential
-                              attention's two queries interleaved head by head)
-============================  ==========================================================
+* ``"auto"``: the rule of :func:`torch.nn.init.orthogonal_`: view the parameter as
+  ``(size(0), numel/size(0))`` and make the shorter side orthonormal (rows of a wide
+  ``nn.Linear`` weight, columns of a tall one, conv filters when they fit);
+* ``"rows"`` (alias ``"filters"``): ``(out, ...)`` seen as ``(out, numel/out)``, its ``out`` rows
+  orthonormal; for a conv weight these are its filters of length ``in·kh·kw``;
+* ``"columns"``: the columns of that view;
+* ``"group_axis:D"``: a 3-D group tensor, ``Φ_i = phi.select(D, i)``, the other two axes, in
+  order, ``l`` and ``n``;
+* ``"column_groups:H"``: a 2-D ``(out, in)`` whose ``in`` columns split into ``H`` equal groups
+  (attention heads), each orthonormal on its own;
+* ``"row_groups:G"``: the ``out`` rows of the ``(out, numel/out)`` view split into ``G`` equal
+  blocks (an LSTM's gates, attention's q/k/v, the groups of a grouped convolution, whose
+  weight ``(out, in/G, kh, kw)`` gives blocks ``(out/G, in/G·kh·kw)``), each by the ``"auto"``
+  rule, as :func:`torch.nn.init.orthogonal_` applied to each block makes them;
+* ``"row_blocks:a,b,c"``: consecutive blocks of ``a``, ``b`` and ``c`` rows (unequal sizes: q, k
+  and v of grouped-query attention), each a matrix of its own by the ``"auto"`` rule; a block
+  written ``~c`` holds ``c`` rows left free (the per-level gates of a focal modulation);
+* ``"row_blocks:Hx(a,b,c)"``: rows that run ``H`` times (heads) through blocks of ``a``, ``b`` and
+  ``c`` rows, the ``j``-th block of every head together one matrix (q, k and v laid out head by
+  head); sections join with ``+``: ``"row_blocks:a+Hx(b,c)"`` is ``a`` rows, then ``H`` heads of
+  ``b`` and ``c`` rows (a parallel block's MLP rows, then its differential attention's two
+  queries interleaved head by head).
 
 The blocks of ``row_blocks`` differ in size, so they make no single stack: such a layout
 is *composite* (:class:`RowBlocks`), and :meth:`Layout.pieces` gives one ``(view of the

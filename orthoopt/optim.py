@@ -7,7 +7,7 @@ parameter, with :math:`\Phi_i` its matrices (:mod:`orthoopt.layout`), step :math
 .. math::
     \begin{aligned}
     &\Phi^{-} \leftarrow \theta_{t-1}                                     && \text{(value before the step)}\\
-    &\theta_t \leftarrow \textsc{BaseStep}(\theta_{t-1}, g_t)              && \text{(torch's own update)}\\
+    &\theta_t \leftarrow \mathrm{BaseStep}(\theta_{t-1}, g_t)              && \text{(torch's own update)}\\
     &R_i = \Phi_i^{-\top}\Phi_i^{-} - I,\qquad \eta = 2\gamma\beta\\
     &S_i = \operatorname{clamp}\big(R_i / \max(\delta, 2\eta), -1, 1\big)   && \text{(sign}(R_i)\text{ where } |R_i| \ge 2\eta)\\
     &\eta_i = \min\big(\eta,\ \max|R_i| / 2\max|S_i|,\ \tfrac14/\|S_i\|_2\big)\\
@@ -67,8 +67,10 @@ __all__ = [
 
 
 class OrthoMixin:
-    """Adds ``ortho``, ``ortho_smoothing``, ``ortho_layout``, ``ortho_mode`` and
-    ``ortho_penalty`` to a torch optimizer, as defaults and per parameter group."""
+    """Adds the ortho options to a torch optimizer, as defaults and per parameter group: every
+    key of :data:`orthoopt.options.ORTHO_DEFAULTS` (``ortho``, ``ortho_smoothing``,
+    ``ortho_layout``, ``ortho_mode``, ...), each with its meaning in the options table of the
+    quick start (docs/quickstart.md) and in the docstring of :class:`OrthoAdamW`."""
 
     def __init__(
         self,
@@ -335,6 +337,8 @@ _CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orth
     ortho_layout (str): which vectors are orthonormal (:mod:`orthoopt.layout`); 'auto'.
     ortho_mode (str): 'soft' (this penalty step) or 'hard' (Stiefel manifold, geoopt).
     ortho_penalty (str): 'l1' (default) or 'frobenius' (the squared-Frobenius baseline).
+    ortho_nonfinite (str): a matrix holding NaN or Inf gets no step; 'warn' (default) says so once
+        per parameter, 'skip' silently, 'raise' raises FloatingPointError before anything changes.
     ortho_manifold (str): hard mode's geoopt manifold, 'euclidean' (QR) or 'canonical' (Cayley).
     ortho_stabilize (int, None or 'auto'): hard mode re-projects every that many steps
         (:mod:`orthoopt.stiefel`); 'auto' is every 10 for 'canonical', never for 'euclidean'.

@@ -15,7 +15,7 @@ The rule looks at what each layer computes, not at its name alone:
 * its layout: the registered one (fused projections, RNN gates), else one block per group
   for a grouped convolution (``row_groups:G``), else ``"auto"``;
 * a weight under ``torch.nn.utils.parametrize`` (``weight_norm``, ``spectral_norm``,
-  ``orthogonal``) or the old weight-norm and spectral-norm hooks is left out: its
+  ``orthogonal``) or under the hook-based ``nn.utils.weight_norm``/``spectral_norm`` is left out: its
   parameters are not the layer's weight (:func:`orthoopt.audit` says so).
 """
 

@@ -31,70 +31,34 @@ once per parameter on its whole stack.  With :math:`\pi_X` the tangent projectio
           \mathcal{T}_{X_{t-1}\to X_t}(m_t)\big)
     \end{aligned}
 
-Choices and known traps (geoopt 0.5.1):
+Choices and known traps (geoopt 0.5.1), one line each; docs/hard-mode.md ("Choices, and where it
+differs from geoopt") has each with its measurement and ``experiments/hard_mode_traps.py``:
 
-* **Second moment.** As in geoopt, RiemannianAdam keeps *one* second moment per matrix,
-  not one per entry: all entries of a matrix share its normalisation.  geoopt's is the sum
-  :math:`\langle\xi,\xi\rangle_X` (``component_inner``) over the matrix's :math:`N = l n`
-  entries, so its direction has a Frobenius norm of about 1 per matrix, where Adam's has
-  entries of about 1: at the same learning rate geoopt moves a matrix :math:`\sqrt N` times
-  less far than the Adam step it stands in for (192 times less on a ViT-tiny block weight).
-  With ``ortho_second_moment="mean"`` (the default) the sum is divided by :math:`N`, so that
-  ``ortho_mode="hard"`` takes steps of Adam's size at the script's own learning rate; this is
-  geoopt's rule at :math:`\sqrt N` times the learning rate (up to :math:`\epsilon`).
-  Measured on tests/integration's timm ViT (depth 2, digits, AdamW lr 1e-3, warmup +
-  cosine): held-out loss 0.437 and top-1 90.0% with geoopt's sum, 0.162 and 97.2% with the
-  mean, against 0.20 and 96.1% for plain AdamW.  ``"sum"`` is geoopt's RiemannianAdam exactly
-  (tested step by step against it).
-* **First momentum step.** geoopt's RiemannianSGD starts its buffer at the raw Euclidean
-  gradient and then applies ``mul(μ).add(ξ)`` to it, so its first step is
-  :math:`\mu g_1 + (1-\tau)\xi_1`, which is not even tangent.  We follow
-  :class:`torch.optim.SGD` instead: :math:`b_1 = \xi_1`; from the second step on the rules
-  agree (the tests check this against geoopt with a zero-initialised buffer).
-* **Weight decay.** The SGD and Adam rules add :math:`\lambda X` to the Euclidean gradient
-  before the projection, as geoopt does; on the manifold :math:`\pi_X(X) = 0`, so this only
-  acts on rounding noise.  AdamW's *decoupled* decay :math:`X \leftarrow (1-\gamma\lambda)X`
-  would pull the matrices off the manifold, so it is **ignored** for hard parameters (it
-  still applies to every other parameter of the optimizer).
-* **Initial projection.** A hard parameter is projected onto the manifold (the polar
-  factor, :func:`orthoopt.penalty.polar`) at its first hard step, and a warning names every
-  parameter whose error :math:`\max|X^\top X - I|` was above ``PROJECTION_TOL`` (or, in half
-  precision, above twice its error after projection) with its error before projection.
-  Call :func:`orthoopt.project_` on the optimizer before training to start on it.
-* **Canonical drift.** ``CanonicalStiefel``'s Cayley step preserves :math:`X^\top X` only up
-  to rounding, and in float32 the error grows with the number of steps (measured here:
-  7.3e-5 after 10k OrthoAdam steps at lr 1e-3 on a 64×16 matrix, 6e-5 after 500 at lr 1e-2).
-  ``ortho_stabilize=k`` re-projects the parameter (``projx``) and its momentum (``proju``)
-  every ``k`` hard steps, as geoopt's ``stabilize``; the default ``"auto"`` is
-  ``CANONICAL_STABILIZE`` steps for the canonical manifold and never for the Euclidean one,
-  whose QR retraction lands on the manifold at every step.  The momentum is re-projected
-  with ``EuclideanStiefel.proju``, the orthogonal projection onto the tangent space:
-  ``CanonicalStiefel.proju`` (:math:`u - X u^\top X`) is a Riemannian-gradient map, not a
-  projection — it doubles the :math:`X\Omega` part of a tangent vector — so geoopt's own
-  ``stabilize_group`` grows a canonical momentum by up to 2x per re-projection (geoopt's
-  ``RiemannianAdam(stabilize=1)`` on ``CanonicalStiefel``: ``|exp_avg|`` 28 after 10 steps,
-  1.3e9 after 40, NaN by 50, then its SVD fails).  For a float16/bfloat16
-  parameter ``"auto"`` re-projects at every step (see below).
-* **Batched solve on CPU.** The Cayley solve has failed on CPU with "Pivots given to
-  lu_solve must all be greater or equal to 1" (MKL's batched solve).  On that error the
-  step is redone one matrix at a time and, if that fails too, with the Euclidean QR
-  retraction for this step; either way a warning says so.
-* **Half precision.** geoopt's QR and solve refuse float16/bfloat16, so hard steps of a half
-  parameter are computed in float32 and written back in the parameter's dtype; its state
-  is float32, and :meth:`OrthoMixin.load_state_dict` keeps it float32 where torch's own
-  load would cast it to the parameter's dtype (a state cast elsewhere is widened again on
-  the next step).  A half parameter can only
-  be as orthonormal as its dtype allows: over 500 OrthoAdam steps (lr 1e-2, 32×8) the
-  worst error was 3.2e-3 in bfloat16 and 3.9e-4 in float16 (Euclidean).  The Cayley step
-  would carry each step's rounding error forward (2.1e-2 in bfloat16 with a re-projection
-  every 10 steps), so ``ortho_stabilize="auto"`` re-projects canonical half parameters at
-  every step.
-* **torch.compile.** Compiling geoopt's own optimizers silently makes their step Euclidean
-  (a compiled RiemannianSGD left :math:`|X^\top X - I|` at 0.6 after 5 steps): they pick the
-  manifold by ``isinstance(p, ManifoldParameter)``, and under tracing that dispatch ends on
-  the ``Euclidean()`` default.  Here the manifold comes from the group's
-  ``ortho_manifold`` string and the parameters are plain tensors, so a compiled
-  ``optimizer.step`` takes the same Stiefel step as an eager one (the tests check this).
+* **Second moment.** One per matrix, as geoopt's; ``ortho_second_moment="mean"`` (the default)
+  divides geoopt's sum over the :math:`N = l n` entries by :math:`N`, so that the step has Adam's
+  size at the script's learning rate; ``"sum"`` is geoopt's RiemannianAdam exactly.
+* **First momentum step.** :math:`b_1 = \xi_1`, as :class:`torch.optim.SGD`; geoopt starts from
+  the raw Euclidean gradient, which is not tangent.  From the second step on the rules agree.
+* **Weight decay.** :math:`\lambda X` is added before the projection, as geoopt does; AdamW's
+  decoupled decay would pull the matrices off the manifold, so it is ignored for hard parameters.
+* **Initial projection.** At its first hard step a parameter is projected onto the manifold
+  (:func:`orthoopt.penalty.polar`), with a warning naming it if it was above ``PROJECTION_TOL``
+  (in half precision: above twice its error after projection), unless its group has
+  ``ortho_init="project"``.
+* **Canonical drift.** The Cayley step drifts off the manifold by rounding: ``ortho_stabilize=k``
+  re-projects the point (``projx``) and its momentum every ``k`` hard steps, ``"auto"`` every
+  ``CANONICAL_STABILIZE`` on the canonical manifold, never on the Euclidean one.  The momentum
+  is re-projected with ``EuclideanStiefel.proju``: ``CanonicalStiefel.proju`` is no projection,
+  and geoopt's ``stabilize`` grows a canonical momentum without bound.
+* **Batched solve on CPU.** Where MKL's batched solve fails ("Pivots given to lu_solve must all
+  be greater or equal to 1"), the step is redone one matrix at a time, then with the QR
+  retraction, with a warning.
+* **Half precision.** A float16/bfloat16 parameter steps in float32 and is written back in its
+  dtype; its state stays float32 (also across :meth:`OrthoMixin.load_state_dict`), and
+  ``"auto"`` re-projects a canonical half parameter at every step.
+* **torch.compile.** The manifold comes from the group's ``ortho_manifold`` string, not from
+  ``isinstance(p, ManifoldParameter)`` (which tracing turns Euclidean in geoopt's own
+  optimizers), so a compiled ``step`` takes the same Stiefel step as an eager one.
 
 State: ``optimizer.state[p]`` holds ``"step"`` (torch's float32 scalar tensor) and
 ``stiefel_momentum_buffer`` or ``stiefel_exp_avg`` in the stack shape ``(m, l, n)``, with

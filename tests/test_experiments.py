@@ -6,6 +6,7 @@ than the unconstrained one."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import re
 import sys
@@ -118,5 +119,27 @@ def test_script_runs_quick(name, tmp_path):
             for method in (m for m in CONSTRAINED if m in ROWS[name]):
                 assert errors[method] < errors["none"] / CLOSER.get(name, 10), (name, method, errors)
         for row in table:
-            if "final max error" in row:  # the seed tensor, penalty alone: from O(1) to rounding
+            if "final max error" in row:  # the (l, m, n) group tensor, penalty alone: from O(1) to rounding
                 assert _number(row["final max error"]) < 1e-3 * _number(row["start"]), (name, row)
+
+
+def test_hard_mode_traps_show_each_effect_in_quick_mode(tmp_path):
+    """The effects behind hard mode's choices, as its docs page states them: the canonical
+    manifold drifts without re-projection; geoopt's re-projection grows a canonical momentum
+    that orthoopt's keeps bounded; a compiled geoopt step leaves the manifold, orthoopt's does
+    not; a canonical half parameter re-projected every step stays closer than every 10 steps."""
+    load("hard_mode_traps").main(["--quick", "--skip-vit", "--out", str(tmp_path)])
+    out = tmp_path / "hard_mode_traps-quick"
+    results = json.loads((out / "results.json").read_text())
+    assert tables((out / "README.md").read_text())
+    never, auto = results["canonical_drift"]["lr 1e-3, 200 steps"]
+    assert never > 10 * auto and auto < 1e-6
+    theirs = [v for _, v in results["canonical_momentum"]["geoopt"] if isinstance(v, float)]
+    ours = [v for _, v in results["canonical_momentum"]["orthoopt"]]
+    assert theirs[-1] > 1e4 * theirs[0] and max(ours) < 10
+    theirs, ours = results["compile"].values()
+    assert theirs["eager"]["error"] < 1e-5 and theirs["aot_eager"]["error"] > 0.1
+    assert ours["eager"]["error"] < 1e-5 and ours["aot_eager"]["from_eager"] < 1e-6
+    half = results["half_precision"]
+    for dtype in ("bfloat16", "float16"):
+        assert half[f"{dtype}, canonical, ortho_stabilize=auto"] < half[f"{dtype}, canonical, ortho_stabilize=10"]

@@ -550,7 +550,7 @@ def test_orthogonalized_class_names_its_base_in_its_doc():
     assert ":class:`torch.optim.RMSprop`" in RMSprop.__doc__
 
 
-# -- found by the mutation run on today's optim.py (tests/MUTATION.md) -----------------------
+# -- mutants of optim.py that survived the rest of the suite (docs/development/mutation.md) ----
 def test_module_getattr_makes_the_class_of_a_torch_optimizer_by_name():
     """What unpickling a generated class calls in a process that has not made it yet
     (test_torch_contract checks that in a child process, which mutmut does not see)."""

@@ -1,7 +1,8 @@
 """The Python snippets of the README and of the docs pages run as written, each in a fresh
 namespace (no model is handed in), and do what the text around them says: the weight matrices
 constrained, the head and everything that is not a matrix of a known layer left alone, and a
-step that moves them.  The options tables list every option with its default."""
+step that moves them.  The options tables list every option with its default, and the
+optimizer classes' docstrings describe every option."""
 
 from __future__ import annotations
 
@@ -118,3 +119,15 @@ def test_options_table_lists_every_option_with_its_default(page):
     assert set(table) == set(ORTHO_DEFAULTS), f"{page.name}: no such option: {sorted(set(table) - set(ORTHO_DEFAULTS))}"
     for option, default in ORTHO_DEFAULTS.items():
         assert table[option] == f"`{json.dumps(default)}`", f"{page.name}: {option}'s default is {default!r}"
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [orthoopt.OrthoSGD, orthoopt.OrthoAdam, orthoopt.OrthoAdamW, orthoopt.orthogonalize(torch.optim.RMSprop)],
+    ids=lambda c: c.__name__,
+)
+def test_class_docstring_describes_every_option(cls):
+    described = set(re.findall(r"^\s*(ortho\w*) \(", cls.__doc__, re.M))
+    missing = sorted(set(ORTHO_DEFAULTS) - described)
+    assert not missing, f"{cls.__name__}'s docstring (orthoopt.optim._CLASS_DOC) has no line for {missing}"
+    assert described <= set(ORTHO_DEFAULTS), sorted(described - set(ORTHO_DEFAULTS))

@@ -94,7 +94,7 @@ def test_lstm_gates_are_each_orthogonal_not_the_stack():
             torch.testing.assert_close(torch.linalg.svdvals(gate), torch.ones(8), rtol=0, atol=1e-5)
     assert max(orthoopt.named_orthogonality_errors(lstm).values()) < 1e-5
     whole = nn.LSTM(16, 8)
-    orthoopt.project_([whole.weight_hh_l0])  # the old default: 'auto' on the whole stack
+    orthoopt.project_([whole.weight_hh_l0])  # 'auto' on the whole stack: one matrix of the four gates
     sv = torch.cat([torch.linalg.svdvals(g) for g in whole.weight_hh_l0.detach().chunk(4)])
     assert sv.max() < 0.999  # no gate is orthogonal
 
@@ -445,7 +445,7 @@ def test_parametrized_weights_are_left_out_and_said_so():
     model = nn.Sequential(
         parametrizations.weight_norm(nn.Linear(8, 8)),
         parametrizations.orthogonal(nn.Linear(8, 8)),
-        nn.utils.spectral_norm(nn.Linear(8, 8)),  # the old hook: weight_orig
+        nn.utils.spectral_norm(nn.Linear(8, 8)),  # the hook-based one: weight_orig
         nn.Linear(8, 8),
     )
     assert set(chosen(model)) == {"3.weight"}

@@ -469,7 +469,7 @@ def test_hooks_run_once_in_torchs_order(info, order):
         assert torch.equal(a, b)  # the pre-hook saw them before anything changed
 
 
-def test_the_issues_hook_case():
+def test_step_hooks_run_once_each_around_the_whole_step():
     w = nn.Parameter(torch.randn(8, 4))
     w.grad = torch.randn_like(w)
     torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
@@ -556,7 +556,7 @@ def test_group_dicts_in_two_groups(info, inp):
     _check_group_forms(info, inp, split=True)
 
 
-def test_the_issues_generator_case():
+def test_groups_of_generators_are_read_once_and_a_set_is_refused():
     m = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
     opt = orthoopt.OrthoAdamW([{"params": m[0].parameters()}, {"params": m[1].parameters(), "lr": 1e-3}], lr=1e-2)
     assert [len(g["params"]) for g in opt.param_groups] == [2, 2]

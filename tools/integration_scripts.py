@@ -153,7 +153,7 @@ def four_scripts(quick: bool) -> list[dict]:
 
 
 LSTM_SIZES = [
-    ("columns (old)", {"ortho_layout": "columns"}),
+    ("columns (one matrix)", {"ortho_layout": "columns"}),
     ("row_groups:4 (default)", {}),
 ]
 
