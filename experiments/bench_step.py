@@ -3,7 +3,7 @@
     PYTHONPATH=. python experiments/bench_step.py --device cpu --out results/bench_step_cpu.json
     PYTHONPATH=. python experiments/bench_step.py --device cuda --out results/bench_step_cuda.json
 
-Same as ``python -m orthoopt bench``; see :mod:`orthoopt.bench` for the contenders and flags.
+Same as ``python -m orthoopt bench``; see :mod:`orthoopt.bench.step` for the contenders and flags.
 """
 
 import sys

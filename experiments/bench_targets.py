@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from orthoopt.bench import TARGETS as STEP_TARGETS  # noqa: E402
-from orthoopt.bench_iteration import EVERY_VARIANT  # noqa: E402
-from orthoopt.bench_iteration import TARGETS as ITERATION_TARGETS  # noqa: E402
+from orthoopt.bench.iteration import EVERY_VARIANT  # noqa: E402
+from orthoopt.bench.iteration import TARGETS as ITERATION_TARGETS  # noqa: E402
 
 # (label, case, ratio key, bound) of the step benchmark's targets in the table.
 STEP_ROWS = [

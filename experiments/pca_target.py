@@ -30,6 +30,7 @@ def main(argv=None):
         beta=2.0,
         beta_relative=True,
         lr=args.lr,
+        target_gap=1e-3,
         record_every=10,
         progress=True,
     )

@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from orthoopt.bench import Case, _adamw_flags, _base, _floor, _soft  # noqa: E402
+from orthoopt.bench.profiling import quiet_profile  # noqa: E402
+from orthoopt.bench.step import Case, _adamw_flags, _base, _floor, _soft  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
         ratio = "not measured (the floor's steps took less than the CPU clock's resolution; use a larger --shape)"
     print(f"(soft - AdamW) / floor = {ratio}")
     soft = contenders[-1]
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             soft.step()
     events = prof.key_averages()

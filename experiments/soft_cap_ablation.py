@@ -60,6 +60,7 @@ def main(argv=None):
     out = setup(args, f"soft_cap_ablation/{tag}")
     steps = 100 if args.quick else (args.steps or (20000 if task.name == "pca" else task.steps))
     beta = {"beta": 2.0, "beta_relative": True} if task.beta_relative else {}
+    target = {"target_gap": 1e-3} if task.name == "pca" else {}  # the 20,000-step target of experiments/pca_target.py
     sections = []
     try:
         for name, fn in VARIANTS.items():
@@ -73,6 +74,7 @@ def main(argv=None):
                 record_every=10,
                 progress=True,
                 **beta,
+                **target,
             )
             cmd = f"python experiments/soft_cap_ablation.py --task {args.task} --steps {steps}"
             cmd += f" --lr {args.lr}" if args.lr else ""

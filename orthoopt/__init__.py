@@ -1,5 +1,6 @@
 """orthoopt: group orthogonality for PyTorch training, soft (L1 penalty) or hard (Stiefel)."""
 
+from .guard import OrthogonalityWarning
 from .layout import Layout
 from .optim import (
     OrthoAdam,
@@ -18,6 +19,7 @@ from .penalty import (
     l1_orthogonality_grad,
     orthogonality_error,
 )
+from .schedulers import load_scheduler_state
 from .swap import constrain_
 
 __all__ = [
@@ -26,7 +28,9 @@ __all__ = [
     "OrthoAdamW",
     "OrthoMixin",
     "OrthoSGD",
+    "OrthogonalityWarning",
     "constrain_",
+    "load_scheduler_state",
     "named_orthogonality_errors",
     "orthogonalize",
     "param_groups",

@@ -1,8 +1,8 @@
 """``python -m orthoopt`` (also the ``orthoopt`` console script).
 
 orthoopt compare [--task pca] [--methods soft,hard] [--seeds 3] [--steps N] [--quick] [--out DIR]
-orthoopt bench ...   (the step benchmark, orthoopt.bench)
-orthoopt bench --models [mnist,lstm,vit,mlp,wide] ...   (the whole iteration, orthoopt.bench_iteration)
+orthoopt bench ...   (the step benchmark, orthoopt.bench.step)
+orthoopt bench --models [mnist,lstm,vit,mlp,wide] ...   (the whole iteration, orthoopt.bench.iteration)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .argtypes import device, out_dir, real, whole
+from .argtypes import device, names, out_dir, real, whole
 
 DEFAULT_OUT = "orthoopt-results"
 
@@ -43,20 +43,8 @@ def _task(text: str) -> str:
     return text
 
 
-def _methods(text: str) -> list[str]:
-    from .compare.methods import ALL_METHODS, METHODS
-
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    if names == ["all"]:
-        return list(METHODS)
-    bad = [m for m in names if m not in ALL_METHODS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {', '.join(ALL_METHODS)} or all")
-    return names
-
-
 def compare_parser() -> argparse.ArgumentParser:
-    from .compare.methods import METHODS
+    from .compare.methods import ALL_METHODS, METHODS
     from .compare.tasks import TASKS
 
     p = argparse.ArgumentParser(
@@ -75,7 +63,7 @@ def compare_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--methods",
-        type=_methods,
+        type=names(ALL_METHODS, every=METHODS),
         default=None,
         help=f"comma list of {', '.join(METHODS)}, geotorch (default: the task's; every method but geotorch for most)",
     )
@@ -94,6 +82,18 @@ def compare_parser() -> argparse.ArgumentParser:
         "--beta-absolute", dest="beta_relative", action="store_const", const=False, help="read --beta as β itself"
     )
     p.add_argument("--lr", type=real(positive=True), default=None, help="base learning rate (default: the task's)")
+    p.add_argument(
+        "--target-gap",
+        type=real(positive=True),
+        default=None,
+        help="the target's relative gap |f - f*|/|f*|, where f* is known (default: the task's; 0.05 for pca)",
+    )
+    p.add_argument(
+        "--target-orth",
+        type=real(positive=True),
+        default=None,
+        help="the target's orthogonality error max|ΦᵀΦ - I|, where f* is known (default: the task's; 1e-5 for pca)",
+    )
     p.add_argument(
         "--base", choices=("sgd", "adam", "adamw"), default=None, help="base optimizer (default: the task's)"
     )
@@ -125,7 +125,12 @@ def compare_parser() -> argparse.ArgumentParser:
         help="record the curves every N steps (default 1)",
     )
     p.add_argument("--quick", action="store_true", help="a run of seconds: the task's short budget, one seed")
-    p.add_argument("--out", type=out_dir, default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
+    p.add_argument(
+        "--out",
+        type=out_dir,
+        default=DEFAULT_OUT,
+        help=f"output folder, made with any missing parent folders (default ./{DEFAULT_OUT})",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -158,6 +163,8 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
             quick=args.quick,
             progress=not args.no_progress,
             threads=args.threads if args.device == "cpu" else None,
+            target_gap=args.target_gap,
+            target_orth=args.target_orth,
         )
     except ValueError as e:  # a combination found out only once the task is built (no optimum known)
         parser.error(str(e))
@@ -168,14 +175,9 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
 
 def bench_main(argv: Sequence[str]) -> int:
-    argv = list(argv)
-    if any(a == "--models" or a.startswith("--models=") for a in argv):
-        from . import bench_iteration  # the whole training iteration on small real models
-
-        return bench_iteration.main(argv) or 0
     from . import bench  # imported here: it pulls in geoopt's optimizers and the profiler
 
-    return bench.main(argv) or 0
+    return bench.main(list(argv)) or 0
 
 
 COMMANDS = {"compare": "compare methods on a task", "bench": "time the optimizer step (orthoopt.bench)"}

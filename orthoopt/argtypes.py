@@ -11,10 +11,10 @@ import argparse
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["whole", "real", "device", "out_dir", "out_file"]
+__all__ = ["whole", "real", "names", "device", "out_dir", "out_file"]
 
 
 def whole(low: int) -> Callable[[str], int]:
@@ -44,6 +44,27 @@ def real(*, positive: bool) -> Callable[[str], float]:
             bound = "> 0" if positive else ">= 0"
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
         return value
+
+    return parse
+
+
+def names(known: Sequence[str], *, every: Sequence[str] | None = None) -> Callable[[str], list[str]]:
+    """A comma list of distinct names from ``known``; ``all`` stands for ``every``, where given."""
+    allowed = ", ".join(known) + (" or all" if every is not None else "")
+
+    def parse(text: str) -> list[str]:
+        given = [n.strip() for n in text.split(",") if n.strip()]
+        if every is not None and given == ["all"]:
+            return list(every)
+        unknown = [n for n in given if n not in known]
+        if not given or unknown:
+            raise argparse.ArgumentTypeError(
+                f"{f'unknown {unknown}' if unknown else 'none given'}; choose from {allowed}"
+            )
+        twice = [n for i, n in enumerate(given) if n in given[:i]]
+        if twice:
+            raise argparse.ArgumentTypeError(f"{twice[0]!r} is given twice in {text!r}; name each once")
+        return given
 
     return parse
 

@@ -57,24 +57,28 @@ def threshold(products: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, lam, 0)
 
 
-def remember_all(states: list[dict], lam: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """:func:`remember` for several parameters at once (``counts``: matrices of each), with
-    one operation where every one of them has an estimate; each state keeps its part."""
+def remember_all(
+    states: list[dict], lam: torch.Tensor, counts: list[int], keys: list[str] | None = None
+) -> torch.Tensor:
+    """:func:`remember` for several parameters (or pieces) at once (``counts``: matrices of
+    each; ``keys``: each one's state key, :data:`STATE` by default), with one operation where
+    every one of them has an estimate; each state keeps its part."""
+    keys = keys or [STATE] * len(states)
     if len(states) == 1:
-        return remember(states[0], lam)
-    olds = [state.get("ortho_multiplier") for state in states]
+        return remember(states[0], lam, keys[0])
+    olds = [state.get(key) for state, key in zip(states, keys)]
     if any(old is None for old in olds):
-        return torch.cat([remember(state, part) for state, part in zip(states, lam.split(counts))])
+        return torch.cat([remember(state, part, key) for state, part, key in zip(states, lam.split(counts), keys)])
     est = torch.maximum(lam, AUTO_DECAY * torch.cat(olds).to(lam))
-    for state, part in zip(states, est.split(counts)):
-        state["ortho_multiplier"] = part
+    for state, part, key in zip(states, est.split(counts), keys):
+        state[key] = part
     return est
 
 
-def remember(state: dict, lam: torch.Tensor) -> torch.Tensor:
+def remember(state: dict, lam: torch.Tensor, key: str = STATE) -> torch.Tensor:
     """The running estimate for one parameter's matrices: ``max(λ, AUTO_DECAY · previous)``,
-    kept in ``state['ortho_multiplier']``."""
-    old = state.get(STATE)
+    kept in ``state[key]`` (``state['ortho_multiplier']``, suffixed for a later piece)."""
+    old = state.get(key)
     est = lam if old is None else torch.maximum(lam, AUTO_DECAY * old.to(lam))
-    state[STATE] = est
+    state[key] = est
     return est

@@ -51,8 +51,8 @@ import torch
 import torch.distributed as dist
 
 from . import auto, penalty
-from .layout import Layout, resolve_layout
-from .options import param_key, param_name, penalized
+from .layout import Layout
+from .pieces import is_dtensor, pieces
 
 __all__ = [
     "is_dtensor",
@@ -70,11 +70,6 @@ if dist.is_available():
     from torch.distributed.tensor import DTensor, Replicate, Shard
 else:  # pragma: no cover - torch built without distributed
     DTensor = None
-
-
-def is_dtensor(p: torch.Tensor) -> bool:
-    """True for a :class:`~torch.distributed.tensor.DTensor` (e.g. a ``fully_shard`` parameter)."""
-    return DTensor is not None and isinstance(p, DTensor)
 
 
 def sharded_axis(layout: Layout) -> str:
@@ -211,11 +206,28 @@ class ShardedBucket:
     travel in one all-reduce.
     """
 
+    every = 1  # ortho_every > 1 is refused for sharded parameters
+
     def __init__(self) -> None:
         self.entries: list[_Entry] = []
+        self._deltas: list[Any] | None = None
 
     def add(self, p: torch.Tensor, layout: Layout, group: dict) -> None:
         self.entries.append(_Entry(p, layout, group))
+
+    # -- the step protocol (the same for orthoopt.soft.Bucket) ---------------------------
+    def due(self) -> bool:
+        return True
+
+    def before(self, optimizer: Any) -> None:
+        """Before the base step: the deltas at the pre-step weights (:meth:`delta`)."""
+        self._deltas = self.delta()
+
+    def after(self, optimizer: Any) -> None:
+        """After the base step: the 'auto' deltas (:meth:`finish`), then all of them added."""
+        deltas, self._deltas = self._deltas, None
+        self.finish(deltas, optimizer.state)
+        self.apply(deltas)
 
     @torch.no_grad()
     def delta(self) -> list[Any]:
@@ -328,25 +340,20 @@ def communication_per_step(optimizer: torch.optim.Optimizer) -> dict[str, tuple[
     (A ring all-reduce moves about twice its payload per rank, an all-gather ``(W-1)/W`` of it.)
     """
     out = {}
-    for gi, group in enumerate(optimizer.param_groups):
-        if not penalized(group) or group.get("ortho_mode") != "soft":
+    for piece in pieces(optimizer.param_groups, mode="soft"):
+        p, layout, group = piece.param, piece.layout, piece.group
+        if not is_dtensor(p):
             continue
-        for i, p in enumerate(group["params"]):
-            if not is_dtensor(p):
-                continue
-            layout = resolve_layout(group["ortho_layout"], p.shape, param_name(group, i, gi))
-            if layout is None:
-                continue
-            how = path(p, layout)
-            m, _, n = layout.stack_shape(p.shape)
-            if how == "all_reduce":
-                gram = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-                nbytes = m * n * n * gram.itemsize * len(shard_dims(p))
-            elif how == "gather":
-                nbytes = p.numel() * p.dtype.itemsize
-            else:
-                nbytes = 0
-            if group["ortho"] == "auto":
-                nbytes *= 2 if how == "all_reduce" else 3
-            out[param_key(group, i, gi)] = (how, nbytes)
+        how = path(p, layout)
+        m, _, n = layout.stack_shape(p.shape)
+        if how == "all_reduce":
+            gram = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+            nbytes = m * n * n * gram.itemsize * len(shard_dims(p))
+        elif how == "gather":
+            nbytes = p.numel() * p.dtype.itemsize
+        else:
+            nbytes = 0
+        if group["ortho"] == "auto":
+            nbytes *= 2 if how == "all_reduce" else 3
+        out[piece.key] = (how, nbytes)
     return out

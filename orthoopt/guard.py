@@ -28,17 +28,15 @@ hard mode projects at its first step itself (:mod:`orthoopt.stiefel`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from . import auto, penalty
-from .distributed import is_dtensor
-from .layout import Layout, resolve_layout
-from .options import param_key, param_name, penalized, warn_at_caller
+from .options import warn_at_caller
+from .pieces import Piece, is_dtensor
 
-__all__ = ["OrthogonalityWarning", "WATCH_EVERY", "FAR", "FAR_STEPS", "before_step", "after_step"]
+__all__ = ["OrthogonalityWarning", "WATCH_EVERY", "FAR", "FAR_STEPS", "watched", "before_step", "after_step"]
 
 # Every how many optimizer steps the errors are read again (one Gram per parameter).
 WATCH_EVERY = 100
@@ -59,42 +57,40 @@ def _warn(message: str) -> None:
     warn_at_caller(message, OrthogonalityWarning)
 
 
-def _beta(group: dict, state: dict) -> float:
+def _beta(piece: Piece, state: dict) -> float:
+    group = piece.group
     if group["ortho"] != "auto":
         return float(group["ortho"])
-    estimate = state.get(auto.STATE)
+    estimate = state.get(auto.STATE + piece.suffix)
     return auto.AUTO_SAFETY * float(estimate.max()) if estimate is not None else 0.0
 
 
-def _soft_parameters(param_groups: list[dict]) -> Iterator[tuple[dict, torch.Tensor, Layout, str, str]]:
-    """(group, parameter, layout, name for messages, key) of every parameter the soft step moves."""
-    for gi, group in enumerate(param_groups):
-        if not penalized(group) or group["ortho_mode"] != "soft":
-            continue
-        for i, p in enumerate(group["params"]):
-            if p.grad is None or is_dtensor(p) or p.device.type == "meta":
-                continue
-            name = param_name(group, i, gi)
-            layout = resolve_layout(group["ortho_layout"], p.shape, name)
-            if layout is not None:
-                yield group, p, layout, name, param_key(group, i, gi)
+def watched(soft_pieces: list[Piece]) -> list[Piece]:
+    """The pieces the guard checks, of those the soft step moves (with a gradient): not
+    sharded (their errors are collectives) and not on the meta device (no values)."""
+    return [piece for piece in soft_pieces if not is_dtensor(piece.param) and piece.param.device.type != "meta"]
+
+
+def _memory_key(piece: Piece) -> str:
+    return piece.key + piece.suffix
 
 
 @torch.no_grad()
-def before_step(param_groups: list[dict], state: Any, memory: dict[str, float | None]) -> None:
-    """The error of each parameter before its first soft step: the start that ortho_init judges.
+def before_step(pieces: list[Piece], state: Any, memory: dict[str, float | None]) -> None:
+    """The error of each piece before its first soft step: the start that ortho_init judges.
 
     Called when the optimizer's plan of parameters may have changed (its first step, a new
-    group, a gradient that appeared); ``memory`` is :func:`after_step`'s.
+    group, a gradient that appeared), with :func:`watched`'s pieces; ``memory`` is
+    :func:`after_step`'s.
     """
-    for _, p, layout, _, key in _soft_parameters(param_groups):
-        if STARTED not in state.get(p, ()):  # .get: the state is a defaultdict, and this step may yet raise
-            memory[key] = penalty.max_error(layout.matrices(p))
+    for piece in pieces:
+        if STARTED + piece.suffix not in state.get(piece.param, ()):  # .get: a defaultdict; this step may yet raise
+            memory[_memory_key(piece)] = penalty.max_error(piece.layout.matrices(piece.view))
 
 
 @torch.no_grad()
 def after_step(
-    param_groups: list[dict], state: Any, memory: dict[str, float | None], *, starting: bool, watching: bool
+    pieces: list[Piece], state: Any, memory: dict[str, float | None], *, starting: bool, watching: bool
 ) -> None:
     """ortho_init for the parameters that took their first soft step (``starting``: when
     :func:`before_step` ran before this step), and the drift check (``watching``).
@@ -105,21 +101,22 @@ def after_step(
     """
     if not (starting or watching):
         return
-    for group, p, layout, name, key in _soft_parameters(param_groups):
-        if STARTED not in state.get(p, ()):
+    for piece in pieces:
+        key, started = _memory_key(piece), STARTED + piece.suffix
+        if started not in state.get(piece.param, ()):
             if starting:
-                state[p][STARTED] = True
-                memory[key] = _start(group, state[p], p, layout, memory.get(key), name)
+                state[piece.param][started] = True
+                memory[key] = _start(piece, state[piece.param], memory.get(key))
             continue
         if not watching:
             continue
-        error = penalty.max_error(layout.matrices(p))
+        error = penalty.max_error(piece.layout.matrices(piece.view))
         last = memory.get(key)
         if last is not None and error > FAR and error > last:
             _warn(
-                f"{name} is moving away from orthonormality: max |ΦᵀΦ - I| rose from {last:.3g} to "
+                f"{piece.name} is moving away from orthonormality: max |ΦᵀΦ - I| rose from {last:.3g} to "
                 f"{error:.3g} over the last {WATCH_EVERY} steps. The base optimizer's updates move it faster "
-                f"than the soft step pulls it back: use {_stronger_pull(group)}, a lower learning rate, or "
+                f"than the soft step pulls it back: use {_stronger_pull(piece.group)}, a lower learning rate, or "
                 "ortho_mode='hard'"
             )
             memory[key] = None  # warned: once per parameter
@@ -127,9 +124,10 @@ def after_step(
             memory[key] = error
 
 
-def _start(group: dict, state: dict, p: torch.Tensor, layout: Layout, before: float | None, name: str) -> float:
-    """ortho_init after a parameter's first soft step, judged by its error ``before`` it;
+def _start(piece: Piece, state: dict, before: float | None) -> float:
+    """ortho_init after a piece's first soft step, judged by its error ``before`` it;
     returns its error now."""
+    group, p, layout, name = piece.group, piece.view, piece.layout, piece.name
     error = penalty.max_error(layout.matrices(p))
     policy = group["ortho_init"]
     if before is None or not before > (PROJECT_TOL if policy == "project" else FAR):
@@ -140,7 +138,7 @@ def _start(group: dict, state: dict, p: torch.Tensor, layout: Layout, before: fl
         return penalty.max_error(layout.matrices(p))
     if policy != "warn":
         return error
-    pull = 4 * float(group["lr"]) * _beta(group, state)  # the most an entry of R moves per step
+    pull = 4 * float(group["lr"]) * _beta(piece, state)  # the most an entry of R moves per step
     needed = before / pull if pull > 0 else math.inf
     if needed > FAR_STEPS:
         _warn(

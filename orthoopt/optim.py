@@ -26,7 +26,6 @@ from overshooting or diverging (:func:`orthoopt.penalty.safe_step_size`).  With
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,19 +33,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed, guard, penalty, soft, stiefel, wrappers
+from . import checkpoint, distributed, penalty, stiefel, wrappers
 from .layout import Layout, resolve_layout
 from .options import (
     ORTHO_DEFAULTS,
+    check_known_options,
     check_options,
     check_step_size,
-    param_key,
+    name_unnamed,
+    ortho_items,
+    param_key,  # noqa: F401 - orthoopt.optim.param_key, where it was
     param_name,
     penalized,
     real_number,
-    report_nonfinite,
-    same_layout,
 )
+from .pieces import parameter_pieces, pieces, split
+from .plan import Plan, refuse_differentiable
 from .selection import constrained, param_groups
 
 __all__ = [
@@ -82,6 +84,7 @@ class OrthoMixin:
         ortho_every: int = 1,
         **kwargs,
     ):
+        check_known_options(kwargs, "optimizer defaults")  # the rest are the base class's
         options = check_options(
             {
                 "ortho": ortho,
@@ -131,18 +134,20 @@ class OrthoMixin:
         # One pass over a generator or a filter object (torch's per-layer idiom) consumes it:
         # the list made here is what both orthoopt's checks and torch's add_param_group see.
         param_group["params"] = params = [params] if isinstance(params, torch.Tensor) else list(params)
+        name_unnamed(param_group, index, getattr(self, "param_groups", ()))
         candidate = {**param_group, "params": params}
         if params and isinstance(params[0], tuple):
             candidate["param_names"] = [n for n, _ in params]
             candidate["params"] = [p for _, p in params]
         self._check_params(candidate, index)
         super().add_param_group(param_group)
-        self._soft_cache = None
+        self._ortho_plan = None
 
     def _check_params(self, group: dict, group_index: int) -> None:
         if penalized(group) and group.get("differentiable", self.defaults.get("differentiable", False)):
-            _refuse_differentiable(group, group_index)
+            refuse_differentiable(group, group_index)
         seen: set[int] = set()
+        lr = real_number(group.get("lr", self.defaults.get("lr")))
         for i, p in enumerate(group["params"]):
             name = param_name(group, i, group_index)
             if not isinstance(p, torch.Tensor):
@@ -150,25 +155,33 @@ class OrthoMixin:
             if id(p) in seen:
                 raise ValueError(f"{name} appears twice in param group {group_index}; pass each parameter once")
             seen.add(id(p))
-            if penalized(group) and p.is_complex():
+            if not penalized(group):
+                continue
+            if p.is_complex():
                 raise TypeError(
                     f"{name} is complex ({p.dtype}); orthoopt's orthogonality is for real parameters: "
                     "put it in a group with ortho=0, or use torch.view_as_real"
                 )
-            if penalized(group):
-                layout = self._resolve(group, p, name)
-                lr = real_number(group.get("lr", self.defaults.get("lr")))
-                if layout is not None and group["ortho_mode"] == "soft" and group["ortho"] != "auto" and lr is not None:
-                    check_step_size(2 * lr * group["ortho"] * group["ortho_every"], p.dtype, name, group_index)
+            found = parameter_pieces(group, group_index, i, p)  # resolves (and checks) the layout
+            if found and group["ortho_mode"] == "soft" and group["ortho"] != "auto" and lr is not None:
+                check_step_size(2 * lr * group["ortho"] * group["ortho_every"], p.dtype, name, group_index)
         if penalized(group) and group["ortho_mode"] == "hard":
             stiefel.update_rule(type(self))
 
-    def _resolve(self, group: dict, p: torch.Tensor, name: str) -> Layout | None:
-        return resolve_layout(group["ortho_layout"], p.shape, name)
+    def _check_changed_groups(self) -> None:
+        """Check, as at construction, the groups whose ortho options were set since they were
+        last checked (a scheduler's lr is checked by the soft step itself)."""
+        checked = self.__dict__.setdefault("_ortho_checked", {})
+        for gi, group in enumerate(self.param_groups):
+            if checked.get(gi) != ortho_items(group):
+                group.update(check_options(group, f"param group {gi}"))
+                self._check_params(group, gi)
+                checked[gi] = ortho_items(group)  # canonicalised
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, refusing a state saved under another layout, mode or parameter shape,
-        and keeping float32 state of half-precision parameters in float32.
+        and keeping float32 state of half-precision parameters in float32
+        (:mod:`orthoopt.checkpoint`).
 
         orthoopt's checks run as the last load_state_dict pre-hook, so that the user's
         pre-hooks see and may rewrite the checkpoint first, as torch runs them.  A
@@ -178,7 +191,7 @@ class OrthoMixin:
         loaded: dict[str, Any] = {}
 
         def check(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-            loaded["state_dict"] = state_dict = self._checked_state_dict(state_dict)
+            loaded["state_dict"] = state_dict = checkpoint.checked_state_dict(state_dict, self.param_groups)
             return state_dict
 
         handle = self.register_load_state_dict_pre_hook(check)  # after every hook registered so far
@@ -186,55 +199,12 @@ class OrthoMixin:
             super().load_state_dict(state_dict)
         finally:
             handle.remove()
-        state_dict = loaded["state_dict"]
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for index, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(index, {}).items():
-                loaded_value = self.state[p].get(key)
-                if (
-                    isinstance(value, torch.Tensor)
-                    and isinstance(loaded_value, torch.Tensor)
-                    and value.dtype == torch.float32
-                    and p.dtype in (torch.float16, torch.bfloat16)
-                    and loaded_value.dtype != torch.float32
-                ):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-
-    def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """``state_dict`` with this optimizer's ortho options filled into saved groups that
-        lack them; raises (before anything has changed) where it cannot be resumed."""
-        _check_same_grouping(state_dict["param_groups"], self.param_groups)
-        saved_groups = [
-            {**{k: group[k] for k in ORTHO_DEFAULTS if k in group}, **saved}
-            for group, saved in zip(self.param_groups, state_dict["param_groups"])
-        ] + list(state_dict["param_groups"][len(self.param_groups) :])
-        params = [p for g in self.param_groups for p in g["params"]]
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            for key in ("ortho_layout", "ortho_mode", "ortho_penalty"):
-                if not penalized(group) or saved[key] == group[key]:
-                    continue
-                if key == "ortho_layout" and all(same_layout(saved[key], group[key], p.shape) for p in group["params"]):
-                    continue  # e.g. 'auto' and the layout it resolves to
-                raise ValueError(
-                    f"param group {gi}: the checkpoint was saved with {key}={saved[key]!r} but this "
-                    f"optimizer has {key}={group[key]!r}; construct the optimizer with {key}={saved[key]!r} "
-                    "to resume, or start from a fresh optimizer state"
-                )
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        total = sum(p.numel() for p in params)
-        for index, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(index, {}).items():
-                if isinstance(value, torch.Tensor) and key != "step" and not _fits(key, value, p, total):
-                    raise ValueError(
-                        f"the checkpoint's state {key!r} for parameter {index} has shape {tuple(value.shape)}, "
-                        f"but the parameter has shape {tuple(p.shape)}: it belongs to another model"
-                    )
-        return {**state_dict, "param_groups": saved_groups}
+        self._ortho_plan = None
+        checkpoint.keep_wide_state(loaded["state_dict"], self.param_groups, self.state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._soft_cache = None
+        self._ortho_plan = None
         # Pickles written before a key existed get this optimizer's defaults, the way torch's
         # optimizers fill keys they added later.
         defaults = self._ortho_defaults()
@@ -253,43 +223,20 @@ class OrthoMixin:
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        if not torch.compiler.is_compiling():
+            self._check_changed_groups()
         loss = None
         if closure is not None:
-            # Evaluated here, before the plans, which skip parameters whose grad is None.
+            # Evaluated here, before the plan, which skips parameters whose grad is None.
             with torch.enable_grad():
                 loss = closure()
             closure = _Reevaluate(closure, loss)
-        self._refuse_differentiable_groups()
-        hard = self._hard_plan()
-        plan = self._soft_plan()
-        # A new plan may hold parameters at their first soft step: read where they start.
-        starting = self.__dict__.pop("_ortho_new_plan", False)
-        memory = self.__dict__.setdefault("_ortho_memory", {})
-        if starting:
-            guard.before_step(self.param_groups, self.state, memory)
-        due = [bucket for bucket in plan if soft.due(bucket)]  # ortho_every
-        sharded = []
-        for bucket in due:
-            if isinstance(bucket, distributed.ShardedBucket):
-                sharded.append((bucket, bucket.delta()))
-                continue
-            for chunk, finite in bucket.prepare():  # the parts holding NaN or Inf, if any
-                self._report_nonfinite(chunk, finite)
-        with stiefel.grads_hidden(hard) if hard else contextlib.nullcontext():
+        plan = self._plan()
+        plan.before(self)
+        with plan.hard_grads_hidden():
             base_loss = self._base_step(closure)
-        if hard:
-            stiefel.step_(self, hard)
-        for bucket in due:
-            if isinstance(bucket, soft.Bucket):
-                bucket.finish(self.state)  # 'auto' takes β from the base update; then the addition
-        for bucket, delta in sharded:
-            bucket.finish(delta, self.state)  # its 'auto' entries, which need the update
-            bucket.apply(delta)
-        soft.advance(self.param_groups)
-        if plan and not torch.compiler.is_compiling():
-            self._ortho_steps = getattr(self, "_ortho_steps", 0) + 1
-            watching = self._ortho_steps % guard.WATCH_EVERY == 0
-            guard.after_step(self.param_groups, self.state, memory, starting=starting, watching=watching)
+        plan.hard_step(self)
+        plan.after(self)
         return loss if closure is None else base_loss
 
     def _base_step(self, closure: Callable[[], Any] | None) -> Any:
@@ -306,93 +253,26 @@ class OrthoMixin:
             step = step.__wrapped__
         return step(self) if closure is None else step(self, closure)
 
-    def _hard_plan(self) -> list[stiefel.HardItem]:
-        """The parameters that take a Riemannian step instead of the base update (checked)."""
-        items = []
-        for gi, group in enumerate(self.param_groups):
-            if not penalized(group) or group["ortho_mode"] != "hard":
-                continue
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                name = param_name(group, i, gi)
-                layout = self._resolve(group, p, name)
-                if layout is not None:
-                    distributed.refuse_hard(p, name)
-                    items.append(stiefel.HardItem(p, layout, p.grad, group, name))
-        stiefel.check(self, items)
-        return items
-
-    def _refuse_differentiable_groups(self) -> None:
-        # Construction refuses these; a group switched on later is caught here.
-        for gi, group in enumerate(self.param_groups):
-            if group.get("differentiable", False) and penalized(group):
-                _refuse_differentiable(group, gi)
-
-    def _soft_plan(self) -> list[soft.Bucket | distributed.ShardedBucket]:
-        """The buckets of this step, reused with their workspaces while nothing they depend
-        on changes: the groups' ortho options, which grads are None, the storages."""
+    def _plan(self) -> Plan:
+        """The plan of this step (:mod:`orthoopt.plan`), kept while it holds; one of its own
+        while torch.compile traces the step (the compiler plans its own buffers)."""
         if torch.compiler.is_compiling():
-            return soft.build_plan(self.param_groups, workspaces=False)  # the compiler plans its own buffers
-        key = soft.plan_key(self.param_groups)
-        cache = getattr(self, "_soft_cache", None)
-        if cache is None or cache[0] != key:
-            cache = self._soft_cache = (key, soft.build_plan(self.param_groups, workspaces=True))
-            self._ortho_new_plan = True
-        return cache[1]
-
-    def _report_nonfinite(self, bucket: soft.Chunk, finite: torch.Tensor) -> None:
-        bad = [name for name, ok in zip(bucket.names, finite.split(bucket.counts)) if not bool(ok.all())]
-        report_nonfinite(self, bad, bucket.nonfinite, "the orthogonality step skips its non-finite matrices")
+            return Plan(self.param_groups, cached=False)
+        plan = self.__dict__.get("_ortho_plan")
+        if plan is None or not plan.current(self.param_groups):
+            plan = self._ortho_plan = Plan(self.param_groups)
+        return plan
 
     # -- reading the constraint ---------------------------------------------------------
     @torch.no_grad()
     def orthogonality_errors(self) -> dict[str, float]:
         """``{name: max_jk |Φ_iᵀΦ_i - I|_jk over the parameter's matrices}`` for every
         parameter under a constraint (soft or hard), for logging."""
-        errors = {}
-        for gi, group in enumerate(self.param_groups):
-            if not penalized(group):
-                continue
-            for i, p in enumerate(group["params"]):
-                layout = self._resolve(group, p, param_name(group, i, gi))
-                if layout is not None:
-                    errors[param_key(group, i, gi)] = _max_error(layout, p)
+        errors: dict[str, float] = {}
+        for piece in pieces(self.param_groups):
+            error = _max_error(piece.layout, piece.view)
+            errors[piece.key] = max(errors.get(piece.key, error), error)
         return errors
-
-
-def _check_same_grouping(saved: list[dict], groups: list[dict]) -> None:
-    """torch maps saved state to parameters by their order over the groups: a checkpoint of
-    other groups (a plain optimizer's one group, before param_groups split it) cannot load."""
-    saved_sizes = [len(g["params"]) for g in saved]
-    sizes = [len(g["params"]) for g in groups]
-    if saved_sizes == sizes:
-        return
-    what = (
-        "loaded state dict has a different number of parameter groups"
-        if len(saved_sizes) != len(sizes)
-        else "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
-    )
-    raise ValueError(
-        f"{what}: the checkpoint's groups hold {saved_sizes} parameters, this optimizer's {sizes}. A "
-        "checkpoint of the optimizer before the swap (param_groups or constrain_ split its groups) "
-        "loads into that optimizer: load it there, then swap with orthoopt.constrain_(optimizer, model), "
-        "which keeps the state"
-    )
-
-
-def _fits(key: str, value: torch.Tensor, p: torch.Tensor, total: int) -> bool:
-    """Whether a saved state tensor can belong to ``p``.  torch's optimizers keep state of the
-    parameter's shape, of a shape that broadcasts to it (Adafactor's factored row and column
-    variances), scalars, or, LBFGS, vectors over all the parameters at once; orthoopt keeps
-    stacked views of the parameter and per-matrix state (``ortho_*``, ``stiefel_*``)."""
-    if value.dim() == 0 or value.shape == p.shape or (value.dim() == 1 and value.numel() == p.numel()):
-        return True
-    if key.startswith(("ortho", "stiefel")):
-        return True
-    if value.dim() == p.dim() and all(v in (1, s) for v, s in zip(value.shape, p.shape)):
-        return True
-    return value.dim() == 1 and value.numel() == total
 
 
 class _Reevaluate:
@@ -409,15 +289,6 @@ class _Reevaluate:
             self.fresh = False
             return self.loss
         return self.closure()
-
-
-def _refuse_differentiable(group: dict, group_index: int) -> None:
-    raise ValueError(
-        f"param group {group_index}: differentiable=True with ortho={group['ortho']!r}: orthoopt's "
-        "orthogonality step is not differentiable, so autograd through step() would treat it as a "
-        "constant and give wrong gradients. Put the parameters you differentiate through in a group "
-        "with ortho=0, or use differentiable=False"
-    )
 
 
 # -- the classes ------------------------------------------------------------------------
@@ -535,20 +406,21 @@ def project_(target: torch.optim.Optimizer | nn.Module | Iterable[torch.Tensor],
     if isinstance(target, torch.optim.Optimizer) and not isinstance(target, OrthoMixin):
         raise TypeError(_not_ortho(target, "project_"))
     if isinstance(target, OrthoMixin):
-        items = [
-            (p, target._resolve(g, p, param_name(g, i, gi)), param_name(g, i, gi))
-            for gi, g in enumerate(target.param_groups)
-            if penalized(g)
-            for i, p in enumerate(g["params"])
-        ]
-    elif isinstance(target, nn.Module):
-        items = [(p, lay, f"parameter '{n}'") for n, p, lay in constrained(target, layout)]
+        items = [(piece.view, piece.layout, piece.name) for piece in pieces(target.param_groups)]
     else:
+        if isinstance(target, nn.Module):
+            whole = [(p, lay, f"parameter '{n}'") for n, p, lay in constrained(target, layout)]
+        else:
+            whole = [
+                (p, resolve_layout(layout or "auto", p.shape, f"parameter {i}"), f"parameter {i}")
+                for i, p in enumerate(target)
+            ]
         items = [
-            (p, resolve_layout(layout or "auto", p.shape, f"parameter {i}"), f"parameter {i}")
-            for i, p in enumerate(target)
+            (v, lay, name)
+            for p, whole_layout, name in whole
+            if whole_layout is not None
+            for v, lay in split(p, whole_layout, name)
         ]
-    items = [(p, lay, name) for p, lay, name in items if lay is not None]
     for p, _, name in items:
         if not (distributed.is_dtensor(p) or p.is_meta or bool(torch.isfinite(p).all())):
             raise ValueError(
@@ -573,7 +445,10 @@ def named_orthogonality_errors(
         return target.orthogonality_errors()
     if isinstance(target, torch.optim.Optimizer):
         raise TypeError(_not_ortho(target, "named_orthogonality_errors"))
-    return {n: _max_error(lay, p) for n, p, lay in constrained(target, layout, **kwargs)}
+    return {
+        n: max(_max_error(lay, v) for v, lay in split(p, whole, f"parameter '{n}'"))
+        for n, p, whole in constrained(target, layout, **kwargs)
+    }
 
 
 def _not_ortho(optimizer: torch.optim.Optimizer, what: str) -> str:

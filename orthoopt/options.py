@@ -10,12 +10,13 @@ here too, so that the soft and the hard step report it in the same words.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import numbers
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +34,9 @@ __all__ = [
     "is_number",
     "real_number",
     "check_options",
+    "check_known_options",
+    "ortho_items",
+    "name_unnamed",
     "report_nonfinite",
     "check_step_size",
     "warn_at_caller",
@@ -65,6 +69,14 @@ STARTS = ("warn", "project", "keep")
 SECOND_MOMENTS = ("mean", "sum")
 # Hard mode's geoopt manifolds (orthoopt.stiefel maps each name to its class).
 MANIFOLDS = ("euclidean", "canonical")
+# The per-group count of step() calls that ortho_every keeps (orthoopt.soft.STEPS_KEY): an
+# option of no one's choosing, but in every checkpoint of such a group.
+STEPS_KEY = "ortho_steps"
+# The modules whose frames stand between the user's line and step(): orthoopt's own, torch's
+# (torch.no_grad, the hook and scheduler wrappers) and the frameworks' that step for the user.
+_WRAPPING_PACKAGES = frozenset(
+    {"orthoopt", "torch", "accelerate", "transformers", "lightning", "pytorch_lightning", "lightning_fabric"}
+)
 
 
 def is_number(x: Any) -> bool:
@@ -94,8 +106,25 @@ def real_number(x: Any) -> float | None:
         return math.inf
 
 
+def check_known_options(options: Iterable[Any], where: str) -> None:
+    """Refuse an ``ortho_*`` key that is no option (a misspelled one would otherwise sit in the
+    group unread), naming the closest option.  The options are ``ORTHO_DEFAULTS``'s keys, as
+    they are when this runs, and the step counter ``ortho_steps``."""
+    for key in options:
+        if not (isinstance(key, str) and key.startswith("ortho_")) or key in ORTHO_DEFAULTS or key == STEPS_KEY:
+            continue
+        # Every option shares the 'ortho_' prefix: compare what follows it.
+        suffixes = {name.removeprefix("ortho_"): name for name in ORTHO_DEFAULTS}
+        close = difflib.get_close_matches(key.removeprefix("ortho_"), suffixes, n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {suffixes[close[0]]!r}?" if close else f"the options are {', '.join(sorted(ORTHO_DEFAULTS))}"
+        )
+        raise TypeError(f"{where}: unknown option {key!r}; {hint}")
+
+
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate the ortho options of a group (or the defaults); return them canonicalised."""
+    check_known_options(options, where)
     out = dict(options)
     ortho = out.get("ortho", 0.0)
     if not (isinstance(ortho, str) and ortho == "auto"):
@@ -174,6 +203,26 @@ def param_key(group: dict, index: int, group_index: int) -> str:
     return f"group{group_index}.param{index}"
 
 
+def ortho_items(group: dict) -> tuple:
+    """The group's ortho options as they stand, to tell when they change: their values, and
+    the number of keys (which an unknown key added to the group changes).  Read at every step,
+    so one C-level pass over ``ORTHO_DEFAULTS``."""
+    return (len(group), *map(group.get, ORTHO_DEFAULTS))
+
+
+def name_unnamed(group: dict, group_index: int, groups: Sequence[dict]) -> None:
+    """Name the parameters of a group added without names to an optimizer whose groups have
+    them (constrain_'s and param_groups' do), as messages name unnamed ones
+    (``group{g}.param{i}``): torch refuses to mix named and unnamed groups.  ``group["params"]``
+    is a list."""
+    params = group["params"]
+    if not groups or "param_names" not in groups[0] or "param_names" in group:
+        return
+    if params and isinstance(params[0], tuple):
+        return  # (name, parameter) pairs: torch takes their names
+    group["param_names"] = [param_key({}, i, group_index) for i in range(len(params))]
+
+
 def param_name(group: dict, index: int, group_index: int) -> str:
     """``parameter '<key>'``, for messages."""
     return f"parameter '{param_key(group, index, group_index)}'"
@@ -217,9 +266,10 @@ def report_nonfinite(optimizer: Any, names: Sequence[str], policy: str, what: st
 
 def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """Warn at the caller of ``optimizer.step()``, past orthoopt's and torch's wrappers
-    (``torch.no_grad``, the step-hook wrapper), whose depth a fixed stacklevel cannot know."""
+    (``torch.no_grad``, the step-hook wrapper) and the training frameworks' (accelerate's
+    optimizer, the Trainer's and Lightning's loops), whose depth a fixed stacklevel cannot know."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("orthoopt", "torch"):
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _WRAPPING_PACKAGES:
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 

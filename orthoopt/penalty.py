@@ -29,6 +29,11 @@ __all__ = [
     "frobenius_orthogonality",
     "frobenius_orthogonality_grad",
     "orthogonality_error",
+    "TARGETS",
+    "check_target",
+    "unit_columns",
+    "target_residual",
+    "cosine_direction",
     "residual",
     "direction",
     "huber",
@@ -39,6 +44,7 @@ __all__ = [
     "largest_residual",
     "max_error",
     "polar",
+    "project",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -279,9 +285,10 @@ def _power_of_two_below(x: torch.Tensor) -> torch.Tensor:
     return x / torch.frexp(x)[0].mul_(2)
 
 
-def max_error(mats: torch.Tensor) -> float:
-    """``max |Φ_iᵀΦ_i - I|`` over a whole stack, as a Python float (a host sync)."""
-    return residual(mats).abs().max().item()
+def max_error(mats: torch.Tensor, target: str = "orthonormal", normalize: bool = False) -> float:
+    """``max |R_i|`` over a whole stack, as a Python float (a host sync): ``max |Φ_iᵀΦ_i - I|``
+    for the default target, else that of :func:`target_residual`."""
+    return target_residual(mats, target, normalize).abs().max().item()
 
 
 def polar(mats: torch.Tensor) -> torch.Tensor:
@@ -291,13 +298,126 @@ def polar(mats: torch.Tensor) -> torch.Tensor:
     return (u @ vh).to(mats.dtype)
 
 
-def _check(phi: torch.Tensor, smoothing: float) -> None:
+def project(mats: torch.Tensor, target: str = "orthonormal") -> torch.Tensor:
+    r"""The nearest point of ``target``: :func:`polar` for orthonormal columns; for orthogonal
+    columns, the nearest with orthogonal columns of the same lengths,
+
+    .. math::
+        Q D, \qquad Q = \operatorname{polar}(\Phi D) = \operatorname{polar}ig(U (D/\max_j d_j)^2ig),
+        \qquad D = \operatorname{diag}(\|arphi_j\|)
+
+    (:math:`\|QD - \Phi\|_F^2 = \|D\|_F^2 - 2\operatorname{tr}(Q^	op \Phi D) + \|\Phi\|_F^2`, so
+    this is orthogonal Procrustes; polar is invariant to the positive factor).  A zero-length
+    column stays zero.
+    """
+    if target == "orthonormal":
+        return polar(mats)
+    unit, _, length = _unit_columns(mats)
+    ratio = length / length.amax(-1, keepdim=True).clamp_min(torch.finfo(length.dtype).tiny)
+    return (polar(unit * (ratio * ratio)[:, None, :]) * length[:, None, :]).to(mats.dtype)
+
+
+# -- the targets -------------------------------------------------------------------------
+# What the penalty drives to zero: ΦᵀΦ - I (orthonormal vectors), or the off-diagonal part of
+# ΦᵀΦ (orthogonal vectors of free lengths); with normalize=True, of the cosines UᵀU instead.
+TARGETS = ("orthonormal", "orthogonal")
+
+
+def check_target(target: str, normalize: bool, where: str = "", prefix: str = "") -> None:
+    """Refuse a target or a ``normalize`` flag that the penalties do not know, naming it
+    (``prefix``: of the names, ``'ortho_'`` for a parameter group's options)."""
+    where = f"{where}: " if where else ""
+    if not isinstance(target, str) or target not in TARGETS:
+        raise ValueError(
+            f"{where}{prefix}target must be one of {TARGETS} ('orthonormal': ΦᵀΦ = I; 'orthogonal': ΦᵀΦ "
+            f"diagonal, the lengths free), got {target!r}"
+        )
+    if not isinstance(normalize, bool):
+        raise TypeError(f"{where}{prefix}normalize must be True or False, got {normalize!r}")
+    if normalize and target == "orthonormal":
+        raise ValueError(
+            f"{where}{prefix}normalize=True compares the vectors' directions (their cosines) and leaves their "
+            f"lengths free, so it cannot ask for orthonormal vectors: use {prefix}target='orthogonal' with "
+            f"{prefix}normalize=True (the cosines, as Keras's OrthogonalRegularizer), or {prefix}normalize=False "
+            "for orthonormal vectors"
+        )
+
+
+def unit_columns(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The columns of a stack ``(m, l, n)`` over their lengths, :math:`U = \Phi D^{-1}` with
+    :math:`D = \operatorname{diag}(\|\varphi_j\|)`, and the inverse lengths ``(m, n)``.
+
+    A column whose entries are all below the float's smallest normal number
+    (``torch.finfo(dtype).tiny``: zero, or subnormal) counts as zero-length: its unit vector and
+    its inverse length are 0, so its cosine with every vector is 0 and so is its gradient (the
+    cosine is not continuous there, and this is the convention).  The lengths are taken of the
+    columns divided by a power of two near their largest entry: an exact rescaling (the same
+    bits as the plain norm wherever that does not overflow or underflow), so that any finite
+    column has a finite unit vector.  Half-precision stacks are widened to float32.
+    Differentiable by autograd, zero-length columns included (their gradient is 0).
+    """
+    unit, inverse, _ = _unit_columns(mats)
+    return unit, inverse
+
+
+def _unit_columns(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # unit_columns, and the lengths (m, n): 0 for a zero-length column, inf beyond the float's max.
+    wide = mats.float() if mats.dtype in _HALF else mats
+    with torch.no_grad():
+        top = wide.abs().amax(-2, keepdim=True)
+        zero = top < torch.finfo(wide.dtype).tiny  # NaN columns are not zero: they stay NaN
+        # 2^(e-1) for top = f·2^e (f in [1/2, 1)): exact, and never inf.
+        scale = torch.where(zero, 1.0, top / torch.frexp(top)[0].mul_(2))
+    v = wide / scale
+    length = torch.linalg.vector_norm(v, dim=-2, keepdim=True)  # in [1, 2√l] where not zero
+    safe = torch.where(zero, 1.0, length)
+    unit = torch.where(zero, 0.0, v / safe)
+    inverse = torch.where(zero, 0.0, scale.reciprocal() / safe)
+    return unit, inverse.squeeze(-2), torch.where(zero, 0.0, length * scale).squeeze(-2)
+
+
+def target_residual(
+    mats: torch.Tensor, target: str = "orthonormal", normalize: bool = False, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""The residual that the penalty of ``target`` drives to zero, ``(m, n, n)``:
+
+    .. math::
+        R = \Phi^\top\Phi - I \;\; (\text{orthonormal}), \qquad
+        R = \Phi^\top\Phi \odot (\mathbf{1} - I) \;\; (\text{orthogonal}), \qquad
+        R = U^\top U \odot (\mathbf{1} - I) \;\; (\text{orthogonal}, \text{normalize})
+
+    with :math:`U` the unit columns (:func:`unit_columns`).  An orthogonal target's diagonal is
+    exactly zero.  float32 for half-precision stacks; ``out``: an ``(m, n, n)`` workspace.
+    """
+    if normalize:
+        unit, _ = unit_columns(mats)
+        r = torch.bmm(unit.mT, unit, out=out)
+        r.diagonal(dim1=-2, dim2=-1).zero_()
+        return r
+    r = residual(mats, out=out)
+    if target == "orthogonal":
+        r.diagonal(dim1=-2, dim2=-1).zero_()
+    return r
+
+
+def cosine_direction(r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    r"""The cosines' direction :math:`S' = S - \operatorname{Diag}(\rho)`,
+    :math:`\rho_j = \sum_k R_{jk} S_{jk}`, for ``R`` the cosines' residual and ``S = h'(R)``,
+    both symmetric with a zero diagonal (see :func:`l1_orthogonality_grad`).  ``s`` is
+    overwritten with the result."""
+    rho = (r * s).sum(-1)
+    s.diagonal(dim1=-2, dim2=-1).sub_(rho)
+    return s
+
+
+def _check(phi: torch.Tensor, smoothing: float, target: str = "orthonormal", normalize: bool = False) -> None:
     if not isinstance(phi, torch.Tensor):
         raise TypeError(f"phi must be a torch.Tensor, got {type(phi).__name__}")
     if not phi.is_floating_point():
         raise TypeError(f"phi must be a real floating-point tensor, got dtype {phi.dtype}")
     if not smoothing >= 0:
         raise ValueError(f"smoothing must be >= 0 (0 means the exact L1 penalty), got {smoothing}")
+    check_target(target, normalize)
 
 
 def _cast_back(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -305,51 +425,121 @@ def _cast_back(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def l1_orthogonality(
-    phi: torch.Tensor, beta: float = 1.0, *, group_dim: int | None = 1, smoothing: float = 0.0
+    phi: torch.Tensor,
+    beta: float = 1.0,
+    *,
+    group_dim: int | None = 1,
+    smoothing: float = 0.0,
+    target: str = "orthonormal",
+    normalize: bool = False,
 ) -> torch.Tensor:
-    """``β Σ_i Σ_jk h(Φ_iᵀΦ_i - I)_jk`` with ``h = |·|``, or Huber when ``smoothing > 0``.
+    r"""``β Σ_i Σ_jk h(R_i)_jk`` with ``h = |·|``, or Huber when ``smoothing > 0``.
 
     ``phi`` is 3-D with ``Φ_i = phi.select(group_dim, i)`` (``(l, m, n)`` and ``group_dim=1``
-    is the (l, m, n) group tensor's convention), or 2-D with ``group_dim=None``.  Differentiable by autograd.
+    is the (l, m, n) group tensor's convention), or 2-D with ``group_dim=None``; the vectors
+    are the columns of each :math:`\Phi_i`.  ``R_i`` is :func:`target_residual`:
+    ``target='orthonormal'`` (the default) asks for :math:`\Phi_i^\top\Phi_i = I`;
+    ``target='orthogonal'`` for the off-diagonal of :math:`\Phi_i^\top\Phi_i` only, the lengths
+    free; ``normalize=True`` (with ``target='orthogonal'``) for the off-diagonal of the cosines
+    :math:`U_i^\top U_i`, the Gram of the unit columns (zero-length columns: see
+    :func:`unit_columns`).  Differentiable by autograd.
     """
-    _check(phi, smoothing)
-    r = residual(as_matrices(phi, group_dim))
+    _check(phi, smoothing, target, normalize)
+    r = target_residual(as_matrices(phi, group_dim), target, normalize)
     h = huber(r, smoothing) if smoothing > 0 else r.abs()
     return _cast_back(beta * h.sum(), phi)
 
 
 def l1_orthogonality_grad(
-    phi: torch.Tensor, beta: float = 1.0, *, group_dim: int | None = 1, smoothing: float = 0.0
+    phi: torch.Tensor,
+    beta: float = 1.0,
+    *,
+    group_dim: int | None = 1,
+    smoothing: float = 0.0,
+    target: str = "orthonormal",
+    normalize: bool = False,
 ) -> torch.Tensor:
-    """``∂L/∂phi`` in closed form, ``2β Φ_i sign(Φ_iᵀΦ_i - I)`` per group, shaped like ``phi``."""
-    _check(phi, smoothing)
-    return _grad(phi, beta, group_dim, smoothing, "l1")
+    r"""``∂L/∂phi`` of :func:`l1_orthogonality` in closed form, shaped like ``phi``.
+
+    With :math:`S = h'(R)` (``sign``, ``sign(0) = 0``: the minimal-norm subgradient at a kink;
+    or :math:`\operatorname{clamp}(R/\delta, -1, 1)` for Huber), symmetric like :math:`R`:
+
+    .. math::
+        \frac{\partial \mathcal{L}}{\partial \Phi} = 2\beta\, \Phi S
+
+    for both targets without ``normalize``: the orthogonal target's :math:`S` has a zero diagonal
+    (:math:`h'(0) = 0`), and :math:`S : (X \odot (\mathbf{1} - I)) = S : X`.  With
+    ``normalize=True``, :math:`C = U^\top U`, :math:`u_j = \varphi_j / \|\varphi_j\|` and
+    :math:`du_j = (I - u_j u_j^\top)\, d\varphi_j / \|\varphi_j\|`, so
+
+    .. math::
+        d\mathcal{L} = \beta\, S : dC = 2\beta\, U S : dU
+        = \sum_j \frac{2\beta}{\|\varphi_j\|} \big((US)_j - u_j (CS)_{jj}\big)^\top d\varphi_j,
+
+    where :math:`(CS)_{jj} = \sum_k R_{jk} S_{jk} = \rho_j` (the diagonal of :math:`S` is zero), and
+
+    .. math::
+        \frac{\partial \mathcal{L}}{\partial \Phi} = 2\beta\, U \big(S - \operatorname{Diag}(\rho)\big) D^{-1}
+        = 2\beta\, \Phi\, D^{-1} \big(S - \operatorname{Diag}(\rho)\big) D^{-1},
+        \qquad D = \operatorname{diag}(\|\varphi_j\|):
+
+    each column's gradient is orthogonal to the column (the cosines do not change with the
+    lengths).  A zero-length column gets a zero gradient (:func:`unit_columns`).
+    """
+    _check(phi, smoothing, target, normalize)
+    return _grad(phi, beta, group_dim, smoothing, "l1", target, normalize)
 
 
-def frobenius_orthogonality(phi: torch.Tensor, beta: float = 1.0, *, group_dim: int | None = 1) -> torch.Tensor:
-    """The squared-Frobenius baseline ``β Σ_i ‖Φ_iᵀΦ_i - I‖_F²``."""
-    _check(phi, 0.0)
-    r = residual(as_matrices(phi, group_dim))
+def frobenius_orthogonality(
+    phi: torch.Tensor,
+    beta: float = 1.0,
+    *,
+    group_dim: int | None = 1,
+    target: str = "orthonormal",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """The squared-Frobenius baseline ``β Σ_i ‖R_i‖_F²``, ``R_i`` as in :func:`l1_orthogonality`
+    (``target='orthogonal'``: BigGAN's ``β‖ΦᵀΦ ⊙ (1 - I)‖_F²``)."""
+    _check(phi, 0.0, target, normalize)
+    r = target_residual(as_matrices(phi, group_dim), target, normalize)
     return _cast_back(beta * (r * r).sum(), phi)
 
 
-def frobenius_orthogonality_grad(phi: torch.Tensor, beta: float = 1.0, *, group_dim: int | None = 1) -> torch.Tensor:
-    """``4β Φ_i (Φ_iᵀΦ_i - I)`` per group, shaped like ``phi``."""
-    _check(phi, 0.0)
-    return _grad(phi, beta, group_dim, 0.0, "frobenius")
+def frobenius_orthogonality_grad(
+    phi: torch.Tensor,
+    beta: float = 1.0,
+    *,
+    group_dim: int | None = 1,
+    target: str = "orthonormal",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """``4β Φ_i R_i`` per group, shaped like ``phi``: :func:`l1_orthogonality_grad`'s formulas
+    with ``S = 2R`` (with ``normalize=True``, ``2β Φ D⁻¹(S - Diag(ρ))D⁻¹``)."""
+    _check(phi, 0.0, target, normalize)
+    return _grad(phi, beta, group_dim, 0.0, "frobenius", target, normalize)
 
 
-def _grad(phi, beta, group_dim, smoothing, penalty):
+def _grad(phi, beta, group_dim, smoothing, penalty, target, normalize):
     mats = as_matrices(phi, group_dim)
-    s = direction(residual(mats), smoothing, penalty)  # in place of R
-    out = torch.bmm(mats, _cast_back(s, mats)).mul_(2 * beta)
+    if normalize:
+        unit, inverse = unit_columns(mats)
+        r = target_residual(unit, target)  # the unit columns' off-diagonal Gram: the cosines
+        s = cosine_direction(r, direction(r.clone(), smoothing, penalty))
+        out = _cast_back(torch.bmm(unit, s).mul_(inverse[:, None, :]).mul_(2 * beta), mats)
+    else:
+        s = direction(target_residual(mats, target), smoothing, penalty)  # in place of R
+        out = torch.bmm(mats, _cast_back(s, mats)).mul_(2 * beta)
     if group_dim is None:
         return out.squeeze(0)
     return out.movedim(0, group_dim)
 
 
 @torch.no_grad()
-def orthogonality_error(phi: torch.Tensor, *, group_dim: int | None = 1) -> torch.Tensor:
-    """One number per group: ``max_jk |Φ_iᵀΦ_i - I|_jk`` (shape ``(m,)``, float32 or wider)."""
-    _check(phi, 0.0)
-    return residual(as_matrices(phi, group_dim)).abs().amax((-2, -1))
+def orthogonality_error(
+    phi: torch.Tensor, *, group_dim: int | None = 1, target: str = "orthonormal", normalize: bool = False
+) -> torch.Tensor:
+    """One number per group: ``max_jk |R_i|_jk`` of :func:`target_residual` (shape ``(m,)``,
+    float32 or wider): ``max|Φ_iᵀΦ_i - I|`` for the default target, the largest off-diagonal
+    dot product for ``target='orthogonal'``, the largest ``|cos|`` with ``normalize=True``."""
+    _check(phi, 0.0, target, normalize)
+    return target_residual(as_matrices(phi, group_dim), target, normalize).abs().amax((-2, -1))

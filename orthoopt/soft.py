@@ -1,10 +1,11 @@
 r"""The soft step of unsharded parameters: buckets of same-shaped matrices, one batched matmul each.
 
-The optimizer (:mod:`orthoopt.optim`) asks :func:`build_plan` for the buckets of a step and
-keeps them, with their workspaces, while :func:`plan_key` stays the same.  Each
-:class:`Bucket` stacks the matrices of its parameters (views where the layout allows) and
-computes :func:`orthoopt.penalty.penalty_step` for all of them at once; sharded (FSDP2)
-parameters go to :class:`orthoopt.distributed.ShardedBucket` instead.
+The optimizer's plan (:mod:`orthoopt.plan`) asks :func:`buckets` for the buckets of the soft
+pieces (:mod:`orthoopt.pieces`: parameters, or blocks of them) and keeps them, with their
+workspaces, while it holds.  Each :class:`Bucket` stacks the matrices of its pieces (views
+where the layout allows) and computes :func:`orthoopt.penalty.penalty_step` for all of them
+at once; sharded (FSDP2) parameters go to :class:`orthoopt.distributed.ShardedBucket`
+instead, which has the same interface: ``due()``, ``before(optimizer)``, ``after(optimizer)``.
 
 A step of a bucket runs in two halves around the base optimizer's update:
 
@@ -31,10 +32,11 @@ from typing import Any
 import torch
 
 from . import auto, distributed, penalty
-from .layout import Layout, resolve_layout
-from .options import ORTHO_DEFAULTS, check_step_size, is_number, param_name, penalized
+from .layout import Layout
+from .options import check_step_size, is_number, penalized, report_nonfinite
+from .pieces import Piece
 
-__all__ = ["Bucket", "Chunk", "build_plan", "plan_key", "view_or_none", "due", "advance", "STEPS_KEY"]
+__all__ = ["Bucket", "Chunk", "buckets", "check_gradient", "view_or_none", "advance", "STEPS_KEY"]
 
 # A bucket of several parameters is gathered (copied into one stack) in chunks of at most
 # this share of its bytes, or MIN_CHUNK_BYTES where that is more: below that, the calls
@@ -45,53 +47,29 @@ MIN_CHUNK_BYTES = 1 << 20
 STEPS_KEY = "ortho_steps"
 
 
-def plan_key(param_groups: list[dict]) -> tuple:
-    """What the plan depends on: the groups' ortho options, which grads are None, the storages."""
-    key = []
-    for group in param_groups:
-        if not penalized(group) or group["ortho_mode"] != "soft":
-            key.append(None)
-            continue
-        # β (unless 'auto') and lr only scale the step and are read at every step.
-        options = tuple(group[k] for k in ORTHO_DEFAULTS if k != "ortho") + (group["ortho"] == "auto",)
-        grads = tuple((p.data_ptr(), None if p.grad is None else p.grad.is_sparse) for p in group["params"])
-        key.append((options, grads))
-    return tuple(key)
-
-
-def build_plan(param_groups: list[dict], workspaces: bool) -> list[Bucket | distributed.ShardedBucket]:
-    """Group the penalized matrices into buckets that share one batched matmul."""
-    buckets: dict[Any, Any] = {}
-    for gi, group in enumerate(param_groups):
-        if not penalized(group) or group["ortho_mode"] != "soft":
-            continue
-        auto_beta = group["ortho"] == "auto"
+def buckets(soft_pieces: list[Piece], workspaces: bool) -> list[Bucket | distributed.ShardedBucket]:
+    """Group the soft pieces (with a gradient) into buckets that share one batched matmul;
+    sharded (FSDP2) parameters go to one :class:`~orthoopt.distributed.ShardedBucket`."""
+    found: dict[Any, Any] = {}
+    for piece in soft_pieces:
+        group, p = piece.group, piece.view
         every = group["ortho_every"]
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue  # as torch skips it, and its decoupled weight decay with it
-            name = param_name(group, i, gi)
-            if p.grad.is_sparse:
-                raise TypeError(f"{name} has a sparse gradient, which orthoopt does not support; use a dense one")
-            layout = resolve_layout(group["ortho_layout"], p.shape, name)
-            if layout is None:
-                continue
-            if distributed.is_dtensor(p):  # FSDP2: the Gram needs the other ranks' shards
-                if every != 1:
-                    raise NotImplementedError(
-                        f"{name} is sharded (FSDP2), where ortho_every={every} is not supported; "
-                        "use ortho_every=1 for its group"
-                    )
-                buckets.setdefault("dtensor", distributed.ShardedBucket()).add(p, layout, group)
-                continue
-            m, l, n = layout.stack_shape(p.shape)
-            options = (group["ortho_smoothing"], group["ortho_penalty"], group["ortho_nonfinite"], auto_beta)
-            # Groups that skip steps keep their own buckets: each has its own count.
-            key = (l, n, p.dtype, p.device, *options, every, gi if every > 1 else None)
-            if key not in buckets:
-                buckets[key] = Bucket(*options, every=every)
-            buckets[key].add(p, layout, m, group, name)
-    plan = list(buckets.values())
+        if distributed.is_dtensor(p):  # FSDP2: the Gram needs the other ranks' shards
+            if every != 1:
+                raise NotImplementedError(
+                    f"{piece.name} is sharded (FSDP2), where ortho_every={every} is not supported; "
+                    "use ortho_every=1 for its group"
+                )
+            found.setdefault("dtensor", distributed.ShardedBucket()).add(p, piece.layout, group)
+            continue
+        m, l, n = piece.layout.stack_shape(p.shape)
+        options = (group["ortho_smoothing"], group["ortho_penalty"], group["ortho_nonfinite"], group["ortho"] == "auto")
+        # Groups that skip steps keep their own buckets: each has its own count.
+        key = (l, n, p.dtype, p.device, *options, every, piece.group_index if every > 1 else None)
+        if key not in found:
+            found[key] = Bucket(*options, every=every)
+        found[key].add(piece, m)
+    plan = list(found.values())
     if workspaces:
         for bucket in plan:
             if isinstance(bucket, Bucket):
@@ -99,10 +77,10 @@ def build_plan(param_groups: list[dict], workspaces: bool) -> list[Bucket | dist
     return plan
 
 
-def due(bucket: Bucket | distributed.ShardedBucket) -> bool:
-    """Whether the bucket takes its step at this call of ``step()`` (``ortho_every``)."""
-    every = getattr(bucket, "every", 1)
-    return every == 1 or bucket.groups[0].get(STEPS_KEY, 0) % every == 0
+def check_gradient(piece: Piece) -> None:
+    """Refuse a sparse gradient of a constrained parameter, naming it."""
+    if piece.param.grad is not None and piece.param.grad.is_sparse:
+        raise TypeError(f"{piece.name} has a sparse gradient, which orthoopt does not support; use a dense one")
 
 
 def advance(param_groups: list[dict]) -> None:
@@ -148,19 +126,40 @@ class Bucket:
         self.counts: list[int] = []
         self.groups: list[dict] = []
         self.names: list[str] = []
+        self.owners: list[torch.Tensor] = []  # the parameter each piece belongs to (its state's key)
+        self.state_keys: list[str] = []  # the piece's key of the 'auto' estimate in that state
         self.views: list[torch.Tensor] | None = None
-        self.r = self.stack = self.delta = self.before = None
+        self.r = self.stack = self.delta = self.kept = None
         self.updates: list[torch.Tensor | None] | None = None
         self.chunks: list[Chunk] | None = None
         self._pending: tuple | None = None  # 'auto': what the step needs after the base update
         self._delta: torch.Tensor | None = None  # the update of this step, when not in a workspace
 
-    def add(self, p: torch.Tensor, layout: Layout, count: int, group: dict, name: str) -> None:
-        self.params.append(p)
-        self.layouts.append(layout)
+    def add(self, piece: Piece, count: int) -> None:
+        """A piece of ``count`` matrices: the bucket steps its view as it would a parameter."""
+        self.params.append(piece.view)
+        self.layouts.append(piece.layout)
         self.counts.append(count)
-        self.groups.append(group)
-        self.names.append(name)
+        self.groups.append(piece.group)
+        self.names.append(piece.name)
+        self.owners.append(piece.param)
+        self.state_keys.append(auto.STATE + piece.suffix)
+
+    # -- the step protocol (the same for orthoopt.distributed.ShardedBucket) --------------
+    def due(self) -> bool:
+        """Whether the bucket takes its step at this call of ``step()`` (``ortho_every``)."""
+        return self.every == 1 or self.groups[0].get(STEPS_KEY, 0) % self.every == 0
+
+    def before(self, optimizer: Any) -> None:
+        """Before the base update: the step at the pre-step weights (:meth:`prepare`), and the
+        ``ortho_nonfinite`` policy for the matrices that cannot take it."""
+        for chunk, finite in self.prepare():
+            bad = [name for name, ok in zip(chunk.names, finite.split(chunk.counts)) if not bool(ok.all())]
+            report_nonfinite(optimizer, bad, self.nonfinite, "the orthogonality step skips its non-finite matrices")
+
+    def after(self, optimizer: Any) -> None:
+        """After the base update: 'auto', then the update added (:meth:`finish`)."""
+        self.finish(optimizer.state)
 
     # -- workspaces ---------------------------------------------------------------------
     def allocate(self) -> None:
@@ -183,7 +182,7 @@ class Bucket:
             self.delta = layout.matrices(update)
             self.updates = [update]
             if self.auto and self.views[0] is not None:
-                self.before = first.new_empty((m, l, n))  # Φ⁻, read after the base update
+                self.kept = first.new_empty((m, l, n))  # Φ⁻, read after the base update
         else:
             self.stack = first.new_empty((rows, l, n))
             self.delta = first.new_empty((m, l, n))
@@ -233,7 +232,7 @@ class Bucket:
         return Chunk(slice(start, stop), slice(row, row + sum(counts)), self.names[start:stop], counts, self.nonfinite)
 
     def workspace_bytes(self) -> int:
-        held = [self.r, self.stack, self.before, self.updates[0] if self.stack is None else self.delta]
+        held = [self.r, self.stack, self.kept, self.updates[0] if self.stack is None else self.delta]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     # -- the step -----------------------------------------------------------------------
@@ -321,14 +320,15 @@ class Bucket:
         """Φ⁻ for after the base update: the stack or a layout's copy as they are, else a copy."""
         if len(self.params) > 1 or view_or_none(mats, self.params[0]) is None:
             return mats
-        return mats.clone() if self.before is None else self.before.copy_(mats)
+        return mats.clone() if self.kept is None else self.kept.copy_(mats)
 
     def _auto_beta(self, state: Any, before: torch.Tensor, finite, lr: torch.Tensor) -> torch.Tensor:
         """β per matrix for ``ortho='auto'`` (:mod:`orthoopt.auto`), from this step's base update."""
         after = self.gather(self._whole(), self.delta)
         products = auto.update_products(before, after, lr, out=self.delta)
         lam = auto.threshold(products, finite & (lr > 0))
-        return auto.AUTO_SAFETY * auto.remember_all([state[p] for p in self.params], lam, self.counts)
+        states = [state[p] for p in self.owners]
+        return auto.AUTO_SAFETY * auto.remember_all(states, lam, self.counts, self.state_keys)
 
     def lrs(self, like: torch.Tensor) -> torch.Tensor:
         """The learning rate of each matrix."""

@@ -99,7 +99,9 @@ Choices and known traps (geoopt 0.5.1):
 State: ``optimizer.state[p]`` holds ``"step"`` (torch's float32 scalar tensor) and
 ``stiefel_momentum_buffer`` or ``stiefel_exp_avg`` in the stack shape ``(m, l, n)``, with
 ``stiefel_exp_avg_sq`` (and ``stiefel_max_exp_avg_sq``) of shape ``(m, 1, 1)``; it round-trips
-through ``state_dict`` and ``torch.load(weights_only=True)`` bitwise.  A parameter's mode is
+through ``state_dict`` and ``torch.load(weights_only=True)`` bitwise.  A parameter whose layout
+has several pieces (blocks of unequal sizes, :mod:`orthoopt.pieces`) keeps one such state per
+piece, the first under these keys and piece ``k`` under these keys suffixed ``.k``.  A parameter's mode is
 meant to stay fixed during a run: the two modes' states are not converted into each other.
 
 Other options of the base optimizers: ``maximize`` is honoured; ``foreach``, ``fused`` and
@@ -115,7 +117,7 @@ a parameter made of them alone would move.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +126,7 @@ import geoopt
 import torch
 
 from . import options, penalty
+from .guard import OrthogonalityWarning
 from .layout import Layout
 from .options import report_nonfinite, warn_at_caller
 
@@ -166,10 +169,13 @@ _TANGENT = (MOMENTUM, EXP_AVG)
 
 @dataclass
 class HardItem:
-    """A parameter that takes a hard step now: its layout, gradient and group.
+    """A piece of a parameter (:mod:`orthoopt.pieces`) that takes a hard step now.
 
-    ``finite`` (set by :func:`check`): which of its matrices are finite, point and gradient
-    both, as a bool tensor of shape ``(m,)``; None when all of them are.
+    ``view`` is the piece of ``param`` (the parameter itself for a simple layout) with the
+    simple ``layout``, ``grad_view`` the same piece of ``grad``, the parameter's whole gradient.
+    The piece's state lives in the parameter's optimizer state under its keys plus ``suffix``
+    ('' for the first piece).  ``finite`` (set by :func:`check`): which of its matrices are
+    finite, point and gradient both, as a bool tensor of shape ``(m,)``; None when all are.
     """
 
     param: torch.Tensor
@@ -178,6 +184,52 @@ class HardItem:
     group: dict[str, Any]
     name: str
     finite: torch.Tensor | None = None
+    view: torch.Tensor | None = None
+    grad_view: torch.Tensor | None = None
+    suffix: str = ""
+
+    def __post_init__(self) -> None:
+        if self.view is None:
+            self.view = self.param
+        if self.grad_view is None:
+            self.grad_view = self.grad
+
+    def state(self, states: Any, *, create: bool = True) -> MutableMapping[str, Any]:
+        """The piece's optimizer state in ``states`` (the optimizer's); ``create=False`` reads
+        it without leaving an empty entry behind (``states`` is a defaultdict)."""
+        if self.suffix:
+            return _PieceState(states, self.param, self.suffix)
+        return states[self.param] if create else states.get(self.param, {})
+
+
+class _PieceState(MutableMapping):
+    """A piece's view of its parameter's state dict: its keys are the parameter's keys that
+    end in its suffix, without it.  Reading does not create the parameter's entry (the
+    optimizer's state is a defaultdict); writing does."""
+
+    def __init__(self, states: Any, param: torch.Tensor, suffix: str):
+        self.states, self.param, self.suffix = states, param, suffix
+
+    def _own(self) -> dict[str, Any]:
+        return self.states.get(self.param, {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._own()[key + self.suffix]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.states[self.param][key + self.suffix] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.states[self.param][key + self.suffix]
+
+    def _keys(self) -> list[str]:
+        return [k[: -len(self.suffix)] for k in self._own() if k.endswith(self.suffix)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
 
 
 _INSTANCES = {name: cls() for name, cls in MANIFOLDS.items()}
@@ -343,7 +395,7 @@ def check(optimizer: torch.optim.Optimizer, items: list[HardItem]) -> None:
             continue  # no values to look at
         # The hard step reads the gradient itself (the base update never sees it): a NaN
         # there would reach the point and its state, as one in the point would.
-        point, grad = item.layout.matrices(item.param), item.layout.matrices(item.grad)
+        point, grad = item.layout.matrices(item.view), item.layout.matrices(item.grad_view)
         finite = torch.isfinite(point).flatten(1).all(1) & torch.isfinite(grad).flatten(1).all(1)
         if not bool(finite.all()):
             item.finite = finite
@@ -383,15 +435,15 @@ def step_(optimizer: torch.optim.Optimizer, items: list[HardItem]) -> None:
         return
     rule = update_rule(type(optimizer))
     items = [item for item in items if item.finite is None or bool(item.finite.any())]
-    # state.get: indexing optimizer.state (a defaultdict) would leave an empty entry behind.
-    _project_new([item for item in items if STEP not in optimizer.state.get(item.param, {})])
+    # The piece's state reads without creating an entry in optimizer.state (a defaultdict).
+    _project_new([item for item in items if STEP not in item.state(optimizer.state, create=False)])
     for item in items:
-        p, keep = item.param, item.finite
-        state = optimizer.state[p]
+        p, keep = item.view, item.finite
+        state = item.state(optimizer.state)
         dtype = torch.float32 if p.dtype in _HALF else p.dtype
         _widen_state(state, dtype)
         x = item.layout.matrices(p).to(dtype)
-        grad = item.layout.matrices(item.grad).to(dtype)
+        grad = item.layout.matrices(item.grad_view).to(dtype)
         state.setdefault(STEP, torch.tensor(0.0)).add_(1)
         if keep is None:
             new_x = _step_stack(rule, item, x, grad, state)
@@ -478,7 +530,7 @@ def _project_new(items: list[HardItem]) -> None:
     about those that moved."""
     moved = []
     for item in items:
-        p, layout, keep = item.param, item.layout, item.finite
+        p, layout, keep = item.view, item.layout, item.finite
         mats = layout.matrices(p)
         before_rows = mats if keep is None else mats[keep]
         rows = penalty.polar(before_rows)
@@ -498,5 +550,5 @@ def _project_new(items: list[HardItem]) -> None:
             f"ortho_mode='hard': projected onto the Stiefel manifold (polar factor) at their first "
             f"hard step: {', '.join(moved)}. Call orthoopt.project_(optimizer) before training to "
             f"start there",
-            UserWarning,
+            OrthogonalityWarning,
         )

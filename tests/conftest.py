@@ -39,10 +39,46 @@ def near_orthonormal(*shape, noise=0.1, seed=0, dtype=torch.float64) -> torch.Te
     return (q + noise * torch.randn(*shape, generator=g, dtype=dtype) / shape[-2] ** 0.5).contiguous()
 
 
+# Modules whose every test is slow: spawned processes (DDP/FSDP2 ranks), whole training scripts,
+# experiment scripts, the command line and the timed benchmarks.
+SLOW_MODULES = (
+    "tests/integration/",
+    "tests/test_bench.py",
+    "tests/zoo/",
+    "tests/test_distributed.py",
+    "tests/test_experiments.py",
+    "tests/test_cli.py",
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help="also run the slow tests (spawned processes, torch.compile, experiment scripts, the CLI, timed "
+        "runs); plain pytest runs the quick set",
+    )
+
+
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "compile: runs torch.compile (slow on a small CPU; deselect with -m 'not compile')"
+        "markers", "compile: runs torch.compile (slow on a small CPU; every compile test is also slow)"
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow modules' tests and the compile tests slow; without --slow, leave them out."""
+    for item in items:
+        path = item.nodeid.replace("\\", "/")
+        if path.startswith(SLOW_MODULES) or item.get_closest_marker("compile"):
+            item.add_marker(pytest.mark.slow)
+    if config.getoption("--slow"):
+        return
+    quick = [item for item in items if not item.get_closest_marker("slow")]
+    left_out = [item for item in items if item.get_closest_marker("slow")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = quick
 
 
 def import_or_skip(name: str):

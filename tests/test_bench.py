@@ -1,17 +1,47 @@
 """The benchmarks: the step benchmark, the whole-iteration benchmark and the profile script run and write their outputs."""
 
+import importlib
 import json
 import math
+import sys
 
 import pytest
 import torch
 
 from orthoopt import bench
+from orthoopt.bench import contenders, iteration, models, step
+from orthoopt.bench.common import human_bytes
+
+
+# -- the module paths -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "old,new", [("bench_iteration", "iteration"), ("bench_models", "models"), ("bench_contenders", "contenders")]
+)
+def test_old_module_paths_are_the_new_modules_with_a_warning(old, new, monkeypatch):
+    monkeypatch.delitem(sys.modules, f"orthoopt.{old}", raising=False)  # imported afresh: its warning again
+    with pytest.warns(DeprecationWarning, match=f"orthoopt.{old} is deprecated; import orthoopt.bench.{new} instead"):
+        module = importlib.import_module(f"orthoopt.{old}")
+    assert module is importlib.import_module(f"orthoopt.bench.{new}")
+
+
+def test_the_step_benchmarks_names_stay_in_orthoopt_bench():
+    assert (bench.run, bench.Case, bench.TARGETS, bench.QUICK_SHAPES) == (
+        step.run,
+        step.Case,
+        step.TARGETS,
+        step.QUICK_SHAPES,
+    )
+    with pytest.warns(DeprecationWarning, match="orthoopt.bench._config is deprecated; use orthoopt.bench.step.config"):
+        assert bench._config is step.config
+    with pytest.warns(DeprecationWarning, match="orthoopt.bench._floor is deprecated; use orthoopt.bench.step._floor"):
+        assert bench._floor is step._floor
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        _ = bench.nothing
 
 
 # -- the benchmark ----------------------------------------------------------------------
 def test_quick_benchmark_writes_its_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "made" / "bench.json"  # its folder made
     assert bench.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"meta", "targets", "results"}
@@ -39,8 +69,36 @@ def test_quick_benchmark_writes_its_json(tmp_path, capsys):
     assert "ovh/floor" in table and "target overhead_over_floor" in table
 
 
+def test_the_step_memory_keeps_the_profilers_lines_off_the_terminal(capfd):
+    from orthoopt.bench.memory import step_memory
+
+    cpu = torch.device("cpu")
+    soft = step.BUILDERS["soft"](step.Case(2, 8, 4), cpu, torch.float32, {"foreach": True})
+    soft.step()
+    capfd.readouterr()
+    memory = step_memory(soft, cpu)
+    out, err = capfd.readouterr()
+    assert "profiler_start" not in out + err and "USDT" not in out + err, err
+    assert memory["allocations_per_step"] > 0  # the profile itself still ran
+
+
+def test_quiet_profile_passes_on_everything_else_written_meanwhile(capfd):
+    import os
+
+    from orthoopt.bench.profiling import is_kineto_line, quiet_profile
+
+    kineto = b"USDT:2026-12-07 20:53:15 7420:7420 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+    assert is_kineto_line(kineto) and is_kineto_line(kineto.replace(b"USDT", b"STAGE"))
+    assert not is_kineto_line(b"USDT: a line of someone else's\n")
+    with quiet_profile() as prof:
+        torch.ones(3).add_(1)
+        os.write(2, kineto + b"a warning of the profiled code\n")
+    assert any(e.name == "aten::add_" for e in prof.events())
+    assert capfd.readouterr().err == "a warning of the profiled code\n"
+
+
 def test_benchmark_flags(capsys):
-    cfg = bench._config(["--device", "cpu", "--shapes", "4x16x4, many:3x8x2", "--repeats", "7", "--out", "x.json"])
+    cfg = step.config(["--device", "cpu", "--shapes", "4x16x4, many:3x8x2", "--repeats", "7", "--out", "x.json"])
     assert cfg.cases == [bench.Case(4, 16, 4), bench.Case(3, 8, 2, many=True)]
     assert cfg.repeats == 7 and cfg.hard_repeats == 3 and cfg.dtypes == [torch.float32]
     # argparse's refusal: exit code 2, the reason on stderr (tests/test_cli.py has the whole table)
@@ -50,25 +108,61 @@ def test_benchmark_flags(capsys):
         (["--contenders", "soft,nope"], "--contenders"),
     ]:
         with pytest.raises(SystemExit) as e:
-            bench._config(["--device", "cpu", *argv])
+            step.config(["--device", "cpu", *argv])
         assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_a_case_needs_every_contenders_tensors_at_once():
+    # floor: input and product; base: parameters, gradients and AdamW's two moments; 4 bytes each
+    assert step.case_bytes(step.Case(2, 8, 4), torch.float32, ["floor", "base"]) == (2 + 4) * 64 * 4
+    assert step.case_bytes(step.Case(2, 8, 4), torch.bfloat16, ["soft-auto", "base-stacked"]) == 5 * 64 * 2
+    assert step.case_bytes(step.Case(2, 8, 4, many=True), torch.float32, ["base-stacked"]) == 4 * 64 * 4
+
+
+@pytest.mark.parametrize("spare", [0, -1])
+def test_a_shape_is_refused_where_its_contenders_cannot_fit(spare, monkeypatch, capsys):
+    need = step.case_bytes(step.Case(4, 16, 4), torch.float32, ["floor", "soft"])
+    monkeypatch.setattr(step, "available_bytes", lambda device: need + spare)
+    argv = ["--device", "cpu", "--shapes", "4x16x4", "--contenders", "floor,soft", "--out", "x.json"]
+    if spare >= 0:
+        assert step.config(argv).cases == [step.Case(4, 16, 4)]
+        return
+    with pytest.raises(SystemExit) as e:
+        step.config(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"needs at least {human_bytes(need)} (6 tensors of 256 elements" in err
+
+
+def test_the_step_benchmark_exits_1_when_every_contender_of_a_case_failed(tmp_path, monkeypatch, capsys):
+    def fails(case, *args):
+        if case.l == 16:
+            raise RuntimeError("not enough memory")
+        return step.BUILDERS["base"](case, *args)
+
+    names = ["floor", "soft"]
+    monkeypatch.setattr(step, "BUILDERS", {**step.BUILDERS, **{n: fails for n in names}})
+    out = tmp_path / "b.json"
+    argv = ["--device", "cpu", "--shapes", "2x8x4,2x16x4", "--contenders", ",".join(names), "--repeats", "1"]
+    assert bench.main([*argv, "--out", str(out)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "orthoopt bench: every contender failed at (2,16,4) float32 (the n/a lines say why)"
+    report = json.loads(out.read_text())  # written, with the reasons
+    assert report["results"][1]["n/a"] == {n: "RuntimeError: not enough memory" for n in names}
 
 
 # -- the whole-iteration benchmark -----------------------------------------------------------
 def test_models_benchmark_quick_writes_its_json(tmp_path, capsys):
-    from orthoopt import bench_contenders, bench_iteration
-
-    out = tmp_path / "models.json"
-    assert bench_iteration.main(["--quick", "--models", "mnist,lstm,vit", "--device", "cpu", "--out", str(out)]) == 0
+    out = tmp_path / "made" / "models.json"  # its folder made
+    assert iteration.main(["--quick", "--models", "mnist,lstm,vit", "--device", "cpu", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["meta"]["quick"] is True and report["meta"]["every"] == bench_iteration.EVERY
+    assert report["meta"]["quick"] is True and report["meta"]["every"] == iteration.EVERY
     results = {r["model"]: r for r in report["results"]}
     assert list(results) == ["mnist", "lstm", "vit"]
     if "skipped" in results["vit"]:  # timm absent: skipped with the reason
         assert "timm" in results["vit"]["skipped"]
     for name in ("mnist", "lstm"):
         entries = results[name]["contenders"]
-        assert list(entries) == list(bench_contenders.CONTENDERS)
+        assert list(entries) == list(contenders.CONTENDERS)
         assert entries["plain"]["ratio"] == 1.0 and entries["plain"]["extra_held_bytes"] == 0
         for contender, e in entries.items():
             if e["status"] != "ok":
@@ -92,26 +186,21 @@ def test_models_benchmark_quick_writes_its_json(tmp_path, capsys):
 def test_models_benchmark_starts_on_the_manifold_of_each_weights_own_layout(model):
     # An LSTM's weights are constrained per gate block (row_groups:4): the start is snapped
     # in that layout, not as one whole matrix (which leaves the blocks far from orthogonal).
-    from orthoopt import bench_iteration, bench_models
-
-    spec = bench_models.MODELS[model]
-    net, weights, _ = bench_iteration._setup(spec, True, 0, torch.device("cpu"), 1)
-    assert bench_models.max_error(net, weights) < 1e-5, [str(w.layout) for w in weights]
+    spec = models.MODELS[model]
+    net, weights, _ = iteration._setup(spec, True, 0, torch.device("cpu"), 1)
+    assert models.max_error(net, weights) < 1e-5, [str(w.layout) for w in weights]
 
 
 def test_models_benchmark_abandons_a_contender_over_budget():
-    from orthoopt import bench_iteration
-
-    cfg = bench_iteration.config(["--quick", "--device", "cpu"])
+    cfg = iteration.config(["--quick", "--device", "cpu"])
     job = ("wide", "geotorch")
-    assert bench_iteration.probe([job], 1e-4, cfg) == {job: ("over budget", "setup")}  # no setup takes 0.1 ms
-    status, seconds = bench_iteration.probe([job], 120, cfg)[job]
+    assert iteration.probe([job], 1e-4, cfg) == {job: ("over budget", "setup")}  # no setup takes 0.1 ms
+    status, seconds = iteration.probe([job], 120, cfg)[job]
     assert status == "ok" and 0 < seconds < 120
 
 
 def test_models_benchmark_through_the_cli(tmp_path, capsys):
     from orthoopt import __main__ as cli
-    from orthoopt import bench_iteration
 
     out = tmp_path / "m.json"
     assert cli.main(["bench", "--models", "mlp", "--quick", "--contenders", "plain,soft-every", "--out", str(out)]) == 0
@@ -120,7 +209,7 @@ def test_models_benchmark_through_the_cli(tmp_path, capsys):
     # a round times one whole cycle of the every-k step (k = 4 by default) of every contender
     assert result["contenders"]["plain"]["iterations_per_round"] == 4
     assert result["contenders"]["soft-every"]["iterations_per_round"] == 4
-    report = bench_iteration.run(bench_iteration.config(["--models", "mlp", "--quick", "--runs", "3"]))
+    report = iteration.run(iteration.config(["--models", "mlp", "--quick", "--runs", "3"]))
     soft = report["results"][0]["contenders"]["soft"]
     assert len(soft["ratio_runs"]) == 3 and soft["ratio"] == sorted(soft["ratio_runs"])[1]  # the runs' median
     capsys.readouterr()

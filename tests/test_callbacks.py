@@ -15,6 +15,7 @@ from orthoopt.auto import AUTO_SAFETY
 from orthoopt.integrations import orthogonality_metrics
 
 
+@pytest.mark.slow
 def test_import_orthoopt_imports_no_framework():
     code = (
         "import sys, orthoopt, orthoopt.integrations, orthoopt.swap, orthoopt.wrappers\n"
@@ -79,9 +80,13 @@ def test_hf_callback_logs_through_the_trainer(tmp_path):
     assert rows[-1]["ortho/max_beta"] > 0 and len([k for k in rows[-1] if k.startswith("ortho/beta/")]) == 13
 
 
-def test_lightning_callback_logs_to_the_trainers_loggers():
-    pl = import_or_skip("pytorch_lightning")
+@pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
+def test_lightning_callback_logs_to_the_trainers_loggers(package):
+    """With the Trainer of either package (the callback is a Callback of both)."""
+    pl = import_or_skip(package)
     from orthoopt.integrations.lightning import OrthoCallback
+
+    assert isinstance(OrthoCallback(), pl.Callback)
 
     class Recorder(pl.loggers.Logger):
         name, version = "recorder", 0
@@ -109,3 +114,19 @@ def test_lightning_callback_logs_to_the_trainers_loggers():
     assert steps == [5, 10]  # the trainer's log_every_n_steps
     with pytest.raises(ValueError, match="every_n_steps"):
         OrthoCallback(every_n_steps=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("missing", ["lightning", "pytorch_lightning"])
+def test_lightning_callback_with_one_package_installed(missing):
+    """Where only one of the two packages is there, the callback is that one's."""
+    present = {"lightning": "pytorch_lightning", "pytorch_lightning": "lightning.pytorch"}[missing]
+    import_or_skip(present)
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None  # as if not installed\n"
+        "import importlib\n"
+        "from orthoopt.integrations.lightning import OrthoCallback\n"
+        f"assert OrthoCallback.__bases__ == (importlib.import_module({present!r}).Callback,), OrthoCallback.__bases__\n"
+        f"assert {missing!r} not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

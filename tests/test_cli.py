@@ -85,15 +85,18 @@ def test_compare_in_process(tmp_path, capsys):
             "5",
             "--seeds",
             "2",
+            "--target-gap",
+            "0.5",
             "--out",
-            str(tmp_path),
+            str(tmp_path / "made" / "here"),
             "--no-plots",
             "--no-progress",
         ]
     )
     assert rc == 0
-    data = json.loads((tmp_path / "results.json").read_text())
+    data = json.loads((tmp_path / "made" / "here" / "results.json").read_text())
     assert data["config"]["seeds"] == [0, 1] and len(data["runs"]) == 4
+    assert (data["config"]["target_gap"], data["config"]["target_orth"]) == (0.5, 1e-3)  # procrustes' orth target
 
 
 def test_bench_dispatch(monkeypatch, capsys):
@@ -117,6 +120,8 @@ COMPARE_BAD = [
     (["--lr", "-1"], r"--lr: must be a finite number > 0"),
     (["--lr", "0"], r"--lr: must be a finite number > 0"),
     (["--landing-lr", "-0.1"], r"--landing-lr: must be a finite number > 0"),
+    (["--target-gap", "0"], r"--target-gap: must be a finite number > 0"),
+    (["--target-orth", "inf"], r"--target-orth: must be a finite number > 0"),
     (["--smoothing", "-1"], r"--smoothing: must be a finite number >= 0"),
     (["--record-every", "0"], r"--record-every: must be a whole number >= 1"),
     (["--steps", "0"], r"--steps: must be a whole number >= 1"),
@@ -132,6 +137,16 @@ COMPARE_BAD = [
     (["--task", "pca:k=100"], r"--task: task 'pca': k must be a whole number from 1 to 63"),
     (["--task", "copying:foo=1"], r"--task: task 'copying': unknown parameter 'foo'; it takes L, K, hidden"),
     (["--task", "copying:L=0"], r"--task: task copying: L must be an integer >= 1, got 0"),
+    (["--task", "copying:L=1e9"], r"--task: task copying: L must be an integer >= 1, got 1e9$"),
+    (["--task", "pca:k=2.50"], r"--task: task 'pca': k must be a whole number from 1 to 63 .*, got 2.50$"),
+    (
+        ["--task", "procrustes:noise=-1e-3"],
+        r"--task: task 'procrustes': noise must be a finite number >= 0, got -1e-3$",
+    ),
+    (
+        ["--task", "copying:L=10,hidden=8,L=20"],
+        r"--task: task 'copying:L=10,hidden=8,L=20': L is given twice; give each parameter once$",
+    ),
     (["--task", "copying:hidden=abc"], r"--task: task copying: hidden must be an integer >= 2"),
     (
         ["--task", "mppca:n=64"],
@@ -145,6 +160,7 @@ COMPARE_BAD = [
     (["--device", "foo"], r"--device: must be cpu or cuda\[:N\]"),
     (["--device", "gpu"], r"--device: must be cpu or cuda\[:N\]"),
     (["--methods", "soft,bogus"], r"--methods: unknown \['bogus'\]"),
+    (["--methods", "soft,hard,soft"], r"--methods: 'soft' is given twice in 'soft,hard,soft'; name each once"),
     (["--dtype", "float16"], r"--dtype: invalid choice"),
     (["--out", "{file}"], r"--out: '.*' is a file; give a folder"),
     (["--out", "{file}/sub"], r"--out: '.*' is a file, not a folder"),
@@ -162,12 +178,28 @@ BENCH_BAD = [
     (["--dtype", "int8"], r"--dtype: 'int8' is not a torch floating dtype"),
     (["--contenders", "soft,nope"], r"--contenders: unknown \['nope'\]"),
     (["--contenders", ","], r"--contenders: none given"),
+    (["--contenders", "soft,soft"], r"--contenders: 'soft' is given twice in 'soft,soft'; name each once"),
     (["--shapes", "4x2x3"], r"--shapes: '4x2x3' has n=3 > l=2"),
     (["--shapes", "0x4x2"], r"--shapes: \(0,4,2\) has a dimension < 1"),
     (["--shapes", "abc"], r"--shapes: cannot read 'abc'"),
+    (
+        ["--shapes", "1x100000x100000"],
+        r"--shapes: \(1,100000,100000\) in float32 needs at least \S+ TiB \(32 tensors of 10000000000 elements held "
+        r"at once by the contenders\), more than the .* available on cpu; give smaller shapes or fewer --contenders",
+    ),
     (["--out", "{dir}"], r"--out: '.*' is a folder; give a file name"),
     (["--out", "{file}/x.json"], r"--out: '.*' is a file, not a folder"),
     (["--out", "{readonly}/x.json"], r"--out: cannot write in"),
+]
+
+
+MODELS_BAD = [
+    (["--models", "resnet"], r"--models: unknown \['resnet'\]; choose from mnist, lstm, vit, mlp, wide"),
+    (["--models", "mlp,lstm,mlp"], r"--models: 'mlp' is given twice in 'mlp,lstm,mlp'; name each once"),
+    (["--models", "mlp", "--contenders", "plain,plain"], r"--contenders: 'plain' is given twice"),
+    (["--models", "mlp", "--device", "gpu"], r"--device: must be cpu or cuda\[:N\]"),
+    (["--models", "mlp", "--out", "{dir}"], r"--out: '.*' is a folder; give a file name"),
+    (["--models", "mlp", "--out", "{file}/x.json"], r"--out: '.*' is a file, not a folder"),
 ]
 
 
@@ -187,10 +219,12 @@ def _bad_run(tmp_path, monkeypatch, capsys, argv):
     if os.geteuid() == 0 and any(str(readonly) in a for a in argv):
         # root may write in a read-only folder; what refuses it then is, say, a read-only mount
         monkeypatch.setattr(tempfile, "TemporaryFile", _refuse_write)
-    from orthoopt import bench, compare
+    from orthoopt import compare
+    from orthoopt.bench import iteration, step
 
     monkeypatch.setattr(compare, "run", _no_work)  # "before any work"
-    monkeypatch.setattr(bench, "run", _no_work)
+    monkeypatch.setattr(step, "run", _no_work)
+    monkeypatch.setattr(iteration, "run", _no_work)
     try:
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
@@ -213,6 +247,27 @@ def test_compare_bad_argument_exits_2_before_any_work(argv, message, tmp_path, m
     assert last.startswith("orthoopt compare: error: argument "), err
     assert re.search(message, last), last
     assert written == []
+
+
+@pytest.mark.parametrize("argv,message", MODELS_BAD, ids=[" ".join(a) for a, _ in MODELS_BAD])
+def test_bench_models_bad_argument_exits_2_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    code, err, written = _bad_run(tmp_path, monkeypatch, capsys, ["bench", "--quick", *argv])
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("orthoopt bench --models: error: argument "), err
+    assert re.search(message, last), last
+    assert written == []
+
+
+@pytest.mark.parametrize("argv", [["compare"], ["bench"], ["bench", "--models"]], ids=" ".join)
+def test_every_out_says_that_missing_folders_are_made(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and re.search(
+        r"--out \S+ (output folder|JSON file to write), (made with any missing parent folders|its missing folders made)",
+        text,
+    ), text
 
 
 @pytest.mark.parametrize("argv,message", BENCH_BAD, ids=[" ".join(a) for a, _ in BENCH_BAD])

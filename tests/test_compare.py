@@ -2,15 +2,69 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from orthoopt import compare
-from orthoopt.compare import harness, landing, tasks
+from orthoopt.compare import harness, landing, plots, tasks
 from orthoopt.compare.methods import METHODS
+
+
+def _outside_uses(source: str, package: str) -> list[tuple[str, str]]:
+    """``(module, name)`` of each name a module of ``package`` imports from the rest of
+    orthoopt, and ``("attribute", name)`` of each private attribute it reads."""
+    uses = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            if module.startswith("orthoopt") and not module.startswith("orthoopt.compare"):
+                uses += [(module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            uses += [(a.name, "") for a in node.names if a.name.startswith("orthoopt")]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            uses.append(("attribute", node.attr))
+    return uses
+
+
+def _private(module: str, name: str) -> bool:
+    """Whether ``name`` of ``module`` is outside orthoopt's public API: names that ``import
+    orthoopt`` exports, and the documented names of a submodule's ``__all__``."""
+    if module == "attribute" or not name:
+        return True
+    target = importlib.import_module(module)
+    if name not in getattr(target, "__all__", ()):
+        return True
+    return module != "orthoopt" and not getattr(getattr(target, name), "__doc__", None)
+
+
+def test_the_comparison_uses_only_the_public_api():
+    folder = Path(compare.__file__).parent
+    private = {
+        f"{path.name}: {module}.{name}" if module != "attribute" else f"{path.name}: ._{name[1:]}"
+        for path in sorted(folder.glob("*.py"))
+        for module, name in _outside_uses(path.read_text(), "orthoopt.compare")
+        if _private(module, name)
+    }
+    assert private == set()
+
+
+def test_the_public_api_check_finds_private_uses():
+    source = "from .. import optim\nfrom ..penalty import _HALF\nfrom .. import param_groups\nx = opt._soft_cache\n"
+    uses = _outside_uses(source, "orthoopt.compare")
+    assert uses == [
+        ("orthoopt", "optim"),
+        ("orthoopt.penalty", "_HALF"),
+        ("orthoopt", "param_groups"),
+        ("attribute", "_soft_cache"),
+    ]
+    assert [_private(*u) for u in uses] == [True, True, False, True]
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +284,17 @@ def test_unknown_task_and_method():
     with pytest.raises(ValueError, match="unknown method"):
         compare.run("pca", methods=["soft", "bogus"])
     assert tasks.get_task("procrustes:m=3,n=4").params == {"m": 3, "n": 4}
+    with pytest.raises(ValueError, match="method 'soft' is given twice"):
+        compare.run("pca", methods=["soft", "hard", "soft"])
+    with pytest.raises(ValueError, match="seed 1 is given twice"):
+        compare.run("pca", seeds=[1, 0, 1])
+
+
+def test_task_parameters_are_plain_numbers_once_checked():
+    # written '010', '1_0' and '5e-1': checked as written, kept as the numbers they are
+    params = tasks.get_task("procrustes:m=010,l=1_0,noise=5e-1").params
+    assert params == {"m": 10, "l": 10, "noise": 0.5}
+    assert [type(v) for v in params.values()] == [int, int, float]
 
 
 def test_classifier_quick_has_test_accuracy():
@@ -247,3 +312,45 @@ def test_classifier_data_order_depends_on_seed_only():
     for t in (0, 1, 25, 30):  # 30 crosses an epoch (1347 // 64 = 21 batches)
         assert a.loss(t).item() == b.loss(t).item()
     assert a.loss(0).item() != c.loss(0).item()
+
+
+# -- the default run's verdict and its plots ---------------------------------------------
+@pytest.mark.slow
+def test_the_default_pca_run_reaches_its_target():
+    # 3000 steps of SGD under a cosine schedule end 2.7% above f* on the manifold: the pca
+    # task's target (5%, orthonormal to 1e-5) is one its methods reach, hard first.
+    comp = compare.run("pca", methods=["soft", "hard"], seeds=[0])
+    steps = {r.method: r.step_to_target for r in comp.runs}
+    assert steps["hard"] is not None and steps["soft"] is not None and steps["hard"] < steps["soft"], steps
+    rows = compare.table(comp).splitlines()
+    for method in ("soft", "hard"):
+        (row,) = [line for line in rows if line.startswith(f"| {method} |")]
+        assert row.split(" | ")[-2].endswith(f"({steps[method]}, 1/1 seeds)"), row
+
+
+def test_a_target_given_replaces_the_tasks(tmp_path):
+    comp = compare.run("pca:k=2", methods=["hard"], seeds=[0], steps=3, target_gap=0.95, target_orth=1e-4)
+    assert (comp.config["target_gap"], comp.config["target_orth"]) == (0.95, 1e-4)
+    assert "target: rel gap <= 0.950 and orth max-abs <= 1.00e-04" in compare.table(comp)
+    assert comp.runs[0].step_to_target == 0  # |f - f*| starts at 93.5% of |f*|
+
+
+def _history(gaps: list[float], method: str) -> harness.RunResult:
+    steps = list(range(len(gaps)))
+    history = {k: [0.0] * len(gaps) for k in harness.HISTORY_KEYS} | {"step": steps, "time": steps, "gap": gaps}
+    return harness.RunResult("pca", method, 0, len(gaps), [0.0], history)
+
+
+@pytest.mark.parametrize("crosses", [True, False])
+def test_a_loss_plot_shows_the_sign_where_a_run_crosses_f_star(crosses, tmp_path):
+    # |f - f*| of a run that crosses f* dips to 0 there, which would read as convergence.
+    other = [4.0, 1.0, -0.5, -0.6] if crosses else [4.0, 1.0, 0.5, 0.4]
+    runs = [_history([4.0, 2.0, 0.3, 0.2], "hard"), _history(other, "frobenius")]
+    config = {"methods": ["hard", "frobenius"], "target_gap": 0.05, "task": "pca", "task_params": {"k": 8}}
+    comp = harness.Comparison("pca", config, runs, [])
+    key, label, scale = plots.loss_axis(comp)
+    if crosses:  # signed, linear only a decade below where the runs end (0.2 and 0.6)
+        assert (key, label, scale) == ("gap", "f - f*, signed", pytest.approx(0.01))
+    else:
+        assert (key, label, scale) == ("gap", "f - f*", True)
+    assert plots.plot_comparison(comp, tmp_path)["loss_step_png"].read_bytes()[:4] == b"\x89PNG"

@@ -166,6 +166,7 @@ def test_every_method_trains_w_at_a_fifth_of_the_lr(method):
         assert all(g["betas"] == (0.9, 0.99) for g in opt.param_groups)
 
 
+@pytest.mark.slow
 def test_cli_runs_the_task_with_its_own_defaults(tmp_path, capsys):
     pytest.importorskip("geotorch")
     from orthoopt import __main__ as cli

@@ -196,3 +196,23 @@ def test_one_rank_warmup_step_at_lr_zero_changes_nothing(one_rank, options):
     schedule.step()
     for name, value in _full(model).items():
         assert torch.equal(value, before[name]), name
+
+
+def test_one_rank_composite_layout_is_refused_at_construction(one_rank):
+    """A sharded parameter whose layout has blocks of unequal sizes is refused when the
+    optimizer is built (and by project_ and the errors), naming it and the way out."""
+    from orthoopt.testing import RowBlocks, resolving
+
+    model = _sharded()  # up.weight: (7, 3)
+    with resolving("row_groups:1", RowBlocks(sizes=(4, 3))):
+        message = r"^parameter 'up.weight' is a DTensor .* with the layout 'row_blocks:4,3', whose blocks"
+        with pytest.raises(NotImplementedError, match=message):
+            orthoopt.OrthoAdamW([("up.weight", model.up.weight)], lr=0.05, ortho=0.5, ortho_layout="row_groups:1")
+        opt = orthoopt.OrthoAdamW([("up.weight", model.up.weight)], lr=0.05, ortho=0.5, ortho_layout="columns")
+        opt.param_groups[0]["ortho_layout"] = "row_groups:1"  # switched after construction
+        model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+        before = model.up.weight.full_tensor().clone()
+        for call in (opt.step, lambda: orthoopt.project_(opt), opt.orthogonality_errors):
+            with pytest.raises(NotImplementedError, match=message):
+                call()
+    assert torch.equal(model.up.weight.full_tensor(), before) and len(opt.state) == 0

@@ -435,3 +435,74 @@ def test_an_ortho_beyond_the_float_range_is_refused_as_not_finite():
         orthoopt.OrthoSGD([nn.Parameter(torch.randn(8, 3))], lr=0.1, ortho=10**400)
     with pytest.raises(ValueError, match="2·lr·ortho = inf"):
         orthoopt.OrthoSGD([("w", nn.Parameter(torch.randn(8, 3)))], lr=10**300, ortho=10**300)
+
+
+# -- options changed after construction -------------------------------------------------------
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        ({"ortho_mode": "hard"}, ValueError, "param group 0: ortho_every=2 applies to the soft step"),
+        ({"ortho": -1.0}, ValueError, "param group 0: ortho must be a finite number"),
+        ({"ortho_penalty": "l2"}, ValueError, "param group 0: ortho_penalty must be one of"),
+        ({"ortho_every": 0}, ValueError, "param group 0: ortho_every must be a whole number"),
+        ({"ortho_layout": "group_axis:5"}, ValueError, "'w'.*needs a 3-D parameter"),
+    ],
+)
+def test_options_changed_after_construction_are_checked_at_the_next_step(change, exc, match):
+    w = nn.Parameter(torch.randn(8, 3))
+    opt = orthoopt.OrthoAdamW([("w", w)], lr=1e-3, ortho=1.0, ortho_every=2)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    snap = snapshot(opt)
+    opt.param_groups[0].update(change)
+    with pytest.raises(exc, match=match):
+        opt.step()
+    with pytest.raises(exc, match=match):  # and again, until it is fixed
+        opt.step()
+    for key in change:
+        opt.param_groups[0][key] = {"ortho_every": 2, "ortho": 1.0}.get(key, orthoopt.options.ORTHO_DEFAULTS[key])
+    assert_unchanged(opt, snap)
+    opt.step()
+
+
+def test_options_changed_after_construction_are_canonicalised_as_at_construction():
+    w = nn.Parameter(torch.randn(4, 3, 2, 2))
+    opt = orthoopt.OrthoSGD([("w", w)], lr=0.1, ortho=1.0)
+    w.grad = torch.zeros_like(w)
+    opt.param_groups[0].update(ortho=np.float32(2.0), ortho_layout="filters")
+    opt.step()
+    assert opt.param_groups[0]["ortho"] == 2.0 and type(opt.param_groups[0]["ortho"]) is float
+    assert opt.param_groups[0]["ortho_layout"] == "rows"
+
+
+def test_hard_modes_projection_notice_is_an_orthogonality_warning_at_the_callers_line():
+    assert orthoopt.OrthogonalityWarning is orthoopt.guard.OrthogonalityWarning
+    w = nn.Parameter(torch.randn(8, 3))
+    opt = orthoopt.OrthoAdamW([("w", w)], lr=1e-2, ortho=1.0, ortho_mode="hard")
+    w.grad = torch.randn_like(w)
+    with pytest.warns(orthoopt.OrthogonalityWarning, match="projected onto the Stiefel manifold.*'w'") as rec:
+        opt.step()
+    assert rec[0].filename == __file__, rec[0].filename
+
+
+@pytest.mark.parametrize(
+    "framework",
+    [
+        "accelerate.optimizer",
+        "transformers.trainer",
+        "lightning.pytorch.loops",
+        "pytorch_lightning.core",
+        "lightning_fabric.wrappers",
+    ],
+)
+def test_warnings_point_past_the_frameworks_frames(framework):
+    """A framework's code between the user's line and ``step()`` (accelerate's wrapper, the
+    Trainer's loop) is passed over as orthoopt's and torch's own frames are."""
+    namespace = {"__name__": framework}
+    exec(compile("def train(opt):\n    opt.step()\n", f"<{framework}>", "exec"), namespace)
+    w = nn.Parameter(torch.randn(8, 3))
+    opt = orthoopt.OrthoAdamW([("w", w)], lr=1e-2, ortho=1.0, ortho_mode="hard")
+    w.grad = torch.randn_like(w)
+    with pytest.warns(orthoopt.OrthogonalityWarning) as rec:
+        namespace["train"](opt)
+    assert rec[0].filename == __file__, rec[0].filename

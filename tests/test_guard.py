@@ -186,3 +186,33 @@ def test_a_parameter_that_gets_its_first_gradient_later_is_judged_then():
     later.grad = torch.zeros_like(later)
     opt.step()
     assert _error(later) < 1e-12
+
+
+def test_each_piece_of_a_composite_layout_is_judged_projected_and_reported_on_its_own():
+    """A RowBlocks weight whose first block starts on the manifold and whose second starts
+    far: 'project' snaps the second alone (the first keeps its step), each piece keeps its
+    own mark, project_ snaps every block, and the errors are the worst block's."""
+    from orthoopt.testing import RowBlocks, resolving
+
+    g = torch.Generator().manual_seed(3)
+    on = torch.linalg.qr(torch.randn(16, 7, generator=g, dtype=torch.float64)).Q.T.contiguous()
+    far = 0.02 * torch.randn(5, 16, generator=g, dtype=torch.float64)
+    w, alone = torch.nn.Parameter(torch.cat([on, far])), torch.nn.Parameter(on.clone())
+    with resolving("row_groups:1", RowBlocks(sizes=(7, 5))):
+        opt = orthoopt.OrthoSGD([w], lr=1e-3, ortho=1.0, ortho_init="project", ortho_layout="row_groups:1")
+        ref = orthoopt.OrthoSGD([alone], lr=1e-3, ortho=1.0, ortho_init="project", ortho_layout="rows")
+        assert _records(lambda: (_step(opt), _step(ref))) == []
+        assert torch.equal(w[:7], alone)  # the first block: its soft step, not snapped
+        assert _error(w[7:].T) < 1e-12  # the second: projected
+        assert opt.state[w][guard.STARTED] is True and opt.state[w][guard.STARTED + ".1"] is True
+        with torch.no_grad():
+            w[:7].mul_(1.1)
+        worst = max(_error(w[:7].T), _error(w[7:].T))
+        assert worst > 0.2 and opt.orthogonality_errors() == {"group0.param0": pytest.approx(worst, rel=1e-12)}
+        orthoopt.project_(opt)
+        assert max(opt.orthogonality_errors().values()) < 1e-12
+    warn = torch.nn.Parameter(torch.cat([on, far]))
+    with resolving("row_groups:1", RowBlocks(sizes=(7, 5))):
+        opt = orthoopt.OrthoSGD([warn], lr=1e-3, ortho=1.0, ortho_layout="row_groups:1")
+        (record,) = _records(lambda: _step(opt))
+    assert "parameter 'group0.param0' (block 1 of 2) starts far from orthonormal" in str(record.message)

@@ -152,6 +152,7 @@ def test_results_reload_and_replot(quick, tmp_path):
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths.values())
 
 
+@pytest.mark.slow
 def test_cli_runs_the_task(tmp_path, capsys):
     from orthoopt import __main__ as cli
 

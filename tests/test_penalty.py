@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import orthonormal
@@ -549,3 +551,279 @@ def test_steppable_is_a_finite_direction():
     assert penalty.largest_residual("frobenius", torch.float32) == top / 2
     assert penalty.steppable(r_max, "l1").tolist() == [True, True, True, False, False]
     assert penalty.steppable(r_max, "frobenius").tolist() == [True, True, False, False, False]
+
+
+# -- the targets: orthonormal, orthogonal (lengths free), and the cosines (normalize) ------------------
+
+CONVENTIONS = [("orthonormal", False), ("orthogonal", False), ("orthogonal", True)]
+
+
+def _reference_loss(phi, beta, target, normalize, h, group_dim=1):
+    """The loss from its definition, group by group: the Gram of the columns (of the columns over
+    their lengths with ``normalize``), minus I or without its diagonal, summed through ``h``."""
+    mats = [phi] if group_dim is None else phi.movedim(group_dim, 0)
+    total = phi.new_zeros(())
+    for m in mats:
+        if normalize:
+            m = m / torch.linalg.vector_norm(m, dim=0)
+        gram = m.T @ m
+        eye = torch.eye(gram.shape[0], dtype=phi.dtype)
+        r = gram - eye if target == "orthonormal" else gram * (1 - eye)
+        total = total + h(r).sum()
+    return beta * total
+
+
+def _reference(kind, smoothing):
+    if kind == "frobenius":
+        return lambda r: r * r
+    return (lambda r: penalty.huber(r, smoothing)) if smoothing > 0 else torch.abs
+
+
+def _closed_form(kind):
+    return orthoopt.frobenius_orthogonality_grad if kind == "frobenius" else orthoopt.l1_orthogonality_grad
+
+
+def _loss(kind):
+    return orthoopt.frobenius_orthogonality if kind == "frobenius" else orthoopt.l1_orthogonality
+
+
+def _options(kind, smoothing, target, normalize):
+    options = {"target": target, "normalize": normalize}
+    return options if kind == "frobenius" else {**options, "smoothing": smoothing}
+
+
+PENALTIES_SMOOTHING = [("l1", 0.0), ("l1", 0.3), ("frobenius", 0.0)]
+
+
+@pytest.mark.parametrize("target, normalize", CONVENTIONS)
+@pytest.mark.parametrize("kind, smoothing", PENALTIES_SMOOTHING)
+@given(
+    shape=shapes,
+    beta=st.floats(0.01, 100.0),
+    scale=st.sampled_from([1e-3, 0.3, 1.0, 7.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_target_loss_and_grad_match_the_definition_under_autograd_float64(
+    target, normalize, kind, smoothing, shape, beta, scale, seed
+):
+    """Loss and closed-form gradient of every target against the definition, written group by
+    group with autograd (random columns of every length: none is zero)."""
+    phi = scale * torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    options = _options(kind, smoothing, target, normalize)
+    reference = _reference(kind, smoothing)
+    leaf = phi.clone().requires_grad_(True)
+    expected_loss = _reference_loss(leaf, beta, target, normalize, reference)
+    (expected,) = torch.autograd.grad(expected_loss, leaf)
+    torch.testing.assert_close(_loss(kind)(phi, beta, **options), expected_loss.detach(), rtol=1e-12, atol=1e-300)
+    closed = _closed_form(kind)(phi, beta, **options)
+    assert closed.shape == phi.shape
+    # The gradient's rounding is of the size of its terms: 2β·n·|Φ|³ (|Φ|: the longest column), or
+    # 2β·n/|φ| for the cosines (|φ|: the shortest), where cancellation can leave it far smaller.
+    lengths = torch.linalg.vector_norm(phi, dim=0)
+    size = 2 * beta * shape[-1] * (1 / lengths.min() if normalize else lengths.max() ** 3 + 1)
+    assert (closed - expected).abs().max() <= 1e-13 * size
+
+
+@pytest.mark.parametrize("target, normalize", CONVENTIONS)
+@pytest.mark.parametrize("group_dim", [0, 1, 2, -1, None])
+def test_target_grad_on_every_group_axis(target, normalize, group_dim):
+    phi = torch.randn(6, 4, 3, dtype=torch.float64) if group_dim is not None else torch.randn(6, 3).double()
+    closed = orthoopt.l1_orthogonality_grad(phi, 2.0, group_dim=group_dim, target=target, normalize=normalize)
+    leaf = phi.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(
+        _reference_loss(leaf, 2.0, target, normalize, torch.abs, group_dim=group_dim), leaf
+    )
+    torch.testing.assert_close(closed, expected, rtol=1e-12, atol=1e-12)
+
+
+class _ClosedFormLoss(torch.autograd.Function):
+    """The loss with the closed-form gradient as its backward, for gradcheck's finite differences."""
+
+    @staticmethod
+    def forward(ctx, phi, kind, options):
+        ctx.save_for_backward(phi)
+        ctx.kind, ctx.options = kind, options
+        return _loss(kind)(phi, 1.3, **options)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (phi,) = ctx.saved_tensors
+        return grad_output * _closed_form(ctx.kind)(phi, 1.3, **ctx.options), None, None
+
+
+@pytest.mark.parametrize("target, normalize", CONVENTIONS)
+@pytest.mark.parametrize("kind, smoothing", [("l1", 0.5), ("frobenius", 0.0)])
+def test_gradcheck_closed_form_of_the_smooth_targets(target, normalize, kind, smoothing):
+    """The smooth losses (Frobenius, Huber) against finite differences: through autograd, and
+    with the closed-form gradient as the backward."""
+    g = torch.Generator().manual_seed(3)
+    phi = (0.6 * torch.randn(5, 3, 4, dtype=torch.float64, generator=g)).requires_grad_(True)
+    options = _options(kind, smoothing, target, normalize)
+    assert torch.autograd.gradcheck(lambda x: _loss(kind)(x, 1.3, **options), (phi,))
+    assert torch.autograd.gradcheck(lambda x: _ClosedFormLoss.apply(x, kind, options), (phi,))
+
+
+def test_orthogonal_target_at_its_kinks():
+    """Exact zeros of the off-diagonal Gram (orthogonal columns of lengths 2 and 3) and of the
+    cosines: the closed form picks sign(0) = 0, as autograd's abs does."""
+    phi = torch.zeros(4, 3, dtype=torch.float64)
+    phi[0, 0], phi[1, 1] = 2.0, 3.0  # columns 0 and 1 orthogonal: a kink
+    phi[:, 2] = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    for normalize in (False, True):
+        r = penalty.target_residual(phi[None], "orthogonal", normalize)[0]
+        assert (r == 0).sum() == 5  # the diagonal and the pair (0, 1)
+        leaf = phi.clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(_reference_loss(leaf, 1.5, "orthogonal", normalize, torch.abs, None), leaf)
+        closed = orthoopt.l1_orthogonality_grad(phi, 1.5, group_dim=None, target="orthogonal", normalize=normalize)
+        torch.testing.assert_close(closed, expected, rtol=1e-15, atol=1e-15)
+    # without normalize: 2βΦS with S = sign(R), zero on the diagonal and at (0, 1)
+    s = torch.sign(phi.T @ phi) * (1 - torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(
+        orthoopt.l1_orthogonality_grad(phi, 1.5, group_dim=None, target="orthogonal"), 3.0 * phi @ s, rtol=0, atol=0
+    )
+    # orthogonal columns of any lengths: the loss and the gradient are exactly zero
+    diagonal = torch.diag(torch.tensor([0.5, 3.0, 40.0], dtype=torch.float64))
+    for normalize in (False, True):
+        assert orthoopt.l1_orthogonality(diagonal, group_dim=None, target="orthogonal", normalize=normalize) == 0
+        grad = orthoopt.l1_orthogonality_grad(diagonal, group_dim=None, target="orthogonal", normalize=normalize)
+        assert grad.abs().max() == 0
+    assert orthoopt.l1_orthogonality(diagonal, group_dim=None) > 1000  # not orthonormal
+
+
+@pytest.mark.parametrize("kind", ["l1", "frobenius"])
+def test_normalized_grad_is_orthogonal_to_each_column_and_scales_inversely(kind):
+    """The cosines do not change with the lengths: each column's gradient is orthogonal to the
+    column, and scaling a column by c scales its gradient by 1/c."""
+    phi = torch.randn(9, 5, dtype=torch.float64)
+    grad = _closed_form(kind)(phi, 1.0, group_dim=None, target="orthogonal", normalize=True)
+    along = (grad * phi).sum(0) / (grad.norm(dim=0) * phi.norm(dim=0))
+    assert along.abs().max() < 1e-14
+    scales = torch.tensor([1e-3, 1.0, 10.0, 1e5, 0.5], dtype=torch.float64)
+    scaled = _closed_form(kind)(phi * scales, 1.0, group_dim=None, target="orthogonal", normalize=True)
+    torch.testing.assert_close(scaled * scales, grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["l1", "frobenius"])
+@pytest.mark.parametrize("length", [0.0, 1e-310, 1e-320])
+def test_zero_length_columns_have_zero_cosines_and_a_zero_gradient(kind, length):
+    """normalize=True: a column of zeros (or of subnormal entries, below finfo.tiny) counts as
+    zero-length, by the documented convention: its cosine with every column is 0, the loss is that
+    of the other columns alone, its gradient is 0, and nothing is NaN, autograd included."""
+    phi = torch.randn(6, 4, dtype=torch.float64)
+    phi[:, 2] = length
+    phi[0, 2] = length  # a subnormal column is not a multiple of another one
+    options = {"group_dim": None, "target": "orthogonal", "normalize": True}
+    r = penalty.target_residual(phi[None], "orthogonal", True)[0]
+    assert torch.equal(r[2], torch.zeros(4, dtype=torch.float64)) and torch.equal(r[:, 2], r[2])
+    others = phi[:, [0, 1, 3]]
+    torch.testing.assert_close(_loss(kind)(phi, 2.0, **options), _loss(kind)(others, 2.0, **options), rtol=0, atol=0)
+    grad = _closed_form(kind)(phi, 2.0, **options)
+    assert torch.isfinite(grad).all() and grad[:, 2].abs().max() == 0
+    torch.testing.assert_close(grad[:, [0, 1, 3]], _closed_form(kind)(others, 2.0, **options), rtol=0, atol=0)
+    leaf = phi.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(_loss(kind)(leaf, 2.0, **options), leaf)
+    torch.testing.assert_close(auto, grad, rtol=1e-13, atol=1e-15)
+    assert orthoopt.orthogonality_error(phi, **options) == orthoopt.orthogonality_error(others, **options)
+
+
+@pytest.mark.parametrize("dtype, exponents", [(torch.float64, (-1000, 1000)), (torch.float32, (-110, 100))])
+def test_cosines_at_every_magnitude(dtype, exponents):
+    """The unit columns are the columns over their lengths taken after an exact rescaling by a
+    power of two: the same bits as ``x / ‖x‖`` where that is finite, and the same bits again at
+    magnitudes where the plain norm underflows to 0 or overflows to inf."""
+    phi = torch.randn(3, 8, 5, dtype=dtype)
+    unit, inverse = penalty.unit_columns(phi)
+    assert torch.equal(unit, phi / torch.linalg.vector_norm(phi, dim=-2, keepdim=True))
+    assert torch.equal(inverse, 1 / torch.linalg.vector_norm(phi, dim=-2))
+    options = {"group_dim": 0, "target": "orthogonal", "normalize": True}
+    error = orthoopt.orthogonality_error(phi, **options)
+    grad = orthoopt.l1_orthogonality_grad(phi, **options)
+    for e in exponents:
+        c = 2.0**e
+        plain = torch.linalg.vector_norm(phi * c, dim=-2)
+        assert ((plain == 0) | (plain == math.inf)).all()  # where x / ‖x‖ fails
+        assert torch.equal(penalty.unit_columns(phi * c)[0], unit)
+        assert torch.equal(orthoopt.orthogonality_error(phi * c, **options), error)
+        assert torch.equal(orthoopt.l1_orthogonality_grad(phi * c, **options) * c, grad)
+
+
+def test_target_residual_and_error_by_definition():
+    phi = torch.randn(3, 7, 4, dtype=torch.float64) * 3
+    gram = phi.mT @ phi
+    eye = torch.eye(4, dtype=torch.float64)
+    unit = phi / phi.norm(dim=-2, keepdim=True)
+    expected = {
+        ("orthonormal", False): gram - eye,
+        ("orthogonal", False): gram * (1 - eye),
+        ("orthogonal", True): (unit.mT @ unit) * (1 - eye),
+    }
+    for (target, normalize), r in expected.items():
+        torch.testing.assert_close(penalty.target_residual(phi, target, normalize), r, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(
+            orthoopt.orthogonality_error(phi, group_dim=0, target=target, normalize=normalize),
+            r.abs().amax((-2, -1)),
+            rtol=1e-14,
+            atol=1e-14,
+        )
+    out = torch.full((3, 4, 4), float("nan"), dtype=torch.float64)
+    assert penalty.target_residual(phi, "orthogonal", True, out=out) is out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cosines_of_low_precision_inputs(dtype):
+    """Half-precision columns are normalised in float32; the gradient comes back in their dtype."""
+    phi = torch.randn(12, 3, 6, dtype=torch.float64).to(dtype)
+    options = {"target": "orthogonal", "normalize": True, "smoothing": 0.1}
+    got = orthoopt.l1_orthogonality_grad(phi, **options)
+    assert got.dtype == dtype
+    expected = orthoopt.l1_orthogonality_grad(phi.double(), **options)
+    eps = torch.finfo(dtype).eps
+    assert (got.double() - expected).abs().max() <= 8 * eps * expected.abs().max()
+    error = orthoopt.orthogonality_error(phi, target="orthogonal", normalize=True)
+    assert error.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(
+        error.double(),
+        orthoopt.orthogonality_error(phi.double(), target="orthogonal", normalize=True),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_bad_target_and_normalize_are_named():
+    phi = torch.randn(3, 2, 2)
+    for fn in (orthoopt.l1_orthogonality, orthoopt.frobenius_orthogonality_grad, orthoopt.orthogonality_error):
+        with pytest.raises(ValueError, match=r"target must be one of \('orthonormal', 'orthogonal'\).*'orthogonl'"):
+            fn(phi, target="orthogonl")
+        with pytest.raises(TypeError, match="normalize must be True or False, got 'yes'"):
+            fn(phi, target="orthogonal", normalize="yes")
+        with pytest.raises(ValueError, match="normalize=True .* use target='orthogonal' with normalize=True"):
+            fn(phi, normalize=True)
+
+
+def test_project_to_orthogonal_columns_keeps_the_lengths_and_is_nearest():
+    """The norms-free projection: orthogonal columns of the same lengths (a zero column stays
+    zero), nearer to Φ than any other point QD with those lengths; polar for orthonormal."""
+    g = torch.Generator().manual_seed(5)
+    phi = torch.randn(2, 8, 4, dtype=torch.float64, generator=g) * torch.tensor([0.1, 1.0, 3.0, 10.0]).double()
+    phi[1, :, 0] = 0
+    q = penalty.project(phi, "orthogonal")
+    lengths = torch.linalg.vector_norm(phi, dim=-2)
+    torch.testing.assert_close(torch.linalg.vector_norm(q, dim=-2), lengths, rtol=1e-14, atol=0)
+    assert penalty.max_error(q, "orthogonal") <= 1e-13 * 100  # entries of ΦᵀΦ up to 10²
+    assert q[1, :, 0].abs().max() == 0
+    distance = (q - phi).square().sum((-2, -1))
+    for _ in range(50):
+        turn = torch.linalg.matrix_exp(0.05 * (lambda a: a - a.mT)(torch.randn(2, 4, 4, generator=g).double()))
+        other = penalty.polar(q) @ turn * lengths[:, None, :]  # orthonormal directions, the same lengths
+        assert ((other - phi).square().sum((-2, -1)) >= distance - 1e-12).all()
+    assert torch.equal(penalty.project(phi, "orthonormal"), penalty.polar(phi))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert penalty.project(phi.to(dtype), "orthogonal").dtype == dtype
+
+
+def test_max_error_of_each_target():
+    phi = torch.randn(3, 7, 4, dtype=torch.float64) * 2
+    for target, normalize in CONVENTIONS:
+        expected = orthoopt.orthogonality_error(phi, group_dim=0, target=target, normalize=normalize).max().item()
+        assert penalty.max_error(phi, target, normalize) == expected
+    assert penalty.max_error(phi) == (phi.mT @ phi - torch.eye(4, dtype=torch.float64)).abs().max().item()

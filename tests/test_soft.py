@@ -11,6 +11,8 @@ from torch import nn
 
 import orthoopt
 from orthoopt import OrthoAdamW, OrthoSGD, l1_orthogonality, soft
+from orthoopt.layout import resolve_layout
+from orthoopt.testing import RowBlocks, resolving
 
 
 def test_workspace_bytes_count_the_buffers_a_bucket_holds():
@@ -26,7 +28,7 @@ def test_workspace_bytes_count_the_buffers_a_bucket_holds():
         for p in (a, b):
             p.grad = torch.zeros_like(p)
         opt.step()
-        (bucket,) = opt._soft_plan()
+        (bucket,) = opt._plan().buckets
         grams, mats = m * 4 * 4, m * 12 * 4
         assert bucket.workspace_bytes() == 8 * (grams + mats_held * mats)
 
@@ -69,12 +71,12 @@ def test_the_plan_without_workspaces_steps_like_the_cached_plan(monkeypatch):
     plan in eager mode takes bitwise the cached plan's steps."""
     cached = _mixed_model_params()
     opt = _run(cached)
-    assert any(b.stack is not None for b in opt._soft_plan())  # a bucket of several parameters
-    real = soft.build_plan
-    monkeypatch.setattr(soft, "build_plan", lambda groups, workspaces: real(groups, workspaces=False))
+    assert any(b.stack is not None for b in opt._plan().buckets)  # a bucket of several parameters
+    real = soft.buckets
+    monkeypatch.setattr(soft, "buckets", lambda pieces, workspaces: real(pieces, workspaces=False))
     bare = _mixed_model_params()
     opt = _run(bare)
-    assert all(b.updates is None and b.views is None for b in opt._soft_plan())
+    assert all(b.updates is None and b.views is None for b in opt._plan().buckets)
     for (p, lay, _), (q, _, _) in zip(bare, cached):
         assert torch.equal(p, q), lay
 
@@ -147,7 +149,7 @@ def test_many_parameters_bucket_equals_separate_steps():
         opt.step()
         for o in opts:
             o.step()
-    (bucket,) = opt._soft_plan()
+    (bucket,) = opt._plan().buckets
     assert len(bucket.params) == 5 and bucket.stack is not None and sum(bucket.counts) == 8
     for p, q, (x, _) in zip(together, alone, specs):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
@@ -215,7 +217,7 @@ def test_plan_cache_follows_groups_grads_and_options():
             (b, {"ortho_layout": "group_axis:0", "ortho_smoothing": 0.05, "ortho_penalty": "frobenius"}),
         ]
     )
-    plan = opt._soft_plan()
+    plan = opt._plan()
     opt.param_groups[1]["ortho"] = 2.0  # a scheduled β: same plan, new step
     opt.param_groups[1]["lr"] = 3e-2
     check(
@@ -233,14 +235,14 @@ def test_plan_cache_follows_groups_grads_and_options():
             ),
         ]
     )
-    assert opt._soft_plan() is plan
+    assert opt._plan() is plan
     opt.param_groups[0]["ortho"] = 0.0
     expected_a = a.detach() - 1e-2 * a.grad
     opt.step()
     torch.testing.assert_close(a.detach(), expected_a, rtol=0, atol=0)
     state = opt.state_dict()
     opt.load_state_dict(state)
-    assert getattr(opt, "_soft_cache", None) is None
+    assert getattr(opt, "_ortho_plan", None) is None
 
 
 def test_cached_step_allocates_nothing_of_the_parameters_size():
@@ -250,7 +252,7 @@ def test_cached_step_allocates_nothing_of_the_parameters_size():
     p.grad = torch.zeros_like(p)
     opt = OrthoSGD([p], lr=1e-3, ortho=1.0, ortho_layout="group_axis:0")
     opt.step()
-    (bucket,) = opt._soft_plan()
+    (bucket,) = opt._plan().buckets
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         opt.step()  # the whole step: torch's SGD update, the cached plan and the penalty
     allocated = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
@@ -305,7 +307,7 @@ def test_compiled_step_matches_eager_and_lr_schedule_does_not_recompile():
     assert not torch.equal(compiled[1], make()[0][1])  # it moved
     # Dynamo runs a frame eagerly where tracing it fails, so matching eager alone would not show
     # that the compiled step took its own plan: eager's would have been cached on the optimizer.
-    assert getattr(compiled_opt, "_soft_cache", None) is None and eager_opt._soft_cache is not None
+    assert getattr(compiled_opt, "_ortho_plan", None) is None and eager_opt._ortho_plan is not None
 
 
 # -- the step's structure: reference, chunks, 'auto', every k steps -------------------------
@@ -378,8 +380,8 @@ def test_chunked_bucket_is_bitwise_the_whole_bucket_and_holds_a_quarter(monkeypa
 
     whole, whole_opt = run(False)
     chunked, chunked_opt = run(True)
-    (bucket,) = chunked_opt._soft_plan()
-    assert len(bucket.chunks) == 4 and len(whole_opt._soft_plan()[0].chunks) == 1
+    (bucket,) = chunked_opt._plan().buckets
+    assert len(bucket.chunks) == 4 and len(whole_opt._plan().buckets[0].chunks) == 1
     for p, q in zip(whole, chunked):
         assert torch.equal(p, q)
     size = sum(p.numel() * p.element_size() for p in chunked)
@@ -406,7 +408,7 @@ def test_auto_step_is_bitwise_the_reference():
             q.grad = p.grad.clone()
         opt.step()
         for q, state, (_, lay) in zip(shadow, states, specs):
-            layout = opt._resolve({"ortho_layout": lay}, q, "q")
+            layout = resolve_layout(lay, q.shape, "q")
             before = layout.matrices(q.detach()).clone()
             q.detach().add_(q.grad, alpha=-1e-2)  # SGD's step
             lr = torch.full((before.shape[0],), 1e-2, dtype=q.dtype)
@@ -437,3 +439,88 @@ def test_cached_step_allocates_nothing_of_the_parameters_size_where_the_cap_is_c
     size = sum(p.numel() * p.element_size() for p in params)
     assert allocated < 0.05 * size, f"{allocated} bytes allocated for {size} bytes of parameters"
     assert any(e.name == "aten::abs" for e in prof.events())  # the row sums did run
+
+
+# -- a layout of blocks of unequal sizes: its pieces step as separate parameters ---------------
+BLOCKS = RowBlocks(sizes=(7, 5))  # a (12, 16) weight: blocks of 7 and 5 rows, each with orthonormal rows
+
+
+def _blocks(seed=0):
+    """A (12, 16) weight whose two row blocks are near orthonormal, and the blocks apart."""
+    a = near_orthonormal(16, 7, seed=seed).T.contiguous()
+    b = near_orthonormal(16, 5, seed=seed + 1).T.contiguous()
+    return nn.Parameter(torch.cat([a, b])), [nn.Parameter(a.clone()), nn.Parameter(b.clone())]
+
+
+@pytest.mark.parametrize("ortho", [1.0, "auto"])
+def test_a_composite_layouts_pieces_step_bitwise_as_separate_parameters(ortho):
+    w, (a, b) = _blocks()
+    start = w.detach().clone()
+    g = torch.Generator().manual_seed(2)
+    with resolving("row_groups:1", BLOCKS):
+        opt = OrthoAdamW([w], lr=1e-2, ortho=ortho, ortho_layout="row_groups:1", weight_decay=0.1)
+        ref = OrthoAdamW([a, b], lr=1e-2, ortho=ortho, ortho_layout="rows", weight_decay=0.1)
+        for _ in range(3):
+            a.grad, b.grad = (
+                torch.randn(7, 16, generator=g, dtype=a.dtype),
+                torch.randn(5, 16, generator=g, dtype=a.dtype),
+            )
+            w.grad = torch.cat([a.grad, b.grad])
+            opt.step()
+            ref.step()
+            assert torch.equal(w[:7], a) and torch.equal(w[7:], b)
+        assert len(opt._plan().buckets) == 2  # one per block: their matrices differ in shape
+        errors, ref_errors = opt.orthogonality_errors(), ref.orthogonality_errors()
+    assert errors == {"group0.param0": max(ref_errors.values())}
+    if ortho == "auto":  # each block's estimate, the second under its suffixed key
+        assert torch.equal(opt.state[w]["ortho_multiplier"], ref.state[a]["ortho_multiplier"])
+        assert torch.equal(opt.state[w]["ortho_multiplier.1"], ref.state[b]["ortho_multiplier"])
+    assert (w.detach() - start).abs().max() > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:ortho_mode='hard'")
+def test_the_plan_is_built_once_and_again_at_each_structural_change(monkeypatch):
+    """Steady steps resolve no layout (soft and hard); add_param_group, load_state_dict, a
+    gradient that disappears, a group's option and a parameter's new storage each give a new
+    plan, and the step after a new storage moves the new storage, as a fresh optimizer would."""
+    from orthoopt import pieces
+
+    resolved = []
+    real = pieces.resolve_layout
+    monkeypatch.setattr(pieces, "resolve_layout", lambda *args: resolved.append(args) or real(*args))
+    soft_w, hard_w = nn.Parameter(near_orthonormal(12, 4, seed=1)), nn.Parameter(near_orthonormal(12, 4, seed=2))
+    opt = OrthoSGD([{"params": [soft_w]}, {"params": [hard_w], "ortho_mode": "hard"}], lr=1e-2, ortho=1.0)
+
+    def step():
+        for p in (soft_w, hard_w):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return opt._plan()
+
+    plan = step()
+    resolved.clear()
+    assert step() is plan and step() is plan and resolved == []
+    changes = {
+        "add_param_group": lambda: opt.add_param_group({"params": [nn.Parameter(torch.randn(3))]}),
+        "load_state_dict": lambda: opt.load_state_dict(opt.state_dict()),
+        "option": lambda: opt.param_groups[0].update(ortho_smoothing=0.01),
+        "auto": lambda: opt.param_groups[0].update(ortho="auto"),
+        "storage": lambda: setattr(soft_w, "data", soft_w.data.clone()),
+    }
+    for what, change in changes.items():
+        change()
+        new = step()
+        assert new is not plan, what
+        plan = new
+    soft_w.grad = None  # a gradient that disappears
+    opt.step()
+    assert opt._plan() is not plan
+    opt.param_groups[0].update(ortho=1.0)
+    step()
+    before = soft_w.detach().clone()
+    soft_w.data = soft_w.data.clone()
+    fresh = nn.Parameter(before.clone())
+    fresh.grad = torch.ones_like(fresh)
+    step()
+    OrthoSGD([fresh], lr=1e-2, ortho=1.0, ortho_smoothing=0.01).step()
+    assert torch.equal(soft_w, fresh) and not torch.equal(soft_w, before)

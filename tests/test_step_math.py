@@ -77,7 +77,7 @@ def test_sgd_step_is_base_step_plus_penalty_gradient_before_it(kind, smoothing, 
 
     opt = orthoopt.OrthoSGD(groups, lr=0.1, ortho_penalty=kind)
     opt.step()
-    (bucket,) = opt._soft_plan()
+    (bucket,) = opt._plan().buckets
     assert len(bucket.params) == 2  # one bucket: one η per matrix where the groups differ
 
     for p, b, (lr, beta), (_, _, matrices) in zip(params, before, settings, SPECS):

@@ -500,6 +500,7 @@ def test_half_precision_steps_in_float32_and_writes_back(dtype, manifold):
     assert opt.state[lin.weight][stiefel.EXP_AVG].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_torch_compile_takes_the_same_stiefel_step():
     """geoopt's own optimizers turn Euclidean under torch.compile; ours must not."""
 
@@ -953,3 +954,52 @@ def test_projection_warning_lists_every_moved_parameter():
         "Call orthoopt.project_(optimizer) before training to start there"
     ]
     assert max(opt.orthogonality_errors().values()) < 1e-12
+
+
+# -- a layout of blocks of unequal sizes: one hard state per piece ------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_composite_layouts_pieces_take_hard_steps_as_separate_parameters_and_resume_bitwise(tmp_path, dtype):
+    """Each block of a RowBlocks weight moves as a parameter of its own would (projected at its
+    first hard step, its own Adam state under suffixed keys for the second block), and the
+    state round-trips through torch.save / torch.load(weights_only=True): a resumed run is
+    bitwise the uninterrupted one, its state dict too (torch keeps every 'step' uncast)."""
+    from orthoopt.testing import RowBlocks, resolving
+
+    blocks = RowBlocks(sizes=(7, 5))
+    a0 = near_orthonormal(16, 7, seed=1, dtype=dtype).T.contiguous()
+    b0 = near_orthonormal(16, 5, seed=2, dtype=dtype).T.contiguous()
+    grads = [torch.randn(12, 16, generator=torch.Generator().manual_seed(k), dtype=dtype) for k in range(6)]
+
+    def make(w):
+        return orthoopt.OrthoAdam([w], lr=1e-2, ortho_layout="row_groups:1", **HARD)
+
+    with resolving("row_groups:1", blocks):
+        w = nn.Parameter(torch.cat([a0, b0]))
+        a, b = nn.Parameter(a0.clone()), nn.Parameter(b0.clone())
+        opt, ref = make(w), orthoopt.OrthoAdam([a, b], lr=1e-2, ortho_layout="rows", **HARD)
+        with pytest.warns(UserWarning, match=r"block 0 of 2.*block 1 of 2"):
+            for k in range(3):
+                w.grad, (a.grad, b.grad) = grads[k], grads[k].split([7, 5])
+                opt.step()
+                ref.step()
+                assert torch.equal(w[:7], a) and torch.equal(w[7:], b)
+        for key, value in ref.state[a].items():
+            assert torch.equal(opt.state[w][key], value)
+            assert torch.equal(opt.state[w][key + ".1"], ref.state[b][key])
+        torch.save(opt.state_dict(), tmp_path / "opt.pt")
+        saved_w = w.detach().clone()
+        for k in range(3, 6):
+            w.grad = grads[k]
+            opt.step()
+        resumed = nn.Parameter(saved_w)
+        again = make(resumed)
+        again.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+        for k in range(3, 6):
+            resumed.grad = grads[k]
+            again.step()
+    assert torch.equal(resumed, w)
+    assert stack_error("rows", w.detach()[:7]) < 1e-5 and stack_error("rows", w.detach()[7:]) < 1e-5
+    state, state_again = opt.state_dict()["state"][0], again.state_dict()["state"][0]
+    assert state.keys() == state_again.keys()
+    for key, value in state.items():
+        assert value.dtype == state_again[key].dtype and torch.equal(value, state_again[key]), key

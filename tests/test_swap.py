@@ -77,6 +77,8 @@ OPTIMIZERS = {
     "Adam-amsgrad-foreach": lambda groups: torch.optim.Adam(groups, lr=1e-2, amsgrad=True, foreach=True),
     "SGD-nesterov": lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True),
     "Adadelta": lambda groups: torch.optim.Adadelta(groups, lr=1.0),
+    # its option initial_accumulator_value is no scheduler's mark
+    "Adagrad": lambda groups: torch.optim.Adagrad(groups, lr=0.1, initial_accumulator_value=0.1),
 }
 
 
@@ -151,12 +153,30 @@ def _snapshot(opt):
         (lambda opt: None, {"ortho_layout": "rows"}, ValueError, r"'body\.weight'.*16 orthonormal vectors of length 8"),
         (lambda opt: None, {"include": ["emb"]}, ValueError, r"'emb' matches 1 parameter.*of an embedding"),
         (
+            lambda opt: setattr(opt, "_kept", torch.optim.lr_scheduler.StepLR(opt, 10)),
+            {},
+            ValueError,
+            r"scheduler \(StepLR\) was already built.*then build the scheduler",
+        ),
+        (  # dropped, but its wrapper of the step stays, and would step the base class after the swap
             lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
             {},
             ValueError,
-            "scheduler was already built.*then build the scheduler",
+            r"scheduler \(its step is wrapped by one\) was already built",
+        ),
+        (
+            lambda opt: setattr(opt, "_kept", torch.optim.lr_scheduler.ReduceLROnPlateau(opt)),
+            {},
+            ValueError,
+            r"scheduler \(ReduceLROnPlateau\) was already built on this AdamW.*then build the scheduler",
         ),
         (lambda opt: orthoopt.constrain_(opt, opt._model), {}, ValueError, "already constrains parameters"),
+        (
+            lambda opt: None,
+            {"ortho_mdoe": "hard"},
+            TypeError,
+            r"unknown option 'ortho_mdoe'.*did you mean 'ortho_mode'",
+        ),
     ],
 )
 def test_refusals_change_nothing(make, kwargs, error, match):
@@ -310,6 +330,87 @@ def test_lightning_configure_optimizers():
     )
 
 
+def test_lightning_warns_at_the_users_fit_line():
+    """orthoopt's warnings point past Lightning's loops, at the user's line."""
+    pl = import_or_skip("pytorch_lightning")
+
+    class Hard(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()  # off the manifold: hard mode projects it at its first step
+
+        def training_step(self, batch, batch_idx):
+            return _forward(self.net, batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
+            return orthoopt.constrain_(opt, self, ortho=1.0, ortho_mode="hard", exclude=["net.head"])
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8) % 10), batch_size=4)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.warns(orthoopt.OrthogonalityWarning, match="projected onto the Stiefel manifold") as rec:
+        trainer.fit(Hard(), data)
+    assert {w.filename for w in rec if issubclass(w.category, orthoopt.OrthogonalityWarning)} == {__file__}
+
+
+def test_lightning_backbone_finetuning_adds_its_group_to_the_swapped_optimizer():
+    """BackboneFinetuning unfreezes the backbone with add_param_group({'params': ..., 'lr': ...})."""
+    pl = import_or_skip("pytorch_lightning")
+
+    class Finetuned(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.backbone = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+            self.head = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+        def training_step(self, batch, batch_idx):
+            return self.head(self.backbone(batch[0])).square().mean()
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-2)
+            return orthoopt.constrain_(opt, self, ortho=3.0, exclude=["head.2"])
+
+    module = Finetuned()
+    frozen = [p.detach().clone() for p in module.backbone.parameters()]
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    (opt,) = trainer.optimizers
+    added = opt.param_groups[-1]
+    index = len(opt.param_groups) - 1
+    assert added["param_names"] == [f"group{index}.param0", f"group{index}.param1"] and added["ortho"] == 0.0
+    assert [p is q for p, q in zip(added["params"], module.backbone.parameters())] == [True, True]
+    assert not any(torch.equal(p, q) for p, q in zip(module.backbone.parameters(), frozen))  # it trained
+    assert set(opt.orthogonality_errors()) == {"head.0.weight"}
+
+
+def test_timm_scheduler_built_before_the_swap_is_refused():
+    """timm's schedulers leave the optimizer's step alone, and would schedule only the groups they saw."""
+    timm_scheduler = import_or_skip("timm.scheduler")
+    model = _model()
+    opt = torch.optim.AdamW(_timm_like_groups(model), lr=1e-2)
+    scheduler = timm_scheduler.CosineLRScheduler(opt, t_initial=10)
+    with pytest.raises(ValueError, match=r"scheduler \(CosineLRScheduler\) was already built on this AdamW"):
+        orthoopt.constrain_(opt, model, exclude=["head"])
+    assert type(opt) is torch.optim.AdamW and scheduler.optimizer is opt
+
+
 def _bert(transformers):
     torch.manual_seed(0)
     config = transformers.BertConfig(
@@ -367,6 +468,18 @@ def test_hf_trainer_keeps_its_no_decay_groups(tmp_path):
     assert max(orthoopt.named_orthogonality_errors(trainer.optimizer).values()) < 1e-5
 
 
+def test_hf_trainer_warns_at_the_users_train_line(tmp_path):
+    """orthoopt's warnings point past accelerate's and the Trainer's frames, at the user's line."""
+    transformers = import_or_skip("transformers")
+    model = _bert(transformers)
+    trainer = _trainer(transformers, model, tmp_path, steps=1)
+    trainer.create_optimizer()
+    orthoopt.constrain_(trainer.optimizer, model, ortho=1.0, ortho_mode="hard", exclude=["classifier"])
+    with pytest.warns(orthoopt.OrthogonalityWarning, match="projected onto the Stiefel manifold") as rec:
+        trainer.train()
+    assert {w.filename for w in rec if issubclass(w.category, orthoopt.OrthogonalityWarning)} == {__file__}
+
+
 def test_timm_create_optimizer_v2_keeps_its_groups():
     timm = import_or_skip("timm")
     import_or_skip("timm.optim")
@@ -416,3 +529,249 @@ def test_names_given_to_the_optimizer_are_kept_and_foreign_parameters_left_alone
         ["w.gates.weight_ih", "w.gates.weight_hh"],
     ]
     assert set(opt.orthogonality_errors()) == {"w.body.weight", "w.gates.weight_ih", "w.gates.weight_hh"}
+
+
+# -- optimizers the swap meets -----------------------------------------------------------
+@pytest.mark.parametrize("base", [torch.optim.AdamW, torch.optim.Adagrad])
+def test_swap_of_an_ortho_optimizer_built_with_ortho_zero(base):
+    """An orthoopt optimizer with nothing constrained swaps as its base class does."""
+    model, twin = _model(), _model()
+    opt = orthoopt.orthogonalize(base)(_timm_like_groups(model), lr=1e-2, ortho=0)
+    orthoopt.constrain_(opt, model, ortho=3.0, exclude=["head"])
+    assert type(opt) is orthoopt.orthogonalize(base)
+    plain = base(_timm_like_groups(twin), lr=1e-2)
+    orthoopt.constrain_(plain, twin, ortho=3.0, exclude=["head"])
+    grads = _grads(model, 4)
+    _run(model, opt, grads)
+    _run(twin, plain, grads)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert opt.state_dict()["param_groups"] == plain.state_dict()["param_groups"]
+
+
+def test_a_group_added_without_names_after_the_swap():
+    """As Lightning's BackboneFinetuning unfreezes: add_param_group({'params': ..., 'lr': ...})."""
+    model = _model()
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("head")], lr=1e-2)
+    orthoopt.constrain_(opt, model, ortho=1.0)
+    opt.add_param_group({"params": [model.head.bias], "lr": 1e-3})
+    opt.add_param_group({"params": [model.head.weight], "ortho": 2.0, "ortho_layout": "rows"})
+    assert [g["param_names"] for g in opt.param_groups[-2:]] == [["group3.param0"], ["group4.param0"]]
+    assert opt.param_groups[-1]["ortho"] == 2.0 and opt.param_groups[-2]["ortho"] == 0.0
+    assert "group4.param0" in opt.orthogonality_errors()
+    _run(model, opt, _grads(model, 2))
+    with pytest.raises(ValueError, match=r"'group5\.param0'.*5 orthonormal vectors of length 3"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(5, 3))], "ortho": 1.0, "ortho_layout": "rows"})
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _lbfgs_steps(model: nn.Module, opt, steps: int = 3) -> None:
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("already_stepped", [0, 2])
+def test_lbfgs_is_swapped_into_its_one_group_where_only_vectors_are_left_out(already_stepped):
+    """LBFGS takes one group: the swap keeps it whole, in its order (LBFGS's state is one flat
+    vector over it), with layout 'auto', which leaves the biases alone."""
+    model, twin = _mlp(), _mlp()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+    _lbfgs_steps(model, opt, already_stepped)
+    orthoopt.constrain_(opt, model, ortho=1.0)
+    assert len(opt.param_groups) == 1
+    assert opt.param_groups[0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert set(opt.orthogonality_errors()) == {"0.weight", "2.weight"}
+    direct = orthoopt.orthogonalize(torch.optim.LBFGS)(
+        list(twin.named_parameters()), lr=0.5, max_iter=3, ortho=1.0, ortho_init="project"
+    )
+    _lbfgs_steps(twin, torch.optim.LBFGS(twin.parameters(), lr=0.5, max_iter=3), already_stepped)
+    if already_stepped:
+        direct.load_state_dict(
+            {"state": copy.deepcopy(opt.state_dict()["state"]), "param_groups": direct.state_dict()["param_groups"]}
+        )
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    _lbfgs_steps(model, opt)
+    _lbfgs_steps(twin, direct)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    plain = _mlp()
+    _lbfgs_steps(plain, torch.optim.LBFGS(plain.parameters(), lr=0.5, max_iter=3), already_stepped + 3)
+    plain_errors = orthoopt.named_orthogonality_errors(plain)
+    # measured: 0.11 and 0.26 (0.06 and 0.14 after 2 plain steps) against 0.59 and 0.82 (0.62, 0.86)
+    assert all(e < plain_errors[n] / 2 for n, e in opt.orthogonality_errors().items())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"exclude": ["2"]}, r"leaves out the weight matrix '2\.weight'"),
+        ({"layouts": {"2": "columns"}}, r"constrains its matrices with several layouts \('auto', 'columns'\)"),
+    ],
+)
+def test_lbfgs_needing_several_groups_is_refused_with_what_to_do(kwargs, match):
+    model = _mlp()
+    opt = torch.optim.LBFGS(model.parameters())
+    before = _snapshot(opt)
+    with pytest.raises(
+        ValueError, match=r"constrain_: LBFGS takes one parameter group.*" + match + ".*another optimizer"
+    ):
+        orthoopt.constrain_(opt, model, ortho=1.0, **kwargs)
+    after = _snapshot(opt)
+    assert after[0] is before[0] and after[1:] == before[1:]
+
+
+# -- resuming a plain run's checkpoint that had a scheduler ------------------------------
+_LR = torch.optim.lr_scheduler
+
+
+def _by_kind(low: float, high: float):
+    """A per-group value by the group's kind (no decay, decayed), whatever the grouping."""
+    return lambda opt: [high if g["weight_decay"] else low for g in opt.param_groups]
+
+
+SCHEDULERS = {
+    "StepLR": lambda opt: _LR.StepLR(opt, 2, gamma=0.5),
+    "warmup LambdaLR": lambda opt: _LR.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 4)),
+    "warmup then cosine": lambda opt: _LR.SequentialLR(
+        opt, [_LR.LinearLR(opt, 0.1, total_iters=3), _LR.CosineAnnealingLR(opt, 9)], milestones=[3]
+    ),
+    # the LambdaLR inside reads its own base_lrs at every step
+    "warmup then decay": lambda opt: _LR.SequentialLR(
+        opt, [_LR.LinearLR(opt, 0.1, total_iters=3), _LR.LambdaLR(opt, lambda t: 0.8**t)], milestones=[3]
+    ),
+    "OneCycleLR": lambda opt: _LR.OneCycleLR(opt, 0.05, total_steps=12),  # it cycles beta1 too
+    "CyclicLR": lambda opt: _LR.CyclicLR(opt, _by_kind(1e-3, 3e-4)(opt), _by_kind(1e-2, 5e-3)(opt), step_size_up=3),
+    "ReduceLROnPlateau": lambda opt: _LR.ReduceLROnPlateau(
+        opt, patience=0, factor=0.5, min_lr=_by_kind(1e-4, 2e-3)(opt)
+    ),
+}
+_LOSSES = [3.0, 2.0, 2.0, 2.5, 1.0, 1.0, 1.5, 0.5, 0.5, 0.7, 0.4, 0.4]  # ReduceLROnPlateau's metric
+_HYPER = ("lr", "betas")
+
+
+def _scheduler_step(scheduler, t: int) -> None:
+    """The scheduler's step after the optimizer's step ``t`` (from 0), as each kind takes it."""
+    if isinstance(scheduler, _LR.ReduceLROnPlateau):
+        scheduler.step(_LOSSES[t])
+    elif isinstance(scheduler, _LR.LRScheduler):
+        scheduler.step()
+    else:
+        scheduler.step_update(t + 1)  # timm's, counted in updates
+
+
+def _scheduled(model: nn.Module, opt, scheduler, grads, start: int) -> list:
+    """Steps ``start``, ``start + 1``, ... with fixed gradients and the scheduler; each group's
+    (lr, betas) at each step."""
+    trace = []
+    for t, step in enumerate(grads, start):
+        trace.append([tuple(g[k] for k in _HYPER) for g in opt.param_groups])
+        for p, g in zip(model.parameters(), step):
+            p.grad = g.clone()
+        opt.step()
+        _scheduler_step(scheduler, t)
+    return trace
+
+
+def _two_rates(model: nn.Module) -> list[dict]:
+    """timm's groups, each with its own learning rate: the schedule of each is its own."""
+    groups = _timm_like_groups(model)
+    groups[1]["lr"] = 3e-3
+    return groups
+
+
+def _by_hand(model: nn.Module, opt, grads, trace) -> None:
+    """Steps with fixed gradients, each group's (lr, betas) set from ``trace``."""
+    for step, row in zip(grads, trace):
+        for group, values in zip(opt.param_groups, row, strict=True):
+            group.update(zip(_HYPER, values))
+        for p, g in zip(model.parameters(), step):
+            p.grad = g.clone()
+        opt.step()
+
+
+def _check_resume(make_scheduler) -> None:
+    """Build the plain optimizer, load its state, swap, build the scheduler, load its state:
+    the run goes on as the uninterrupted one, swapped at the checkpoint, does."""
+    k, m = 5, 7
+    grads = _grads(_model(), k + m)
+    model = _model()
+    opt = torch.optim.AdamW(_two_rates(model), lr=1e-2)
+    scheduler = make_scheduler(opt)
+    plain = _scheduled(model, opt, scheduler, grads[:k], 0)
+    checkpoint = copy.deepcopy(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict()}
+    )
+    plain += _scheduled(model, opt, scheduler, grads[k:], k)  # the schedule of the plain run
+    # the no-decay group stays whole; the decayed one splits into body, the GRU's gates and the rest
+    origin = [0, 1, 1, 1]
+    schedule = [[row[i] for i in origin] for row in plain[k:]]
+
+    resumed = _model()
+    resumed.load_state_dict(checkpoint["model"])
+    opt = torch.optim.AdamW(_two_rates(resumed), lr=1e-2)
+    opt.load_state_dict(checkpoint["optimizer"])
+    orthoopt.constrain_(opt, resumed, ortho=3.0, exclude=["head"])
+    scheduler = make_scheduler(opt)
+    orthoopt.load_scheduler_state(scheduler, checkpoint["scheduler"])
+    if isinstance(scheduler, _LR.LRScheduler):
+        assert scheduler.get_last_lr() == [lr for lr, _ in schedule[0]]
+    trace = _scheduled(resumed, opt, scheduler, grads[k:], k)
+    assert trace == schedule
+
+    uninterrupted = _model()
+    opt = torch.optim.AdamW(_two_rates(uninterrupted), lr=1e-2)
+    _by_hand(uninterrupted, opt, grads[:k], plain[:k])
+    orthoopt.constrain_(opt, uninterrupted, ortho=3.0, exclude=["head"])
+    _by_hand(uninterrupted, opt, grads[k:], schedule)
+    for (name, p), q in zip(resumed.named_parameters(), uninterrupted.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("kind", SCHEDULERS)
+def test_a_plain_runs_checkpoint_resumes_with_its_scheduler(kind):
+    _check_resume(SCHEDULERS[kind])
+
+
+def test_a_plain_runs_checkpoint_resumes_with_its_timm_scheduler():
+    timm_scheduler = import_or_skip("timm.scheduler")
+    _check_resume(
+        lambda opt: timm_scheduler.CosineLRScheduler(
+            opt, t_initial=12, warmup_t=3, warmup_lr_init=1e-4, t_in_epochs=False
+        )
+    )
+
+
+def test_scheduler_states_that_do_not_fit_the_swap_are_refused():
+    model = _model()
+    opt = torch.optim.AdamW(_timm_like_groups(model), lr=1e-2)
+    saved = _LR.LambdaLR(torch.optim.AdamW(model.parameters()), lambda t: 1.0).state_dict()  # one group
+    with pytest.raises(ValueError, match="was not swapped by constrain_.*scheduler.load_state_dict"):
+        orthoopt.load_scheduler_state(_LR.LambdaLR(opt, lambda t: 1.0), saved)
+    opt = torch.optim.AdamW(_timm_like_groups(model), lr=1e-2)
+    orthoopt.constrain_(opt, model, ortho=1.0, exclude=["head"])
+    scheduler = _LR.LambdaLR(opt, lambda t: 1.0)
+    with pytest.raises(ValueError, match=r"'base_lrs' holds 1 value.*2 groups before the swap and 4 after"):
+        orthoopt.load_scheduler_state(scheduler, saved)
+    # a state saved after the swap, one value per group as it is now, loads as it is
+    orthoopt.load_scheduler_state(scheduler, scheduler.state_dict())
+    # once the optimizer has stepped or loaded a state, its groups are no longer those of the swap
+    for change in (lambda o: o.step(), lambda o: o.load_state_dict(o.state_dict())):
+        opt = torch.optim.AdamW(_timm_like_groups(model), lr=1e-2)
+        orthoopt.constrain_(opt, model, ortho=1.0, exclude=["head"])
+        scheduler = _LR.LambdaLR(opt, lambda t: 1.0)
+        change(opt)
+        with pytest.raises(ValueError, match="has stepped or loaded a state since"):
+            orthoopt.load_scheduler_state(scheduler, saved)

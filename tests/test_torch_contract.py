@@ -360,6 +360,7 @@ def test_generated_classes_are_one_per_base_and_found_by_name():
     assert getattr(orthoopt.optim, other.__qualname__) is other
 
 
+@pytest.mark.slow
 def test_a_generated_class_unpickles_in_a_fresh_process(tmp_path):
     import subprocess
     import sys

@@ -12,6 +12,7 @@ at that step while the other runs go on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .. import penalty
+from ..penalty import residual
 from .methods import ALL_METHODS, METHODS, Settings, build_optimizers, constrained_parameters, prepared
 from .tasks import Problem, Task, get_task
 
@@ -77,7 +78,7 @@ def orthogonality(params: Sequence[tuple[str, torch.Tensor, Any]]) -> tuple[floa
     """``(max-abs, Frobenius)``: the largest ``|ΦᵀΦ - I|_jk`` and ``‖ΦᵀΦ - I‖_F`` over all matrices."""
     worst_abs, worst_fro = 0.0, 0.0
     for _, p, layout in params:
-        r = penalty.residual(layout.matrices(p.detach()))
+        r = residual(layout.matrices(p.detach()))
         worst_abs = max(worst_abs, r.abs().amax().item())
         worst_fro = max(worst_fro, torch.linalg.matrix_norm(r).amax().item())
     return worst_abs, worst_fro
@@ -320,6 +321,8 @@ def run(
     beta_relative: bool | None = None,
     threads: int | None = None,
     constrained_lr_scale: float | None = None,
+    target_gap: float | None = None,
+    target_orth: float | None = None,
 ) -> Comparison:
     """Run ``task`` under each of ``methods`` for every seed; return runs and a summary.
 
@@ -328,9 +331,17 @@ def run(
     (methods: the task's, else every method of ``METHODS``; schedule: the task's, mostly cosine).
     ``threads`` sets ``torch.set_num_threads`` for the run (timings on a loaded machine
     are steadier with one thread).  ``constrained_lr_scale``: the constrained parameters'
-    lr as a multiple of ``lr`` (default: the task's).
+    lr as a multiple of ``lr`` (default: the task's).  ``target_gap`` and ``target_orth``
+    replace the task's target (``|f - f*| <= target_gap·|f*|`` with ``max|ΦᵀΦ - I| <=
+    target_orth``) where the optimum is known.
     """
     task = get_task(task)
+    if target_gap is not None or target_orth is not None:
+        task = dataclasses.replace(
+            task,
+            target_gap=target_gap if target_gap is not None else task.target_gap,
+            target_orth=target_orth if target_orth is not None else task.target_orth,
+        )
     if beta_relative is None:
         beta_relative = task.beta_relative
     if threads is not None:
@@ -341,6 +352,10 @@ def run(
         if m not in ALL_METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    for what, values in (("method", methods), ("seed", seeds)):
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise ValueError(f"{what} {twice[0]!r} is given twice; each runs once per comparison")
     steps = steps if steps is not None else (task.quick_steps if quick else task.steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

@@ -32,12 +32,14 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
-from .. import optim as ortho_optim
+from .. import OrthoAdam, OrthoAdamW, OrthoSGD, param_groups
+from ..selection import constrained
 from . import parametrized
 from .landing import Landing
 
 __all__ = ["METHODS", "ALL_METHODS", "Settings", "build_optimizers", "prepared"]
 
+ORTHO_OPTIMIZERS = {"SGD": OrthoSGD, "Adam": OrthoAdam, "AdamW": OrthoAdamW}
 METHODS = ("none", "soft", "soft-huber", "soft-auto", "frobenius", "landing", "hard")
 ALL_METHODS = METHODS + ("hard-canonical", "geotorch", "bjorck", "torch-orthogonal")
 PARAMETRIZED = ("geotorch", "bjorck", "torch-orthogonal")  # methods that reparametrize the weights
@@ -90,7 +92,7 @@ def build_optimizers(method: str, model: torch.nn.Module, problem, s: Settings) 
     if method == "none":
         if s.constrained_lr_scale == 1.0:
             return [getattr(torch.optim, base_name)(model.parameters(), **kwargs)]
-        groups = ortho_optim.param_groups(model, ortho=1.0, include=problem.include, exclude=problem.exclude)
+        groups = param_groups(model, ortho=1.0, include=problem.include, exclude=problem.exclude)
         return [getattr(torch.optim, base_name)([_plain(g) for g in _split_lr(groups, s)], **kwargs)]
     options = {"ortho_layout": problem.layout}
     if method == "soft-huber":
@@ -102,7 +104,7 @@ def build_optimizers(method: str, model: torch.nn.Module, problem, s: Settings) 
         if method == "hard-canonical":
             options["ortho_manifold"] = "canonical"
     beta = "auto" if method == "soft-auto" else s.beta
-    groups = ortho_optim.param_groups(model, ortho=beta, include=problem.include, exclude=problem.exclude, **options)
+    groups = param_groups(model, ortho=beta, include=problem.include, exclude=problem.exclude, **options)
     groups = _split_lr(groups, s)
     if method == "landing":
         on = [g for g in groups if g["ortho"]]
@@ -119,23 +121,12 @@ def build_optimizers(method: str, model: torch.nn.Module, problem, s: Settings) 
         if off:
             out.append(getattr(torch.optim, base_name)([p for g in off for p in g["params"]], **kwargs))
         return out
-    cls = getattr(ortho_optim, "Ortho" + base_name)
-    return [cls(groups, **kwargs)]
+    return [ORTHO_OPTIMIZERS[base_name](groups, **kwargs)]
 
 
 def constrained_parameters(model: torch.nn.Module, problem) -> list[tuple[str, torch.Tensor, Any]]:
     """``(name, parameter, layout)`` of every constrained parameter of the problem."""
-    from ..layout import resolve_layout
-
-    named = dict(model.named_parameters())
-    out = []
-    for g in ortho_optim.param_groups(model, ortho=1.0, include=problem.include, exclude=problem.exclude):
-        if g["ortho"]:
-            for n in g["param_names"]:
-                lay = resolve_layout(problem.layout, named[n].shape, f"parameter '{n}'")
-                if lay is not None:
-                    out.append((n, named[n], lay))
-    return out
+    return constrained(model, layout=problem.layout, include=problem.include, exclude=problem.exclude)
 
 
 def _plain(group: dict[str, Any]) -> dict[str, Any]:

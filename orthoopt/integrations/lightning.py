@@ -9,18 +9,16 @@
 
     pl.Trainer(callbacks=[OrthoCallback()]).fit(Model())
 
-Importing this module imports ``pytorch_lightning`` (or, where only the unified package is
-installed, ``lightning.pytorch``): the callback must be of the package whose Trainer runs it.
+Lightning comes as ``pytorch_lightning`` and as ``lightning`` (``import lightning.pytorch as
+pl``); a Trainer runs the callbacks of its own package.  The callback is one of each package
+that is installed, so that it works with either Trainer; importing this module imports them.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from typing import Any
-
-try:
-    import pytorch_lightning as pl
-except ImportError:  # pragma: no cover - only the unified package
-    import lightning.pytorch as pl
 
 from ..optim import OrthoMixin
 from ..wrappers import unwrap
@@ -28,8 +26,28 @@ from . import orthogonality_metrics
 
 __all__ = ["OrthoCallback"]
 
+PACKAGES = ("pytorch_lightning", "lightning.pytorch")
 
-class OrthoCallback(pl.Callback):
+
+def _callback_bases() -> tuple[type, ...]:
+    """``Callback`` of each Lightning package that is installed and imports."""
+    bases, failures = [], []
+    for name in PACKAGES:
+        if importlib.util.find_spec(name.split(".")[0]) is None:
+            continue
+        try:
+            bases.append(importlib.import_module(name).Callback)
+        except ImportError as e:
+            failures.append(f"{name}: {e}")
+    if not bases:
+        raise ImportError(
+            "orthoopt.integrations.lightning needs Lightning: pip install pytorch-lightning (or lightning)"
+            + "".join(f"; {failure}" for failure in failures)
+        )
+    return tuple(bases)
+
+
+class OrthoCallback(*_callback_bases()):  # type: ignore[misc]
     """After every ``every_n_steps`` optimizer steps (default: the trainer's
     ``log_every_n_steps``), logs :func:`~orthoopt.integrations.orthogonality_metrics` of each
     orthoopt optimizer to every logger of the trainer (``logger.log_metrics``, as Lightning's

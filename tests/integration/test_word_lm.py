@@ -22,7 +22,7 @@ SCRIPT = functools.partial(ts.word_lm, epochs=8, lr=1e-2)
 
 # The example's own sizes (emsize = nhid = 200: (800, 200) LSTM weights), run by hand.
 EXAMPLE_SIZES = dict(emsize=200, nhid=200, batch_size=20, bptt=35, tokens=40_000, epochs=3, lr=5e-3)
-RUN_BY_HAND = pytest.mark.skipif(not os.environ.get("ORTHOOPT_SLOW"), reason="slow (about 30 s): ORTHOOPT_SLOW=1")
+RUN_BY_HAND = pytest.mark.skipif(not os.environ.get("ORTHOOPT_BY_HAND"), reason="about 30 s each: ORTHOOPT_BY_HAND=1")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_auto_on_the_gate_blocks_holds_where_the_whole_matrix_did_not():
     assert max(run.errors.values()) < 0.1, run.errors
 
 
-@pytest.mark.slow
+@pytest.mark.by_hand
 @RUN_BY_HAND
 def test_at_the_examples_sizes_the_old_layout_drifts_under_auto_and_is_reported():
     """The example's sizes: (800, 200) weights as one matrix, 'auto', AdamW at a constant 5e-3."""
@@ -86,7 +86,7 @@ def test_at_the_examples_sizes_the_old_layout_drifts_under_auto_and_is_reported(
     assert drifted <= {m.split("'")[1] for m in messages if "moving away" in m}
 
 
-@pytest.mark.slow
+@pytest.mark.by_hand
 @RUN_BY_HAND
 def test_at_the_examples_sizes_auto_per_gate_lands_with_a_decaying_lr():
     run, _ = _drift_run({"ortho": "auto"}, cosine=True, **EXAMPLE_SIZES)

@@ -22,30 +22,44 @@ and a contender's figure is the median over rounds after a warm-up.  At each sha
 The ``many`` cases put ``m`` separate ``(l, n)`` parameters in one optimizer and add
 ``soft-stacked`` and ``base-stacked``: one ``(m, l, n)`` parameter of the same size.
 
-Run ``python -m orthoopt bench --help`` (or ``experiments/bench_step.py``).
+The report's table is :data:`COLUMNS` after a column per contender: one entry per column.
+Run ``python -m orthoopt bench --help``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from . import argtypes, penalty
-from .optim import OrthoAdamW
+from .. import argtypes, penalty
+from ..optim import OrthoAdamW
+from .common import CLOCKS, human_bytes, machine, publish, render, sync
+from .memory import available_bytes, step_memory
 
-__all__ = ["main", "run", "Case", "TARGETS", "CPU_SHAPES", "CUDA_SHAPES", "MANY"]
+__all__ = [
+    "main",
+    "run",
+    "run_case",
+    "parser",
+    "config",
+    "format_table",
+    "Case",
+    "Column",
+    "COLUMNS",
+    "TARGETS",
+    "CPU_SHAPES",
+    "CUDA_SHAPES",
+    "MANY",
+    "QUICK_SHAPES",
+    "QUICK_MANY",
+]
 
 CPU_SHAPES = [(16, 256, 64), (256, 64, 16), (1, 1024, 512)]
 CUDA_SHAPES = [(1, 4096, 4096), (32, 4096, 128), (64, 512, 64), (1024, 64, 64)]
@@ -69,6 +83,10 @@ BETA = 1.0
 HARD = ("hard", "geoopt-E", "geoopt-C")
 CONTENDERS = ("floor", "base", "soft", "soft-auto", "autograd", *HARD, "base-stacked", "soft-stacked")
 OPTIONAL = ("soft-compiled",)
+# Tensors of the case's size (m·l·n elements) each contender holds, at least: the parameters,
+# their gradients and AdamW's two moments; the floor's input and product; a copy more for
+# the 'auto' step's previous weights and for the autograd contender's task gradient.
+HELD = {name: 4 for name in (*CONTENDERS, *OPTIONAL)} | {"floor": 2, "soft-auto": 5, "autograd": 5}
 
 
 @dataclass(frozen=True)
@@ -100,6 +118,14 @@ class Contender:
 
 class NotAvailable(Exception):
     """A contender this environment cannot run; the table shows it as n/a."""
+
+
+def case_bytes(case: Case, dtype: torch.dtype, contenders: Sequence[str]) -> int:
+    """A lower bound on the memory one case takes: the tensors of :data:`HELD` of every
+    contender that runs it, all held at once (each case builds its contenders together)."""
+    names = [n for n in contenders if case.many or not n.endswith("-stacked")]
+    copies = sum(HELD[n] for n in names)
+    return copies * case.m * case.l * case.n * dtype.itemsize
 
 
 # -- parameters ------------------------------------------------------------------------
@@ -175,7 +201,7 @@ def _soft(case, device, dtype, flags, *, stacked=False, name="soft", ortho=BETA)
 
 
 def _autograd(case, device, dtype, flags) -> Contender:
-    from .penalty import l1_orthogonality
+    from ..penalty import l1_orthogonality
 
     params = _params(case, device, dtype)
     task_grads = [p.grad.clone() for p in params]
@@ -272,17 +298,6 @@ BUILDERS: dict[str, Callable[..., Contender]] = {
 
 
 # -- timing ----------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# CPU clocks: wall time, or the process's CPU time (all its threads), which leaves out the
-# time other processes hold the cores (steadier on a shared machine; with one thread it is
-# the step's own time, with more it adds up their work).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
 def _time_step(c: Contender, device: torch.device, clock=time.perf_counter) -> float:
     """Seconds of one step: CUDA events around it on an idle device, else ``clock``."""
     if c.prepare is not None:
@@ -307,67 +322,12 @@ def _rounds(contenders: list[Contender], device, repeats: int, few: int, warmup:
             if c.prepare is not None:
                 c.prepare()
             c.step()
-    _sync(device)
+    sync(device)
     for r in range(repeats):
         for c in contenders:
             if c.few and r >= few:
                 continue
             c.times.append(_time_step(c, device, clock))
-
-
-# -- memory ----------------------------------------------------------------------------
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _workspace_bytes(opt: torch.optim.Optimizer | None) -> int:
-    """Bytes held by the soft step's cached workspaces."""
-    cache = getattr(opt, "_soft_cache", None)
-    return sum(bucket.workspace_bytes() for bucket in cache[1]) if cache else 0
-
-
-def _memory(c: Contender, device: torch.device) -> dict:
-    """Allocations and transient peak of one step after warm-up (as multiples of the params)."""
-    size = _nbytes(c.params)
-    if c.prepare is not None:
-        c.prepare()
-    if device.type == "cuda":
-        _sync(device)
-        stats = torch.cuda.memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        c.step()
-        _sync(device)
-        after = torch.cuda.memory_stats(device)
-        allocations = after["allocation.all.allocated"] - stats["allocation.all.allocated"]
-        allocated = after["allocated_bytes.all.allocated"] - stats["allocated_bytes.all.allocated"]
-        peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        # No allocator statistics on CPU: the profiler attributes each allocation to an op.
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            c.step()
-        # An event's self memory nets what it allocated and freed; frees of temporaries
-        # land on the enclosing event, so count allocations at its start and frees at its end.
-        timeline = sorted(
-            (e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
-            for e in prof.events()
-            if e.self_cpu_memory_usage
-        )
-        allocations = sum(1 for _, d in timeline if d > 0)
-        allocated = sum(d for _, d in timeline if d > 0)
-        running, peak = 0, 0
-        for _, d in timeline:
-            running += d
-            peak = max(peak, running)
-    return {
-        "allocations_per_step": int(allocations),
-        "allocated_per_step_x_params": allocated / size,
-        "peak_extra_x_params": peak / size,
-        "workspace_x_params": _workspace_bytes(c.optimizer) / size,
-        "params_bytes": size,
-    }
 
 
 # -- one case --------------------------------------------------------------------------
@@ -419,7 +379,7 @@ def run_case(case: Case, device, dtype, cfg: argparse.Namespace) -> dict:
             contenders.remove(c)
     _rounds(contenders, device, cfg.repeats, cfg.hard_repeats, cfg.warmup, CLOCKS[cfg.clock])
     ms = {c.name: _median_ms(c) for c in contenders}
-    memory = {c.name: _memory(c, device) for c in contenders if c.name in ("base", "soft", "soft-auto", "autograd")}
+    memory = {c.name: step_memory(c, device) for c in contenders if c.name in ("base", "soft", "soft-auto", "autograd")}
     return {
         "case": case.name,
         "shape": [case.m, case.l, case.n],
@@ -477,29 +437,49 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+@dataclass(frozen=True)
+class Column:
+    """A column of the table after the contenders' times: its header and its cell for one result."""
+
+    head: str
+    cell: Callable[[dict], str]
+
+
+def _ratio(key: str, *, many_only: bool = False) -> Callable[[dict], str]:
+    return lambda r: "" if many_only and not r["many"] else _fmt(r["ratios"].get(key), ".2f")
+
+
+def _soft_memory(key: str, spec: str) -> Callable[[dict], str]:
+    def cell(r: dict) -> str:
+        mem = r["memory"].get("soft")
+        return _fmt(mem.get(key), spec) + "x" if mem else ""
+
+    return cell
+
+
+COLUMNS: list[Column] = [
+    Column("ovh/floor", _ratio("overhead_over_floor")),
+    Column("autograd/soft", _ratio("autograd_over_soft")),
+    Column("auto/soft", _ratio("auto_over_soft")),
+    Column("many/stacked", _ratio("many_over_stacked", many_only=True)),
+    Column("soft alloc/step", _soft_memory("allocated_per_step_x_params", ".3f")),
+    Column("ws", _soft_memory("workspace_x_params", ".2f")),
+]
+
+
 def format_table(report: dict) -> str:
     names = [n for n in (*CONTENDERS, *OPTIONAL) if any(n in r["median_ms"] for r in report["results"])]
-    head = ["case", "dtype", *names, "ovh/floor", "autograd/soft", "auto/soft", "many/stacked", "soft alloc/step", "ws"]
-    rows = []
-    for r in report["results"]:
-        ratios = r["ratios"]
-        mem = r["memory"].get("soft", {})
-        rows.append(
-            [
-                r["case"],
-                r["dtype"],
-                *[_fmt(r["median_ms"].get(n)) if n in r["median_ms"] else "" for n in names],
-                _fmt(ratios.get("overhead_over_floor"), ".2f"),
-                _fmt(ratios.get("autograd_over_soft"), ".2f"),
-                _fmt(ratios.get("auto_over_soft"), ".2f"),
-                _fmt(ratios.get("many_over_stacked"), ".2f") if r["many"] else "",
-                _fmt(mem.get("allocated_per_step_x_params"), ".3f") + "x" if mem else "",
-                _fmt(mem.get("workspace_x_params"), ".2f") + "x" if mem else "",
-            ]
-        )
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    head = ["case", "dtype", *names, *(c.head for c in COLUMNS)]
+    rows = [
+        [
+            r["case"],
+            r["dtype"],
+            *[_fmt(r["median_ms"].get(n)) if n in r["median_ms"] else "" for n in names],
+            *(c.cell(r) for c in COLUMNS),
+        ]
+        for r in report["results"]
+    ]
+    lines = render(head, rows)
     meta = report["meta"]
     out = [
         f"median ms per step over {meta['repeats']} rounds ({meta['hard_repeats']} for hard/geoopt), "
@@ -545,7 +525,7 @@ def parser() -> argparse.ArgumentParser:
         description="Time one optimizer step: the soft step against its matmul floor, torch's AdamW, "
         "the autograd penalty, the hard mode and geoopt, side by side in one process.",
         epilog="orthoopt bench --models [--help] times the whole training iteration of small real models instead "
-        "(orthoopt.bench_iteration).",
+        "(orthoopt.bench.iteration).",
     )
     ap.add_argument(
         "--device", type=argtypes.device, default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)"
@@ -558,7 +538,10 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few rounds (a smoke test, not a measurement)")
     ap.add_argument(
-        "--out", type=argtypes.out_file, default=None, help="JSON file to write (default: bench_step_<device>.json)"
+        "--out",
+        type=argtypes.out_file,
+        default=None,
+        help="JSON file to write, its missing folders made (default: bench_step_<device>.json)",
     )
     ap.add_argument(
         "--repeats",
@@ -586,13 +569,14 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--contenders",
+        type=argtypes.names(CONTENDERS + OPTIONAL),
         default=",".join(CONTENDERS),
         help=f"comma-separated, from {', '.join(CONTENDERS + OPTIONAL)} (default: all but {', '.join(OPTIONAL)})",
     )
     return ap
 
 
-def _config(argv: Sequence[str] | None) -> argparse.Namespace:
+def config(argv: Sequence[str] | None) -> argparse.Namespace:
     """The checked configuration: a bad argument stops here, before any work, with
     argparse's exit code 2 and a line that says what is allowed."""
     ap = parser()
@@ -611,11 +595,6 @@ def _config(argv: Sequence[str] | None) -> argparse.Namespace:
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
             ap.error(f"argument --dtype: {name!r} is not a torch floating dtype; use float32 or bfloat16")
         cfg.dtypes.append(dt)
-    cfg.contenders = [c.strip() for c in cfg.contenders.split(",") if c.strip()]
-    unknown = [c for c in cfg.contenders if c not in BUILDERS]
-    if unknown or not cfg.contenders:
-        what = f"unknown {unknown}" if unknown else "none given"
-        ap.error(f"argument --contenders: {what}; choose from {', '.join(CONTENDERS + OPTIONAL)}")
     try:
         cfg.cases = _shapes(cfg.shapes, cfg.device, cfg.quick)
     except SystemExit as e:  # _shapes says what it cannot read
@@ -623,6 +602,7 @@ def _config(argv: Sequence[str] | None) -> argparse.Namespace:
     empty = [c.name for c in cfg.cases if min(c.m, c.l, c.n) < 1]
     if empty:
         ap.error(f"argument --shapes: {empty[0]} has a dimension < 1; every M, L and N must be >= 1")
+    _check_memory(ap, cfg)
     if cfg.out is None:
         cfg.out = f"bench_step_{cfg.device.type}.json"
         try:
@@ -632,37 +612,22 @@ def _config(argv: Sequence[str] | None) -> argparse.Namespace:
     return cfg
 
 
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def machine(device: torch.device, clock: str) -> dict:
-    """Where and when a benchmark ran: the first entries of its report's ``meta``."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    return {
-        "command": " ".join(sys.argv),
-        "git_commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device),
-        "device_name": name,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "clock": clock if device.type == "cpu" else "cuda events",
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
+def _check_memory(ap: argparse.ArgumentParser, cfg: argparse.Namespace) -> None:
+    """Refuse a shape whose contenders cannot fit in the device's memory, before building any."""
+    free = available_bytes(cfg.device)
+    if free is None:
+        return
+    for dtype in cfg.dtypes:
+        for case in cfg.cases:
+            need = case_bytes(case, dtype, cfg.contenders)
+            if need > free:
+                size = case.m * case.l * case.n
+                ap.error(
+                    f"argument --shapes: {case.name} in {str(dtype).removeprefix('torch.')} needs at least "
+                    f"{human_bytes(need)} ({need // (size * dtype.itemsize)} tensors of {size} elements held at once "
+                    f"by the contenders), more than the {human_bytes(free)} available on {cfg.device}; "
+                    "give smaller shapes or fewer --contenders"
+                )
 
 
 def run(cfg: argparse.Namespace) -> dict:
@@ -691,20 +656,15 @@ def run(cfg: argparse.Namespace) -> dict:
     }
 
 
-def publish(report: dict, out: str, table: str) -> None:
-    """Write ``report`` as JSON to ``out`` and print ``table``."""
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(table)
-    print(f"wrote {out}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m orthoopt bench [flags]``: print the table and write the JSON."""
-    cfg = _config(argv)
+    cfg = config(argv)
     report = run(cfg)
     publish(report, cfg.out, format_table(report))
+    failed = [f"{r['case']} {r['dtype']}" for r in report["results"] if not any(r["min_ms"].values())]
+    if failed:
+        print(f"orthoopt bench: every contender failed at {', '.join(failed)} (the n/a lines say why)", file=sys.stderr)
+        return 1
     return 0
 
 
