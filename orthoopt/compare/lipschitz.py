@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import orthoopt
+from .. import orthogonality_error
 
 __all__ = [
     "max_min",
@@ -197,7 +197,7 @@ def pgd_l2(
 def orthogonality_per_layer(weights: Sequence[torch.Tensor]) -> list[float]:
     """``max |WᵀW - I|`` (``WWᵀ`` for a wide ``W``) per layer, in float64."""
     return [
-        orthoopt.orthogonality_error(w.double() if w.shape[0] >= w.shape[1] else w.double().mT, group_dim=None).item()
+        orthogonality_error(w.double() if w.shape[0] >= w.shape[1] else w.double().mT, group_dim=None).item()
         for w in weights
     ]
 
