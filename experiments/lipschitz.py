@@ -53,6 +53,7 @@ def main(argv=None) -> None:
     p.add_argument("--schedules", default="cosine", help="lr schedules, comma list of cosine, constant")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--time-rounds", type=int, default=40, help="round-robin timing rounds per depth (0: none)")
+    p.add_argument("--betas", default="1,3,10,100", help="soft's β at a constant lr, at the middle depth ('': none)")
     p.add_argument("--reuse", action="store_true", help="read the comparisons already written instead of running")
     p.add_argument("--docs", default=None, help="also copy the plots into this folder")
     p.add_argument("--threads", type=int, default=1)
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     command = shlex.join(["python", "experiments/lipschitz.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.depths, args.width, args.steps, args.seeds, args.time_rounds = "4", 32, 20, 1, 2
+        args.depths, args.width, args.steps, args.seeds, args.time_rounds, args.betas = "4", 32, 20, 1, 2, "3,30"
         args.out += "-quick"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,9 +81,23 @@ def main(argv=None) -> None:
             )
             compare.write(comp, folder, history_points=200)
             comps[depth, schedule] = comp
+    betas = {}
+    middle = depths[len(depths) // 2]
+    for beta in filter(None, args.betas.split(",")):
+        folder = out / f"{_name(middle, 'constant')}_beta{beta}"
+        if args.reuse and (folder / "results.json").exists():
+            betas[float(beta)] = load(folder / "results.json")
+            continue
+        spec = f"lipschitz:depth={middle},width={args.width}" + (",pgd_steps=10" if args.quick else "")
+        comp = compare.run(
+            spec, methods=["soft"], seeds=args.seeds, steps=args.steps, beta=float(beta), schedule="constant",
+            record_every=10,
+        )  # fmt: skip
+        compare.write(comp, folder, history_points=200, plots=False)
+        betas[float(beta)] = comp
     timing = {d: _timing(d, args.width, methods, args.time_rounds) for d in depths} if args.time_rounds else {}
     plots = _plots(comps, out)
-    text = _readme(comps, timing, command, plots)
+    text = _readme(comps, timing, command, plots, betas, middle)
     (out / "README.md").write_text(text)
     if args.docs:
         docs = Path(args.docs)
@@ -139,7 +154,7 @@ def _table(comp, timing: dict | None) -> str:
         cells.append(_pm([v - 1 for v in _finals(comp, method, "lipschitz")]))
         cells += [_pm(_finals(comp, method, f"cert_{k}"), 100, 4) for k in (1, 2, 3)]
         cells += [_pm(_finals(comp, method, f"pgd_{k}"), 100, 4) for k in (1, 2, 3)]
-        cells.append(fmt(sum(_finals(comp, method, "cert_broken"))))
+        cells.append(str(round(sum(_finals(comp, method, "cert_broken")))))
         cells.append(fmt(max(_finals(comp, method, "orth_max"), default=None)))
         cells.append(_pm(_finals(comp, method, "total_s")))
         if timing:
@@ -177,7 +192,22 @@ def _timing_table(timing: dict[int, dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _readme(comps, timing, command: str, plots: list[Path]) -> str:
+def _beta_table(betas: dict[float, compare.Comparison]) -> str:
+    radii = _radii(next(iter(betas.values())))
+    head = ["soft β", "clean %", "L - 1", "max orth error"]
+    head += [f"cert {r:g} %" for r in radii] + [f"PGD {r:g} %" for r in radii]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for beta, comp in sorted(betas.items()):
+        cells = [fmt(beta), _pm(_finals(comp, "soft", "test_acc"), 100, 4)]
+        cells.append(_pm([v - 1 for v in _finals(comp, "soft", "lipschitz")]))
+        cells.append(fmt(max(_finals(comp, "soft", "orth_max"), default=None)))
+        cells += [_pm(_finals(comp, "soft", f"cert_{k}"), 100, 4) for k in (1, 2, 3)]
+        cells += [_pm(_finals(comp, "soft", f"pgd_{k}"), 100, 4) for k in (1, 2, 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _readme(comps, timing, command: str, plots: list[Path], betas=None, middle=None) -> str:
     first = next(iter(comps.values()))
     c = first.config
     params = {**_defaults(), **c["task_params"]}
@@ -201,6 +231,8 @@ def _readme(comps, timing, command: str, plots: list[Path]) -> str:
         parts += ["", f"## Depth {depth}, {schedule} lr", "", _table(comp, timing.get(depth)), ""]
         parts += [f"Orthogonality error per layer (the worst seed) and L − 1, depth {depth}, {schedule} lr:", ""]
         parts += [_layers_table(comp)]
+    if betas:
+        parts += ["", f"## Soft's β at a constant lr, depth {middle}", "", _beta_table(betas)]
     if timing:
         methods = list(next(iter(timing.values())))
         parts += [

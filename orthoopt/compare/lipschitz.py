@@ -56,8 +56,9 @@ __all__ = [
 CLASSES = 10
 FEATURES = 64
 # The three radii of the certified and PGD accuracies (standardized pixel units), chosen so that
-# the best method at depth 6, width 128 certifies about 80%, 50% and 20% of the test digits.
-RADII = (0.5, 1.0, 1.5)
+# the best method at depth 6, width 128 after the task's 1000 steps certifies about 80%, 50% and 20%
+# of the test digits (hard mode on seed 0: 79%, 47% and 18%).
+RADII = (1.0, 1.5, 2.0)
 
 
 def max_min(x: torch.Tensor) -> torch.Tensor:
@@ -350,7 +351,7 @@ TASK_SETTINGS: dict[str, Any] = {
     "lr": 1e-2,
     "beta": 3.0,
     "smoothing": 1e-2,
-    "steps": 2000,
+    "steps": 1000,
     "quick_steps": 40,
     "metrics": {
         "test_acc": ("clean acc %", 100.0),
