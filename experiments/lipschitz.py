@@ -8,10 +8,10 @@ depth (and lr schedule), 3 seeds; then every method's cost per iteration, timed 
 (round-robin, one iteration of each method in turn, the thread's CPU time and the wall time).
 
     python experiments/lipschitz.py [--quick] [--depths 4,6,8] [--width 128] [--steps 1000] [--seeds 3]
-        [--schedules cosine,constant] [--methods ...] [--time-rounds 40] [--reuse] [--docs docs/lipschitz]
+        [--schedules cosine,constant] [--betas 1,3,10,100] [--methods ...] [--time-rounds 40] [--reuse]
 
 ``--reuse`` reads the comparisons already in the output folder instead of running them again (so
-that depths can be run in separate processes, then assembled); ``--docs`` copies the plots there.
+that schedules or depths can be run in separate processes, then assembled).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -55,7 +54,6 @@ def main(argv=None) -> None:
     p.add_argument("--time-rounds", type=int, default=40, help="round-robin timing rounds per depth (0: none)")
     p.add_argument("--betas", default="1,3,10,100", help="soft's β at a constant lr, at the middle depth ('': none)")
     p.add_argument("--reuse", action="store_true", help="read the comparisons already written instead of running")
-    p.add_argument("--docs", default=None, help="also copy the plots into this folder")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     command = shlex.join(["python", "experiments/lipschitz.py", *(sys.argv[1:] if argv is None else argv)])
@@ -99,11 +97,6 @@ def main(argv=None) -> None:
     plots = _plots(comps, out)
     text = _readme(comps, timing, command, plots, betas, middle)
     (out / "README.md").write_text(text)
-    if args.docs:
-        docs = Path(args.docs)
-        docs.mkdir(parents=True, exist_ok=True)
-        for path in plots:
-            shutil.copy(path, docs / path.name)
     print(text)
     print(f"wrote {out}")
 

@@ -270,3 +270,26 @@ def test_cli_quick_run_writes_certified_and_pgd_accuracies_for_every_method(tmp_
     assert all(f["lipschitz"] < 1.01 for f in exact)
     assert any(f["cert_1"] > 0.5 for f in exact)
     assert (tmp_path / "table.md").read_text().count("\n| ") == len(wanted) + 1
+
+
+@pytest.mark.slow
+def test_experiment_quick_run_writes_its_tables_and_plots(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("geotorch")
+    path = Path(__file__).resolve().parents[1] / "experiments" / "lipschitz.py"
+    spec = importlib.util.spec_from_file_location("experiment_lipschitz", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--quick", "--out", str(tmp_path / "lipschitz"), "--schedules", "cosine,constant"])
+    out = tmp_path / "lipschitz-quick"
+    text = (out / "README.md").read_text()
+    for method in lipschitz.TASK_SETTINGS["methods"]:
+        assert text.count(f"\n| {method} |") == 5, method  # two comparisons and their layer tables, the timing
+    assert "## Soft's β at a constant lr, depth 4" in text and "\n| 30 |" in text
+    for name in ("certified_depth4.png", "certified_depth4_constant.png"):
+        assert (out / name).stat().st_size > 10_000 and f"]({name})" in text
+    for folder in ("depth4", "depth4_constant", "depth4_constant_beta3"):
+        runs = json.loads((out / folder / "results.json").read_text())["runs"]
+        assert all(r["error"] is None and r["final"]["cert_broken"] == 0 for r in runs)
