@@ -53,6 +53,9 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--time-rounds", type=int, default=40, help="round-robin timing rounds per depth (0: none)")
     p.add_argument("--betas", default="1,3,10,100", help="soft's β at a constant lr, at the middle depth ('': none)")
+    p.add_argument(
+        "--projected", default="soft,soft-auto", help="methods also certified after one projection at the end"
+    )
     p.add_argument("--reuse", action="store_true", help="read the comparisons already written instead of running")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -79,6 +82,20 @@ def main(argv=None) -> None:
             )
             compare.write(comp, folder, history_points=200)
             comps[depth, schedule] = comp
+    projections = {}
+    for schedule in schedules:
+        for depth in depths if args.projected else []:
+            folder = out / f"{_name(depth, schedule)}_projected"
+            if args.reuse and (folder / "results.json").exists():
+                projections[depth, schedule] = load(folder / "results.json")
+                continue
+            spec = f"lipschitz:depth={depth},width={args.width},project=1" + (",pgd_steps=10" if args.quick else "")
+            comp = compare.run(
+                spec, methods=args.projected.split(","), seeds=args.seeds, steps=args.steps, schedule=schedule,
+                record_every=10,
+            )  # fmt: skip
+            compare.write(comp, folder, history_points=200, plots=False)
+            projections[depth, schedule] = comp
     betas = {}
     middle = depths[len(depths) // 2]
     for beta in filter(None, args.betas.split(",")):
@@ -95,7 +112,7 @@ def main(argv=None) -> None:
         betas[float(beta)] = comp
     timing = {d: _timing(d, args.width, methods, args.time_rounds) for d in depths} if args.time_rounds else {}
     plots = _plots(comps, out)
-    text = _readme(comps, timing, command, plots, betas, middle)
+    text = _readme(comps, timing, command, plots, betas, middle, projections)
     (out / "README.md").write_text(text)
     print(text)
     print(f"wrote {out}")
@@ -200,7 +217,25 @@ def _beta_table(betas: dict[float, compare.Comparison]) -> str:
     return "\n".join(lines)
 
 
-def _readme(comps, timing, command: str, plots: list[Path], betas=None, middle=None) -> str:
+def _projection_table(projections: dict[tuple[int, str], compare.Comparison]) -> str:
+    radii = _radii(next(iter(projections.values())))
+    head = ["lr", "depth", "method", "L - 1", "clean %"]
+    head += [f"cert {r:g} %" for r in radii] + [f"PGD {r:g} %" for r in radii] + ["cert. broken"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (depth, schedule), comp in sorted(projections.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for method in comp.config["methods"]:
+            for label, prefix in (("", ""), (" projected", "proj_")):
+                cells = [schedule, str(depth), method + label]
+                cells.append(_pm([v - 1 for v in _finals(comp, method, prefix + "lipschitz")]))
+                cells.append(_pm(_finals(comp, method, prefix + "test_acc"), 100, 4))
+                cells += [_pm(_finals(comp, method, f"{prefix}cert_{k}"), 100, 4) for k in (1, 2, 3)]
+                cells += [_pm(_finals(comp, method, f"{prefix}pgd_{k}"), 100, 4) for k in (1, 2, 3)]
+                cells.append(str(round(sum(_finals(comp, method, prefix + "cert_broken")))))
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _readme(comps, timing, command: str, plots: list[Path], betas=None, middle=None, projections=None) -> str:
     first = next(iter(comps.values()))
     c = first.config
     params = {**_defaults(), **c["task_params"]}
@@ -224,6 +259,16 @@ def _readme(comps, timing, command: str, plots: list[Path], betas=None, middle=N
         parts += ["", f"## Depth {depth}, {schedule} lr", "", _table(comp, timing.get(depth)), ""]
         parts += [f"Orthogonality error per layer (the worst seed) and L − 1, depth {depth}, {schedule} lr:", ""]
         parts += [_layers_table(comp)]
+    if projections:
+        parts += [
+            "",
+            "## Projected once at the end",
+            "",
+            "The same runs, then every weight replaced by its polar factor (`orthoopt.project_`) before the "
+            "certificate and the attack: L = 1 to rounding.",
+            "",
+            _projection_table(projections),
+        ]
     if betas:
         parts += ["", f"## Soft's β at a constant lr, depth {middle}", "", _beta_table(betas)]
     if timing:

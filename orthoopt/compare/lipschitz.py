@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import orthogonality_error
+from .. import orthogonality_error, project_
 
 __all__ = [
     "max_min",
@@ -46,6 +46,8 @@ __all__ = [
     "certified_radius",
     "pgd_l2",
     "orthogonality_per_layer",
+    "robustness",
+    "projected",
     "evaluate_robustness",
     "check",
     "problem_fields",
@@ -204,8 +206,8 @@ def orthogonality_per_layer(weights: Sequence[torch.Tensor]) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate_robustness(
-    model: LipschitzMLP,
+def robustness(
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
     x: torch.Tensor,
     y: torch.Tensor,
     radii: Sequence[float],
@@ -213,18 +215,17 @@ def evaluate_robustness(
     pgd_targets: int | None = 3,
     curve: Sequence[float] = (),
 ) -> dict[str, float]:
-    """Clean, certified and PGD accuracies of ``model`` on ``(x, y)``.
+    """Clean, certified and PGD accuracies on ``(x, y)`` of the network of ``layers`` ``(W_i, b_i)``.
 
     The certificates come from the weights in float64.  The attack (:func:`pgd_l2` at each
     radius, smallest first: a point broken inside a ball is broken inside every larger one)
-    searches in the model's dtype (float32 by default: half the cost) and every break it
+    searches in the weights' dtype (float32 by default: half the cost) and every break it
     finds is confirmed in float64, so that a rounding error can neither break a point nor
     spare one.  Keys: ``test_acc``; ``lipschitz`` (L); ``cert_k`` and ``pgd_k`` for the k-th
     radius (k = 1, 2, …); ``cert_broken`` (points certified at a radius that PGD broke at it:
     0 unless a certificate is wrong); ``orth_layer_i`` and ``sigma_layer_i`` per layer;
     ``cert_at_r`` at each radius ``r`` of ``curve``.
     """
-    layers = model.weights()
     f = forward_with(layers)
     f64 = forward_with([(w.double(), b.double()) for w, b in layers])
     x64, weights = x.double(), [w.double() for w, _ in layers]
@@ -252,6 +253,35 @@ def evaluate_robustness(
     return out
 
 
+def projected(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``layers`` with every weight replaced by its polar factor (:func:`orthoopt.project_`, in
+    float64, then back to the weight's dtype); the weights given are left as they are."""
+    polar = [w.double().clone() for w, _ in layers]
+    project_(polar)
+    return [(p.to(w.dtype), b) for p, (w, b) in zip(polar, layers)]
+
+
+def evaluate_robustness(
+    model: LipschitzMLP,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    radii: Sequence[float],
+    pgd_steps: int = 50,
+    pgd_targets: int | None = 3,
+    curve: Sequence[float] = (),
+    project: bool = False,
+) -> dict[str, float]:
+    """:func:`robustness` of ``model``; with ``project``, also of the network whose every weight
+    is projected onto the manifold once, at the end (keys ``proj_test_acc``, ``proj_lipschitz``,
+    ``proj_cert_k``, ``proj_pgd_k``, ``proj_cert_broken``), the model itself unchanged."""
+    layers = model.weights()
+    out = robustness(layers, x, y, radii, pgd_steps, pgd_targets, curve)
+    if project:
+        proj = robustness(projected(layers), x, y, radii, pgd_steps, pgd_targets)
+        out.update({f"proj_{k}": v for k, v in proj.items() if not k.startswith(("orth_", "sigma_"))})
+    return out
+
+
 def _standardized(split) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     xtr, xte, ytr, yte = split
     mean, std = xtr.mean(0), xtr.std(0)
@@ -265,9 +295,24 @@ def _positive(name: str, value: Any) -> None:
 
 
 def check(
-    *, depth: int, width: int, batch: int, train_radius: float, r1, r2, r3, pgd_steps: int, pgd_targets: int, **_: Any
+    *,
+    depth: int,
+    width: int,
+    batch: int,
+    train_radius: float,
+    r1,
+    r2,
+    r3,
+    pgd_steps: int,
+    pgd_targets: int,
+    project: int = 0,
+    **_: Any,
 ) -> None:
     """Refuse sizes and radii the task cannot run with, naming the parameter and its bound."""
+    if project not in (0, 1) or isinstance(project, bool):
+        raise ValueError(
+            f"task lipschitz: project must be 0 or 1 (also certify the projected network), got {project!r}"
+        )
     whole = (("depth", depth, 2), ("width", width, 2), ("batch", batch, 1), ("pgd_steps", pgd_steps, 1))
     for name, value, low in whole + (("pgd_targets", pgd_targets, 1),):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -290,6 +335,7 @@ def problem_fields(
     r3: float = RADII[2],
     pgd_steps: int = 50,
     pgd_targets: int = 3,
+    project: int = 0,
     dtype=torch.float32,
     device="cpu",
 ) -> dict[str, Any]:
@@ -297,7 +343,8 @@ def problem_fields(
 
     The seed draws the initial weights and the data order (one permutation per epoch), the
     same for every method.  ``evaluate`` is :func:`evaluate_robustness` on the test digits at
-    the radii ``r1, r2, r3``, with the certified accuracy on a grid of radii for the plots.
+    the radii ``r1, r2, r3``, with the certified accuracy on a grid of radii for the plots;
+    ``project=1`` adds the figures of the network projected onto the manifold at the end.
     """
     check(
         depth=depth,
@@ -309,6 +356,7 @@ def problem_fields(
         r3=r3,
         pgd_steps=pgd_steps,
         pgd_targets=pgd_targets,
+        project=project,
     )
     xtr, xte, ytr, yte = _standardized(split)
     if batch > len(ytr):
@@ -339,7 +387,7 @@ def problem_fields(
     curve = tuple(round(0.1 * i, 1) for i in range(0, 31))  # 0 to 3 in steps of 0.1
 
     def evaluate() -> dict[str, float]:
-        return evaluate_robustness(model, xte, yte, (r1, r2, r3), pgd_steps, pgd_targets, curve)
+        return evaluate_robustness(model, xte, yte, (r1, r2, r3), pgd_steps, pgd_targets, curve, bool(project))
 
     return {"model": model, "loss": loss, "layout": "auto", "objective": objective, "evaluate": evaluate}
 
