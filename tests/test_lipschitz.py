@@ -202,9 +202,13 @@ def test_every_layer_starts_orthogonal_and_every_method_computes_with_the_start(
         assert not any(parametrize.is_parametrized(layer) for layer in model.layers)
 
 
-def test_projected_weights_are_the_polar_factors_and_the_model_is_left_as_it_was():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projected_weights_are_the_polar_factors_and_the_model_is_left_as_it_was(dtype):
     g = torch.Generator().manual_seed(7)
-    layers = [(torch.randn(a, b, generator=g), torch.randn(a, generator=g)) for a, b in ((12, 8), (12, 12), (4, 12))]
+    shapes = ((12, 8), (12, 12), (4, 12))
+    layers = [
+        (torch.randn(a, b, generator=g, dtype=dtype), torch.randn(a, generator=g, dtype=dtype)) for a, b in shapes
+    ]
     before = [(w.clone(), b.clone()) for w, b in layers]
     for (p, pb), (w, b) in zip(lipschitz.projected(layers), layers):
         u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
