@@ -10,13 +10,15 @@ depth (and lr schedule), 3 seeds; then every method's cost per iteration, timed 
     python experiments/lipschitz.py [--quick] [--depths 4,6,8] [--width 128] [--steps 1000] [--seeds 3]
         [--schedules cosine,constant] [--betas 1,3,10,100] [--methods ...] [--time-rounds 40] [--reuse]
 
-``--reuse`` reads the comparisons already in the output folder instead of running them again (so
-that schedules or depths can be run in separate processes, then assembled).
+``--reuse`` reads the comparisons and the timing already in the output folder instead of running
+them again (so that schedules or depths can be run in separate processes, then assembled).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import math
 import shlex
 import statistics
@@ -74,7 +76,7 @@ def main(argv=None) -> None:
         for depth in depths:
             folder = out / _name(depth, schedule)
             if args.reuse and (folder / "results.json").exists():
-                comps[depth, schedule] = load(folder / "results.json")
+                comps[depth, schedule] = _load(folder)
                 continue
             spec = f"lipschitz:depth={depth},width={args.width}" + (",pgd_steps=10" if args.quick else "")
             comp = compare.run(
@@ -87,7 +89,7 @@ def main(argv=None) -> None:
         for depth in depths if args.projected else []:
             folder = out / f"{_name(depth, schedule)}_projected"
             if args.reuse and (folder / "results.json").exists():
-                projections[depth, schedule] = load(folder / "results.json")
+                projections[depth, schedule] = _load(folder)
                 continue
             spec = f"lipschitz:depth={depth},width={args.width},project=1" + (",pgd_steps=10" if args.quick else "")
             comp = compare.run(
@@ -101,7 +103,7 @@ def main(argv=None) -> None:
     for beta in filter(None, args.betas.split(",")):
         folder = out / f"{_name(middle, 'constant')}_beta{beta}"
         if args.reuse and (folder / "results.json").exists():
-            betas[float(beta)] = load(folder / "results.json")
+            betas[float(beta)] = _load(folder)
             continue
         spec = f"lipschitz:depth={middle},width={args.width}" + (",pgd_steps=10" if args.quick else "")
         comp = compare.run(
@@ -110,12 +112,30 @@ def main(argv=None) -> None:
         )  # fmt: skip
         compare.write(comp, folder, history_points=200, plots=False)
         betas[float(beta)] = comp
-    timing = {d: _timing(d, args.width, methods, args.time_rounds) for d in depths} if args.time_rounds else {}
+    timing = {}
+    saved = out / "timing.json"
+    if args.reuse and saved.exists():
+        timing = {int(d): t for d, t in json.loads(saved.read_text()).items()}
+    elif args.time_rounds:
+        timing = {d: _timing(d, args.width, methods, args.time_rounds) for d in depths}
+        saved.write_text(json.dumps(timing))
     plots = _plots(comps, out)
-    text = _readme(comps, timing, command, plots, betas, middle, projections)
+    text = _readme(comps, timing, command, plots, betas, middle, projections, args.reuse)
     (out / "README.md").write_text(text)
     print(text)
     print(f"wrote {out}")
+
+
+def _load(folder: Path) -> compare.Comparison:
+    """A comparison written by ``compare.write``, its final figures from ``runs.csv`` (full
+    precision: ``results.json`` keeps 5 digits, which reads L = 1 + 1e-6 as 1)."""
+    comp = load(folder / "results.json")
+    with (folder / "runs.csv").open() as f:
+        rows = {(row["method"], int(row["seed"])): row for row in csv.DictReader(f)}
+    for run in comp.runs:
+        row = rows[run.method, run.seed]
+        run.final = {k: float(row[k]) if row.get(k) not in (None, "") else v for k, v in run.final.items()}
+    return comp
 
 
 def _name(depth: int, schedule: str) -> str:
@@ -130,6 +150,8 @@ def _finals(comp, method: str, key: str) -> list[float]:
 def _pm(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     if not values:
         return "-"
+    if not any(values):
+        return "0"
     mean = statistics.fmean(values) * scale
     if len(values) == 1:
         return fmt(mean, digits)
@@ -235,14 +257,17 @@ def _projection_table(projections: dict[tuple[int, str], compare.Comparison]) ->
     return "\n".join(lines)
 
 
-def _readme(comps, timing, command: str, plots: list[Path], betas=None, middle=None, projections=None) -> str:
+def _readme(
+    comps, timing, command: str, plots: list[Path], betas=None, middle=None, projections=None, reused=False
+) -> str:
     first = next(iter(comps.values()))
     c = first.config
     params = {**_defaults(), **c["task_params"]}
     parts = [
         "# Certified-robust 1-Lipschitz networks on the digits",
         "",
-        f"`{command}`",
+        f"`{command}`"
+        + (" (the comparisons and timing of earlier runs of this script, in this folder)" if reused else ""),
         "",
         f"MaxMin MLP of width {params['width']}, every layer orthogonal; base {c['base']} lr {fmt(c['lr'])}, "
         f"{c['steps']} steps of batch {params['batch']}, multi-class hinge with margin √2·{params['train_radius']:g}; "
