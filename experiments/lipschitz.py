@@ -40,6 +40,7 @@ from orthoopt.compare.plots import COLORS, figure  # noqa: E402
 from orthoopt.compare.report import fmt, load  # noqa: E402
 
 METHODS = lipschitz.TASK_SETTINGS["methods"]
+LR_METHODS = ["soft", "soft-auto", "hard", "bjorck"]  # at the lower constant lrs
 COLOR = {**COLORS, "hard-canonical": "#393b79", "bjorck": "#e377c2", "torch-orthogonal": "#bcbd22"}
 
 
@@ -56,6 +57,9 @@ def main(argv=None) -> None:
     p.add_argument("--time-rounds", type=int, default=40, help="round-robin timing rounds per depth (0: none)")
     p.add_argument("--betas", default="1,3,10,100", help="soft's β at a constant lr, at the middle depth ('': none)")
     p.add_argument(
+        "--lrs", default="0.001,0.003", help=f"constant lrs for {', '.join(LR_METHODS)} at the middle depth ('': none)"
+    )
+    p.add_argument(
         "--projected", default="soft,soft-auto", help="methods also certified after one projection at the end"
     )
     p.add_argument("--reuse", action="store_true", help="read the comparisons already written instead of running")
@@ -64,54 +68,49 @@ def main(argv=None) -> None:
     command = shlex.join(["python", "experiments/lipschitz.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.depths, args.width, args.steps, args.seeds, args.time_rounds, args.betas = "4", 32, 20, 1, 2, "3,30"
+        args.depths, args.width, args.steps, args.seeds, args.time_rounds = "4", 32, 20, 1, 2
+        args.betas, args.lrs = "3,30", "0.003"
         args.out += "-quick"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     depths = [int(d) for d in args.depths.split(",")]
     schedules = args.schedules.split(",")
     methods = args.methods.split(",")
-    comps: dict[tuple[int, str], compare.Comparison] = {}
-    for schedule in schedules:
-        for depth in depths:
-            folder = out / _name(depth, schedule)
-            if args.reuse and (folder / "results.json").exists():
-                comps[depth, schedule] = _load(folder)
-                continue
-            spec = f"lipschitz:depth={depth},width={args.width}" + (",pgd_steps=10" if args.quick else "")
-            comp = compare.run(
-                spec, methods=methods, seeds=args.seeds, steps=args.steps, schedule=schedule, record_every=10
-            )
-            compare.write(comp, folder, history_points=200)
-            comps[depth, schedule] = comp
-    projections = {}
-    for schedule in schedules:
-        for depth in depths if args.projected else []:
-            folder = out / f"{_name(depth, schedule)}_projected"
-            if args.reuse and (folder / "results.json").exists():
-                projections[depth, schedule] = _load(folder)
-                continue
-            spec = f"lipschitz:depth={depth},width={args.width},project=1" + (",pgd_steps=10" if args.quick else "")
-            comp = compare.run(
-                spec, methods=args.projected.split(","), seeds=args.seeds, steps=args.steps, schedule=schedule,
-                record_every=10,
-            )  # fmt: skip
-            compare.write(comp, folder, history_points=200, plots=False)
-            projections[depth, schedule] = comp
-    betas = {}
+
+    def comparison(folder: str, depth: int, extra: str = "", plots: bool = False, **kwargs) -> compare.Comparison:
+        """The comparison in ``out/folder``: read back with ``--reuse`` where it is there, else run and written."""
+        if args.reuse and (out / folder / "results.json").exists():
+            return _load(out / folder)
+        spec = f"lipschitz:depth={depth},width={args.width}{extra}" + (",pgd_steps=10" if args.quick else "")
+        comp = compare.run(spec, seeds=args.seeds, steps=args.steps, record_every=10, **kwargs)
+        compare.write(comp, out / folder, history_points=200, plots=plots)
+        return comp
+
+    comps = {
+        (d, sched): comparison(_name(d, sched), d, methods=methods, schedule=sched, plots=True)
+        for sched in schedules
+        for d in depths
+    }
+    projections = {
+        (d, sched): comparison(
+            f"{_name(d, sched)}_projected", d, ",project=1", methods=args.projected.split(","), schedule=sched
+        )
+        for sched in schedules
+        for d in (depths if args.projected else [])
+    }
     middle = depths[len(depths) // 2]
-    for beta in filter(None, args.betas.split(",")):
-        folder = out / f"{_name(middle, 'constant')}_beta{beta}"
-        if args.reuse and (folder / "results.json").exists():
-            betas[float(beta)] = _load(folder)
-            continue
-        spec = f"lipschitz:depth={middle},width={args.width}" + (",pgd_steps=10" if args.quick else "")
-        comp = compare.run(
-            spec, methods=["soft"], seeds=args.seeds, steps=args.steps, beta=float(beta), schedule="constant",
-            record_every=10,
-        )  # fmt: skip
-        compare.write(comp, folder, history_points=200, plots=False)
-        betas[float(beta)] = comp
+    betas = {
+        float(b): comparison(
+            f"{_name(middle, 'constant')}_beta{b}", middle, methods=["soft"], beta=float(b), schedule="constant"
+        )
+        for b in filter(None, args.betas.split(","))
+    }
+    lrs = {
+        float(lr): comparison(
+            f"{_name(middle, 'constant')}_lr{lr}", middle, methods=LR_METHODS, lr=float(lr), schedule="constant"
+        )
+        for lr in filter(None, args.lrs.split(","))
+    }
     timing = {}
     saved = out / "timing.json"
     if args.reuse and saved.exists():
@@ -120,7 +119,7 @@ def main(argv=None) -> None:
         timing = {d: _timing(d, args.width, methods, args.time_rounds) for d in depths}
         saved.write_text(json.dumps(timing))
     plots = _plots(comps, out)
-    text = _readme(comps, timing, command, plots, betas, middle, projections, args.reuse)
+    text = _readme(comps, timing, command, plots, betas, middle, projections, args.reuse, lrs)
     (out / "README.md").write_text(text)
     print(text)
     print(f"wrote {out}")
@@ -257,8 +256,30 @@ def _projection_table(projections: dict[tuple[int, str], compare.Comparison]) ->
     return "\n".join(lines)
 
 
+def _lr_table(lrs: dict[float, compare.Comparison], comps, middle: int) -> str:
+    """The methods at each constant lr (the main comparison's lr among them)."""
+    at = dict(lrs)
+    if (middle, "constant") in comps:
+        at[comps[middle, "constant"].config["lr"]] = comps[middle, "constant"]
+    radii = _radii(next(iter(at.values())))
+    head = ["lr", "method", "clean %", "L - 1", "max orth error"]
+    head += [f"cert {r:g} %" for r in radii] + [f"PGD {r:g} %" for r in radii]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lr, comp in sorted(at.items()):
+        for method in LR_METHODS:
+            if not comp.by_method(method):
+                continue
+            cells = [f"{lr:g}", method, _pm(_finals(comp, method, "test_acc"), 100, 4)]
+            cells.append(_pm([v - 1 for v in _finals(comp, method, "lipschitz")]))
+            cells.append(fmt(max(_finals(comp, method, "orth_max"), default=None)))
+            cells += [_pm(_finals(comp, method, f"cert_{k}"), 100, 4) for k in (1, 2, 3)]
+            cells += [_pm(_finals(comp, method, f"pgd_{k}"), 100, 4) for k in (1, 2, 3)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _readme(
-    comps, timing, command: str, plots: list[Path], betas=None, middle=None, projections=None, reused=False
+    comps, timing, command: str, plots: list[Path], betas=None, middle=None, projections=None, reused=False, lrs=None
 ) -> str:
     first = next(iter(comps.values()))
     c = first.config
@@ -293,6 +314,13 @@ def _readme(
             "certificate and the attack: L = 1 to rounding.",
             "",
             _projection_table(projections),
+        ]
+    if lrs:
+        parts += [
+            "",
+            f"## Soft, hard and Björck at three constant lrs, depth {middle}",
+            "",
+            _lr_table(lrs, comps, middle),
         ]
     if betas:
         parts += ["", f"## Soft's β at a constant lr, depth {middle}", "", _beta_table(betas)]

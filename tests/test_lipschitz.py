@@ -307,9 +307,10 @@ def test_experiment_quick_run_writes_its_tables_and_plots(tmp_path):
     for method in lipschitz.TASK_SETTINGS["methods"]:
         assert text.count(f"\n| {method} |") == 5, method  # two comparisons and their layer tables, the timing
     assert "## Soft's β at a constant lr, depth 4" in text and "\n| 30 |" in text
+    assert "\n| 0.003 | soft |" in text and "\n| 0.01 | bjorck |" in text
     assert "\n| constant | 4 | soft projected |" in text and "\n| cosine | 4 | soft-auto projected |" in text
     for name in ("certified_depth4.png", "certified_depth4_constant.png"):
         assert (out / name).stat().st_size > 10_000 and f"]({name})" in text
-    for folder in ("depth4", "depth4_constant", "depth4_constant_beta3", "depth4_projected"):
+    for folder in ("depth4", "depth4_constant", "depth4_constant_beta3", "depth4_constant_lr0.003", "depth4_projected"):
         runs = json.loads((out / folder / "results.json").read_text())["runs"]
         assert all(r["error"] is None and r["final"]["cert_broken"] == 0 for r in runs)
