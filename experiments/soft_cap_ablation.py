@@ -3,7 +3,7 @@
 orthoopt's soft step is η_i = min(2γβ, max|R_i|/(2 max|S_i|), ¼/‖S_i‖₂) with
 S = clamp(R / max(δ, 2γβ)) (the library's penalty.safe_step_size and penalty_step).  This
 script swaps the cap, *in this process only* (a monkeypatch; the library is unchanged), for
-  - "projection":    min(2γβ, ⟨R,S⟩/(2‖S‖²_F), ¼/‖S‖_∞)  (an earlier rule; with the plain
+  - "projection":    min(2γβ, ⟨R,S⟩/(2‖S‖²_F), ¼/‖S‖_∞)  (a projection rule; with the plain
                      sign direction it made the penalty lose exactness)
   - "spectral-only": min(2γβ, ¼/‖S‖₂)                      (no no-overshoot term)
   - "uncapped":      2γβ
@@ -18,12 +18,17 @@ stability at large lr·β (tests/test_optim.py), and what they cost is the step 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from _common import compare, parser, save, setup, write_md
 
 from orthoopt import penalty
 
 LIBRARY = penalty.safe_step_size
+# The optimizer's step takes the library's cap in closed form; a variant steps through the
+# general form of the step with that variant's step size instead.
+STEP = penalty.penalty_step
 
 
 def _tiny(r):
@@ -64,7 +69,7 @@ def main(argv=None):
     sections = []
     try:
         for name, fn in VARIANTS.items():
-            penalty.safe_step_size = fn
+            penalty.penalty_step = STEP if fn is LIBRARY else functools.partial(penalty.general_step, step_size=fn)
             comp = compare.run(
                 task,
                 methods=["soft", "frobenius"],
@@ -80,7 +85,7 @@ def main(argv=None):
             cmd += f" --lr {args.lr}" if args.lr else ""
             sections.append(save(comp, out / name, title=f"soft-step cap: {name}", command=cmd))
     finally:
-        penalty.safe_step_size = LIBRARY
+        penalty.penalty_step = STEP
     write_md(out, sections)
 
 

@@ -1,5 +1,6 @@
 """orthoopt: group orthogonality for PyTorch training, soft (L1 penalty) or hard (Stiefel)."""
 
+from .audit import audit
 from .guard import OrthogonalityWarning
 from .layout import Layout
 from .optim import (
@@ -24,6 +25,7 @@ from .swap import constrain_
 
 __all__ = [
     "Layout",
+    "audit",
     "OrthoAdam",
     "OrthoAdamW",
     "OrthoMixin",

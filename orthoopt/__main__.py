@@ -180,7 +180,11 @@ def bench_main(argv: Sequence[str]) -> int:
     return bench.main(list(argv)) or 0
 
 
-COMMANDS = {"compare": "compare methods on a task", "bench": "time the optimizer step (orthoopt.bench)"}
+COMMANDS = {
+    "compare": "compare methods on a task",
+    "bench": "time the optimizer step (orthoopt.bench)",
+    "audit": "list a model's weights, their layouts and what is constrained (orthoopt.audit)",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return compare_main(rest)
     if command == "bench":
         return bench_main(rest)
+    if command == "audit":
+        from .audit import main as audit_main
+
+        return audit_main(rest)
     print(f"orthoopt: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (--help)", file=sys.stderr)
     return 2
 

@@ -58,27 +58,40 @@ def threshold(products: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
 
 
 def remember_all(
-    states: list[dict], lam: torch.Tensor, counts: list[int], keys: list[str] | None = None
+    states: list[dict],
+    lam: torch.Tensor,
+    counts: list[int],
+    keys: list[str] | None = None,
+    *,
+    skipped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`remember` for several parameters (or pieces) at once (``counts``: matrices of
     each; ``keys``: each one's state key, :data:`STATE` by default), with one operation where
-    every one of them has an estimate; each state keeps its part."""
+    every one of them has an estimate; each state keeps its part.  ``skipped``: a bool tensor,
+    True where this step does not count (a GradScaler's ``found_inf``): the estimates stay."""
     keys = keys or [STATE] * len(states)
     if len(states) == 1:
-        return remember(states[0], lam, keys[0])
+        return remember(states[0], lam, keys[0], skipped=skipped)
     olds = [state.get(key) for state, key in zip(states, keys)]
     if any(old is None for old in olds):
-        return torch.cat([remember(state, part, key) for state, part, key in zip(states, lam.split(counts), keys)])
-    est = torch.maximum(lam, AUTO_DECAY * torch.cat(olds).to(lam))
+        parts = lam.split(counts)
+        return torch.cat([remember(st, part, key, skipped=skipped) for st, part, key in zip(states, parts, keys)])
+    old = torch.cat(olds).to(lam)
+    est = torch.maximum(lam, AUTO_DECAY * old)
+    if skipped is not None:
+        est = torch.where(skipped, old, est)
     for state, part, key in zip(states, est.split(counts), keys):
         state[key] = part
     return est
 
 
-def remember(state: dict, lam: torch.Tensor, key: str = STATE) -> torch.Tensor:
+def remember(state: dict, lam: torch.Tensor, key: str = STATE, *, skipped: torch.Tensor | None = None) -> torch.Tensor:
     """The running estimate for one parameter's matrices: ``max(λ, AUTO_DECAY · previous)``,
-    kept in ``state[key]`` (``state['ortho_multiplier']``, suffixed for a later piece)."""
+    kept in ``state[key]`` (``state['ortho_multiplier']``, suffixed for a later piece); where
+    ``skipped`` is True, the previous one."""
     old = state.get(key)
     est = lam if old is None else torch.maximum(lam, AUTO_DECAY * old.to(lam))
+    if skipped is not None and old is not None:
+        est = torch.where(skipped, old.to(lam), est)
     state[key] = est
     return est

@@ -30,7 +30,7 @@ def checked_state_dict(state_dict: dict[str, Any], param_groups: list[dict]) -> 
     ] + list(state_dict["param_groups"][len(param_groups) :])
     params = [p for g in param_groups for p in g["params"]]
     for gi, (group, saved) in enumerate(zip(param_groups, saved_groups)):
-        for key in ("ortho_layout", "ortho_mode", "ortho_penalty"):
+        for key in ("ortho_layout", "ortho_mode", "ortho_penalty", "ortho_target", "ortho_normalize"):
             if not penalized(group) or saved[key] == group[key]:
                 continue
             if key == "ortho_layout" and all(same_layout(saved[key], group[key], p.shape) for p in group["params"]):

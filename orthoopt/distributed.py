@@ -28,7 +28,9 @@ On the ``l`` path, with :math:`W` ranks,
     \qquad \Delta\Phi_i^{(r)} = -\eta_i\, \Phi_i^{(r)} S_i,
 
 where :math:`S_i = h'(R_i)` and :math:`\eta_i` come from the whole :math:`R_i` and so are the
-same on every rank: each rank updates its own rows and nothing else is sent.  The penalty
+same on every rank: each rank updates its own rows and nothing else is sent.  A target whose
+lengths are free (``ortho_target='orthogonal'``) all-reduces the Gram matrices themselves and
+forms its residual from their sum (:func:`orthoopt.penalty.orthogonal_from_gram`).  The penalty
 math itself is :func:`orthoopt.penalty.residual`, :func:`~orthoopt.penalty.direction` and
 :func:`~orthoopt.penalty.safe_step_size`, as for unsharded parameters.
 
@@ -171,6 +173,11 @@ class _Entry:
     def auto(self) -> bool:
         return self.group["ortho"] == "auto"
 
+    @property
+    def free(self) -> bool:
+        """Whether the target leaves the lengths free (orthoopt.penalty.orthogonal_step)."""
+        return self.group["ortho_target"] != "orthonormal"
+
     def matrices(self, local: torch.Tensor | None = None) -> torch.Tensor:
         """What this rank steps, of the parameter or of an earlier copy of its shard
         (``local``): the whole matrices (gathered) on the gather path, else its own row
@@ -219,15 +226,20 @@ class ShardedBucket:
     def due(self) -> bool:
         return True
 
-    def before(self, optimizer: Any) -> None:
-        """Before the base step: the deltas at the pre-step weights (:meth:`delta`)."""
-        self._deltas = self.delta()
+    def before(self, optimizer: Any, amp: Any = None) -> None:
+        """Before the base step: the deltas at the pre-step weights (:meth:`delta`); none where
+        a GradScaler's ``found_inf`` was read on the host (:class:`orthoopt.plan.Amp`)."""
+        self._deltas = None if amp is not None and amp.skipped is True else self.delta()
 
-    def after(self, optimizer: Any) -> None:
-        """After the base step: the 'auto' deltas (:meth:`finish`), then all of them added."""
+    def after(self, optimizer: Any, amp: Any = None) -> None:
+        """After the base step: the 'auto' deltas (:meth:`finish`), then all of them added,
+        times ``amp.keep`` (0 where ``found_inf`` is set, on the device)."""
         deltas, self._deltas = self._deltas, None
-        self.finish(deltas, optimizer.state)
-        self.apply(deltas)
+        if deltas is None:
+            return
+        keep = None if amp is None else amp.keep
+        self.finish(deltas, optimizer.state, None if amp is None else amp.found)
+        self.apply(deltas, keep)
 
     @torch.no_grad()
     def delta(self) -> list[Any]:
@@ -238,14 +250,17 @@ class ShardedBucket:
         reduced: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         for k, e in enumerate(self.entries):
             mats = e.matrices()
-            r = penalty.residual(mats)
+            # Free lengths: the Gram itself (a plain sum over row shards), made a residual after it.
+            r = penalty.gram_matrix(mats) if e.free else penalty.residual(mats)
             if e.path == "all_reduce":
-                reduced.setdefault((id(e.param.device_mesh), shard_dims(e.param), r.dtype), []).append((k, r, mats))
+                key = (id(e.param.device_mesh), shard_dims(e.param), r.dtype, e.free)
+                reduced.setdefault(key, []).append((k, r, mats))
             else:
                 deltas[k] = self._before_step(e, r, mats)
-        for items in reduced.values():
+        for (_, _, _, free), items in reduced.items():
             p = self.entries[items[0][0]].param
-            _all_reduce_residuals(p.device_mesh, shard_dims(p), [r for _, r, _ in items])
+            reduce = _all_reduce_sums if free else _all_reduce_residuals
+            reduce(p.device_mesh, shard_dims(p), [r for _, r, _ in items])
             for k, r, mats in items:
                 deltas[k] = self._before_step(self.entries[k], r, mats)
         return deltas
@@ -253,12 +268,14 @@ class ShardedBucket:
     def _before_step(self, e: _Entry, r: torch.Tensor, mats: torch.Tensor) -> Any:
         if mats.shape[0] == 0:  # an empty shard on the local path holds no matrix to step
             return mats.new_zeros(mats.shape)
+        if e.free:  # 'auto' is refused for these targets
+            return self._step(e, r, mats, e.eta)
         return _Staged(r, e.param.to_local().clone()) if e.auto else self._step(e, r, mats, e.eta)
 
     @torch.no_grad()
-    def finish(self, deltas: list[Any], state: Any) -> None:
+    def finish(self, deltas: list[Any], state: Any, skipped: torch.Tensor | None = None) -> None:
         """After the base step: β of the ``'auto'`` entries from their update, and their deltas
-        (``state``: the optimizer's, for the running estimate)."""
+        (``state``: the optimizer's, for the running estimate, which stays where ``skipped``)."""
         for k, (e, staged) in enumerate(zip(self.entries, deltas)):
             if not isinstance(staged, _Staged):
                 continue
@@ -268,26 +285,35 @@ class ShardedBucket:
             if e.path == "all_reduce":  # a sum over rows, like the Gram
                 _all_reduce_sums(e.param.device_mesh, shard_dims(e.param), [products])
             lam = auto.threshold(products, torch.isfinite(penalty.max_abs(staged.r)) & (lr > 0))
-            beta = auto.AUTO_SAFETY * auto.remember(state[e.param], lam)
+            beta = auto.AUTO_SAFETY * auto.remember(state[e.param], lam, skipped=skipped)
             deltas[k] = self._step(e, staged.r, before, 2 * lr * beta)
 
     @staticmethod
     def _step(e: _Entry, r: torch.Tensor, mats: torch.Tensor, eta: Any) -> torch.Tensor:
-        """The penalty step of this rank's matrices; on the gather path, its part of the whole."""
-        stack = penalty.penalty_step(r, mats, e.smoothing, e.kind, eta)
+        """The penalty step of this rank's matrices; on the gather path, its part of the whole.
+        ``r``: the residual, or for free lengths the Gram of the whole matrices."""
+        if e.free:
+            r, squares = penalty.orthogonal_from_gram(r, e.group["ortho_normalize"])
+            stack = penalty.orthogonal_step(r, squares, mats, e.smoothing, e.kind, eta, e.group["ortho_normalize"])
+        else:
+            stack = penalty.penalty_step(r, mats, e.smoothing, e.kind, eta)
         if e.path != "gather":
             return stack
         return _local_part(e.param, e.layout.from_matrices(stack, e.param.shape))
 
     @torch.no_grad()
-    def apply(self, deltas: list[torch.Tensor | None]) -> None:
+    def apply(self, deltas: list[torch.Tensor | None], keep: torch.Tensor | None = None) -> None:
+        """Add each local delta to its shard (times ``keep`` where it is given)."""
         for e, d in zip(self.entries, deltas):
             local = e.param.to_local()
             if local.numel() == 0:
                 continue
             if e.path != "gather":
                 d = e.layout.from_matrices(d, local.shape)
-            local.add_(d)
+            if keep is None:
+                local.add_(d)
+            else:
+                local.addcmul_(d, keep)
 
 
 def _local_part(p: Any, whole: torch.Tensor) -> torch.Tensor:
@@ -299,26 +325,28 @@ def _local_part(p: Any, whole: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def project_(p: Any, layout: Layout) -> None:
-    """Snap a DTensor parameter to the polar factor of its whole matrices (a collective).
+def project_(p: Any, layout: Layout, target: str = "orthonormal") -> None:
+    """Snap a DTensor parameter to the polar factor of its whole matrices (a collective), or to
+    :func:`orthoopt.penalty.project`'s point of another ``target``.
 
     Every rank gathers the parameter and takes the same SVD (the same input on the same
     library: the same bits), then keeps its own part.
     """
     full = p.full_tensor()
-    p.to_local().copy_(_local_part(p, layout.from_matrices(penalty.polar(layout.matrices(full)), full.shape)))
+    p.to_local().copy_(_local_part(p, layout.from_matrices(penalty.project(layout.matrices(full), target), full.shape)))
 
 
 @torch.no_grad()
-def max_error(layout: Layout, p: Any) -> float:
-    """``max |Φ_iᵀΦ_i - I|`` over all of a DTensor's matrices, the same on every rank.
+def max_error(layout: Layout, p: Any, target: str = "orthonormal", normalize: bool = False) -> float:
+    """``max |Φ_iᵀΦ_i - I|`` over all of a DTensor's matrices, the same on every rank (of
+    another ``target``: from the gathered matrices).
 
     A collective, by the step's paths: every rank of the mesh must call it.  (DTensor's own
     ops would reduce only the local shard's part here, a different number on each rank.)
     """
     how = path(p, layout)
-    if how == "gather":
-        return penalty.residual(layout.matrices(p.full_tensor())).abs().max().item()
+    if how == "gather" or target != "orthonormal":
+        return penalty.max_error(layout.matrices(p.full_tensor()), target, normalize)
     r = penalty.residual(_local_matrices(layout, p.to_local()))
     if how == "all_reduce":
         _all_reduce_residuals(p.device_mesh, shard_dims(p), [r])

@@ -22,74 +22,109 @@ Layouts are named by short strings, so that they can live in an optimizer's
                               other two axes, in order, are ``l`` and ``n``
 ``"column_groups:H"``         2-D ``(out, in)``: the ``in`` columns split into ``H`` equal
                               groups (attention heads), each orthonormal on its own
-``"row_groups:G"``            2-D ``(out, in)``: the ``out`` rows split into ``G`` equal
-                              blocks (an LSTM's gates, attention's q/k/v), each on its
-                              own and by the ``"auto"`` rule: a block ``(out/G, in)``
-                              has orthonormal rows when ``out/G <= in``, else
-                              orthonormal columns, as :func:`torch.nn.init.orthogonal_`
-                              applied to each block makes them
+``"row_groups:G"``            ``(out, ...)`` seen as ``(out, numel/out)``: the ``out``
+                              rows split into ``G`` equal blocks (an LSTM's gates,
+                              attention's q/k/v, the groups of a grouped convolution,
+                              whose weight ``(out, in/G, kh, kw)`` gives blocks
+                              ``(out/G, in/G·kh·kw)``), each on its own and by the
+                              ``"auto"`` rule: a block has orthonormal rows when it is
+                              not taller than wide, else orthonormal columns, as
+                              :func:`torch.nn.init.orthogonal_` applied to each block
+                              makes them
+``"row_blocks:a,b,c"``        the rows split into consecutive blocks of ``a``, ``b`` and
+                              ``c`` rows (unequal sizes: q, k and v of grouped-query
+                              attention), each a matrix of its own by the ``"auto"`` rule
+``"row_blocks:Hx(a,b,c)"``    the rows run ``H`` times (heads) through blocks of ``a``,
+                              ``b`` and ``c`` rows; the ``j``-th block of every head
+                              together is one matrix (q, k and v of a projection that
+                              lays its rows out head by head)
+``"row_blocks:a,b,~c"``       a block written ``~c`` holds ``c`` rows that are left free
+                              (the per-level gates of a focal modulation, each a
+                              single vector)
+``"row_blocks:a+Hx(b,c)"``    sections of rows, one after the other, joined by ``+``:
+                              ``a`` rows, then ``H`` heads of ``b`` and ``c`` rows
+                              (a parallel block's MLP rows, then its differential
+                              attention's two queries interleaved head by head)
 ============================  ==========================================================
+
+The blocks of ``row_blocks`` differ in size, so they make no single stack: such a layout
+is *composite* (:class:`RowBlocks`), and :meth:`Layout.pieces` gives one ``(view of the
+parameter, simple layout of that view)`` per block, every view sharing the parameter's storage.  A block that runs
+through the heads is a strided view ``(H, rows, ...)``, whose simple layout folds its first
+two axes into its rows (``Layout.fold``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
 
-__all__ = ["Layout", "resolve_layout", "canonical_layout", "as_matrices", "LAYOUT_NAMES"]
+__all__ = ["Layout", "RowBlocks", "Section", "resolve_layout", "canonical_layout", "as_matrices", "LAYOUT_NAMES"]
 
-LAYOUT_NAMES = ("auto", "rows", "columns", "group_axis:D", "column_groups:H", "row_groups:G")
+LAYOUT_NAMES = (
+    "auto",
+    "rows",
+    "columns",
+    "group_axis:D",
+    "column_groups:H",
+    "row_groups:G",
+    "row_blocks:a,b,...",
+    "row_blocks:Hx(a,b,...)",
+    "row_blocks:a+Hx(b,c)+...",
+)
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A resolved layout: ``kind`` is one of rows/columns/group_axis/column_groups/row_groups.
+    """A resolved simple layout: ``kind`` is one of rows/columns/group_axis/column_groups/row_groups.
 
     ``tall`` (row_groups only) says which side of each block is orthonormal: its columns
     when the blocks are taller than wide, else its rows; :func:`resolve_layout` sets it
-    from the shape.
+    from the shape.  ``fold`` (rows and columns) is how many leading axes make up the rows
+    (2 for a block of a head-by-head projection, a view ``(heads, rows, in)``).
     """
 
     kind: str
     arg: int | None = None
     tall: bool = False
+    fold: int = 1
 
     def __str__(self) -> str:
         return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
+
+    composite = False  # a layout of blocks of different shapes (RowBlocks) overrides pieces
 
     # -- the map parameter -> stack of matrices -------------------------------------
     def stack_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
         """``(m, l, n)`` of the stack for a parameter of ``shape`` (no feasibility check)."""
         if self.kind in ("rows", "columns"):
-            flat = 1
-            for s in shape[1:]:
-                flat *= s
-            return (1, flat, shape[0]) if self.kind == "rows" else (1, shape[0], flat)
+            out, flat = math.prod(shape[: self.fold]), math.prod(shape[self.fold :])
+            return (1, flat, out) if self.kind == "rows" else (1, out, flat)
         if self.kind == "group_axis":
             rest = [s for d, s in enumerate(shape) if d != self.arg]
             return (shape[self.arg], rest[0], rest[1])
         if self.kind == "column_groups":
             return (self.arg, shape[0], shape[1] // self.arg)
         if self.kind == "row_groups":
-            block = shape[0] // self.arg
-            return (self.arg, block, shape[1]) if self.tall else (self.arg, shape[1], block)
+            block, flat = shape[0] // self.arg, math.prod(shape[1:])
+            return (self.arg, block, flat) if self.tall else (self.arg, flat, block)
         raise AssertionError(self.kind)
 
     def matrices(self, p: torch.Tensor) -> torch.Tensor:
         """The stack ``(m, l, n)``; a view of ``p`` unless ``p``'s strides forbid one."""
         if self.kind == "rows":
-            return p.reshape(p.shape[0], -1).t().unsqueeze(0)
+            return p.reshape(math.prod(p.shape[: self.fold]), -1).t().unsqueeze(0)
         if self.kind == "columns":
-            return p.reshape(p.shape[0], -1).unsqueeze(0)
+            return p.reshape(math.prod(p.shape[: self.fold]), -1).unsqueeze(0)
         if self.kind == "group_axis":
             return p.movedim(self.arg, 0)
         if self.kind == "column_groups":
             return p.reshape(p.shape[0], self.arg, -1).transpose(0, 1)
         if self.kind == "row_groups":
-            blocks = p.reshape(self.arg, -1, p.shape[1])
+            blocks = p.reshape(self.arg, p.shape[0] // self.arg, -1)
             return blocks if self.tall else blocks.mT
         raise AssertionError(self.kind)
 
@@ -110,10 +145,18 @@ class Layout:
     def pieces(self, p: torch.Tensor) -> list[tuple[torch.Tensor, Layout]]:
         """The parts of ``p`` that are constrained each on its own, as ``(view of p, layout of
         that view)``.  A simple layout has one piece, ``p`` itself; a layout of blocks of
-        unequal sizes (fused projections) has one per block, each a view of ``p`` with a
-        simple layout, so that every consumer (the soft and hard steps, the errors, the
-        projection) works on the pieces as on parameters."""
+        unequal sizes (fused projections, :class:`RowBlocks`) has one per block, each a view
+        of ``p`` with a simple layout, so that every consumer (the soft and hard steps, the
+        errors, the projection) works on the pieces as on parameters."""
         return [(p, self)]
+
+    def piece_shapes(self, shape: torch.Size | tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The shape of each piece of a parameter of ``shape`` (:meth:`pieces`)."""
+        return [tuple(shape)]
+
+    def stack_shapes(self, shape: torch.Size | tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """``(m, l, n)`` of each piece's stack."""
+        return [self.stack_shape(shape)]
 
     def check(self, shape: torch.Size | tuple[int, ...], name: str, mode: str = "soft") -> None:
         """Raise ValueError naming ``name`` if the layout does not fit ``shape``."""
@@ -122,7 +165,7 @@ class Layout:
                 f"{name}: layout '{self}' needs a parameter of 2 or more dimensions, got shape "
                 f"{tuple(shape)}; put 0-D and 1-D parameters in a group with ortho=0"
             )
-        need = {"column_groups": 2, "row_groups": 2, "group_axis": 3}.get(self.kind)
+        need = {"column_groups": 2, "group_axis": 3}.get(self.kind)
         if need is not None and len(shape) != need:
             raise ValueError(
                 f"{name}: layout '{self}' needs a {need}-D parameter, got shape {tuple(shape)}; "
@@ -143,6 +186,8 @@ class Layout:
                 f"{name}: layout '{self}' splits {shape[0]} rows into {self.arg} equal blocks, "
                 f"which does not divide; choose a number of blocks that divides {shape[0]}"
             )
+        if self.kind in ("rows", "columns") and not 1 <= self.fold < len(shape):
+            raise ValueError(f"{name}: layout '{self}' folds {self.fold} axes into rows of a {len(shape)}-D view")
         _, length, count = self.stack_shape(shape)
         if count > length:
             raise ValueError(
@@ -150,6 +195,111 @@ class Layout:
                 f"(shape {tuple(shape)}), which is impossible: at most {length} vectors of length "
                 f"{length} can be orthonormal. {_suggestion(self)}"
             )
+
+
+@dataclass(frozen=True)
+class Section:
+    """Consecutive rows of a row_blocks layout: ``repeat`` times (heads) the blocks ``sizes``;
+    ``free`` holds the indices of the blocks left free (written ``~c``)."""
+
+    repeat: int
+    sizes: tuple[int, ...]
+    free: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        inner = ",".join(("~" if j in self.free else "") + str(size) for j, size in enumerate(self.sizes))
+        return f"{self.repeat}x({inner})" if self.repeat > 1 else inner
+
+    @property
+    def rows(self) -> int:
+        return self.repeat * sum(self.sizes)
+
+
+@dataclass(frozen=True)
+class RowBlocks(Layout):
+    """A composite layout: the rows in sections of blocks (:class:`Section`), each block of a
+    section (through its heads) one matrix, of the simple layout in ``parts`` once resolved.
+    Blocks of different sizes make no single stack: :meth:`pieces` gives one view per block."""
+
+    kind: str = "row_blocks"
+    sections: tuple[Section, ...] = ()
+    parts: tuple[Layout, ...] = ()
+
+    composite = True
+
+    def __str__(self) -> str:
+        return "row_blocks:" + "+".join(map(str, self.sections))
+
+    def _blocks(self) -> list[tuple[int, Section, int, int]]:
+        """``(row offset of the section, section, offset of the block in a head, block size)``
+        of every constrained block, in order."""
+        out, offset = [], 0
+        for section in self.sections:
+            for j, size in enumerate(section.sizes):
+                if j not in section.free:
+                    out.append((offset, section, sum(section.sizes[:j]), size))
+            offset += section.rows
+        return out
+
+    def pieces(self, p: torch.Tensor) -> list[tuple[torch.Tensor, Layout]]:
+        if len(self.parts) != len(self._blocks()):
+            raise ValueError(f"layout '{self}' is not resolved: take it from resolve_layout(spec, shape, name)")
+        views = []
+        for offset, section, start, size in self._blocks():
+            rows = p.narrow(0, offset, section.rows)
+            if section.repeat == 1:
+                views.append(rows.narrow(0, start, size))
+            else:
+                views.append(rows.unflatten(0, (section.repeat, sum(section.sizes))).narrow(1, start, size))
+        return list(zip(views, self.parts))
+
+    def piece_shapes(self, shape: torch.Size | tuple[int, ...]) -> list[tuple[int, ...]]:
+        rest = tuple(shape[1:])
+        return [
+            ((size,) if section.repeat == 1 else (section.repeat, size)) + rest
+            for _, section, _, size in self._blocks()
+        ]
+
+    def stack_shapes(self, shape: torch.Size | tuple[int, ...]) -> list[tuple[int, int, int]]:
+        return [part.stack_shape(s) for part, s in zip(self.parts, self.piece_shapes(shape))]
+
+    def stack_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
+        raise self._no_stack("stack_shape")
+
+    def matrices(self, p: torch.Tensor) -> torch.Tensor:
+        raise self._no_stack("matrices")
+
+    def from_matrices(self, stack: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        raise self._no_stack("from_matrices")
+
+    def _no_stack(self, what: str) -> TypeError:
+        return TypeError(
+            f"layout '{self}' has blocks of different sizes, which make no single stack of matrices; "
+            f"{what} applies to each of its pieces: for view, layout in layout.pieces(p)"
+        )
+
+    def check(self, shape: torch.Size | tuple[int, ...], name: str, mode: str = "soft") -> None:
+        if len(shape) < 2:
+            raise ValueError(
+                f"{name}: layout '{self}' needs a parameter of 2 or more dimensions, got shape "
+                f"{tuple(shape)}; put 0-D and 1-D parameters in a group with ortho=0"
+            )
+        total = sum(section.rows for section in self.sections)
+        if total != shape[0]:
+            held = " + ".join(
+                f"{s.repeat} heads x ({' + '.join(map(str, s.sizes))})"
+                if s.repeat > 1
+                else " + ".join(map(str, s.sizes))
+                for s in self.sections
+            )
+            raise ValueError(
+                f"{name}: layout '{self}' has {held} = {total} rows, but the parameter has {shape[0]} "
+                f"(shape {tuple(shape)}); give block sizes whose sum (times the heads) is {shape[0]}"
+            )
+        if len(self.parts) != len(self._blocks()):
+            raise ValueError(f"{name}: layout '{self}' is not resolved: take it from resolve_layout")
+        for k, (part, s, (_, section, _, size)) in enumerate(zip(self.parts, self.piece_shapes(shape), self._blocks())):
+            part.check(s, f"{name} (block {k} of layout '{self}', {section.repeat * size} rows)", mode)
 
 
 def _suggestion(layout: Layout) -> str:
@@ -162,6 +312,29 @@ def _suggestion(layout: Layout) -> str:
     }[layout.kind]
 
 
+def _section(text: str) -> Section | None:
+    """A section ``"a,b,~c"`` or ``"Hx(a,b,~c)"`` of a row_blocks layout; None if malformed."""
+    repeat = "1"
+    if text.endswith(")") and "x(" in text:
+        repeat, _, text = text[:-1].partition("x(")
+    items = text.split(",")
+    sizes = [item.removeprefix("~") for item in items]
+    if not repeat.isdigit() or not all(size.isdigit() for size in sizes) or int(repeat) < 1:
+        return None
+    if min(int(size) for size in sizes) < 1:
+        return None
+    free = tuple(j for j, item in enumerate(items) if item.startswith("~"))
+    return Section(int(repeat), tuple(int(size) for size in sizes), free)
+
+
+def _row_blocks(arg: str) -> RowBlocks | None:
+    """The row_blocks layout of sections joined by '+'; None if malformed or all free."""
+    sections = [_section(text) for text in arg.split("+")]
+    if any(s is None for s in sections) or all(len(s.free) == len(s.sizes) for s in sections):
+        return None
+    return RowBlocks(sections=tuple(sections))
+
+
 @lru_cache(maxsize=256)
 def _parse(spec: str) -> Layout:
     kind, _, arg = spec.partition(":")
@@ -169,8 +342,11 @@ def _parse(spec: str) -> Layout:
         return Layout("rows" if kind == "filters" else kind)
     if kind in ("group_axis", "column_groups", "row_groups") and arg.lstrip("-").isdigit():
         return Layout(kind, int(arg))
+    if kind == "row_blocks" and (parsed := _row_blocks(arg.replace(" ", ""))) is not None:
+        return parsed
     raise ValueError(
-        f"unknown layout {spec!r}; expected one of {', '.join(LAYOUT_NAMES)} (D an axis, H and G numbers of groups)"
+        f"unknown layout {spec!r}; expected one of {', '.join(LAYOUT_NAMES)} (D an axis, H and G numbers of "
+        "groups or heads, a, b, ... block sizes of at least 1 row, ~c a free block, one block at least constrained)"
     )
 
 
@@ -190,7 +366,9 @@ def resolve_layout(spec: str | Layout, shape: torch.Size | tuple[int, ...], name
     """The concrete layout of a parameter, or None when it is left unpenalized.
 
     'auto' skips 0-D and 1-D parameters (biases, norms); an explicit layout on them
-    is an error.  Empty parameters have nothing to constrain and are skipped.  The returned layout has been checked against ``shape``.
+    is an error.  Empty parameters have nothing to constrain and are skipped.  The returned
+    layout has been checked against ``shape``; a row_blocks layout comes with the simple
+    layout of each of its blocks.
     """
     layout = _parse(canonical_layout(spec))
     if len(shape) >= 2 and math.prod(shape) == 0:
@@ -198,17 +376,23 @@ def resolve_layout(spec: str | Layout, shape: torch.Size | tuple[int, ...], name
     if layout.kind == "auto":
         if len(shape) < 2:
             return None
-        rows, cols = shape[0], 1
-        for s in shape[1:]:
-            cols *= s
-        layout = Layout("rows" if rows <= cols else "columns")
+        layout = _auto(shape)
     elif layout.kind == "group_axis" and len(shape) == 3 and -3 <= layout.arg < 0:
         layout = Layout("group_axis", layout.arg + 3)  # below -3 is left for check to refuse
-    elif layout.kind == "row_groups" and len(shape) == 2 and layout.arg >= 1 and shape[0] % layout.arg == 0:
+    elif layout.kind == "row_groups" and len(shape) >= 2 and layout.arg >= 1 and shape[0] % layout.arg == 0:
         # each block by init.orthogonal_'s rule: its rows unless it is taller than wide
-        layout = Layout("row_groups", layout.arg, tall=shape[0] // layout.arg > shape[1])
+        layout = Layout("row_groups", layout.arg, tall=shape[0] // layout.arg > math.prod(shape[1:]))
+    elif layout.composite and len(shape) >= 2:
+        folds = [1 if section.repeat == 1 else 2 for _, section, _, _ in layout._blocks()]
+        layout = replace(layout, parts=tuple(_auto(s, fold) for s, fold in zip(layout.piece_shapes(shape), folds)))
     layout.check(shape, name)
     return layout
+
+
+def _auto(shape: torch.Size | tuple[int, ...], fold: int = 1) -> Layout:
+    """init.orthogonal_'s rule: the rows (the first ``fold`` axes) orthonormal unless there are more rows than columns."""
+    rows, cols = math.prod(shape[:fold]), math.prod(shape[fold:])
+    return Layout("rows" if rows <= cols else "columns", fold=fold)
 
 
 def as_matrices(phi: torch.Tensor, group_dim: int | None) -> torch.Tensor:

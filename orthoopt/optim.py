@@ -20,7 +20,10 @@ optimizer's moments never see the penalty.  Where every entry of :math:`R_i` is 
 :math:`2\eta` and the caps are inactive, the step is exactly
 :math:`-\gamma\,\partial\mathcal{L}/\partial\Phi`; smaller entries are moved to zero instead
 of across it (the linearised proximal step of :math:`|\cdot|`), and the caps keep the step
-from overshooting or diverging (:func:`orthoopt.penalty.safe_step_size`).  With
+from overshooting or diverging (:func:`orthoopt.penalty.safe_step_size`).  A group with
+``ortho_target='orthogonal'`` takes the same step on the off-diagonal of
+:math:`\Phi_i^\top\Phi_i` or of the cosines, with its caps
+(:func:`orthoopt.penalty.orthogonal_step`).  With
 ``ortho = 0`` everywhere the optimizer is bitwise the base class.
 """
 
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, penalty, stiefel, wrappers
+from . import checkpoint, distributed, penalty, soft, stiefel, wrappers
 from .layout import Layout, resolve_layout
 from .options import (
     ORTHO_DEFAULTS,
@@ -82,6 +85,9 @@ class OrthoMixin:
         ortho_init: str = "warn",
         ortho_second_moment: str = "mean",
         ortho_every: int = 1,
+        ortho_target: str = "orthonormal",
+        ortho_normalize: bool = False,
+        ortho_tol: float | None = None,
         **kwargs,
     ):
         check_known_options(kwargs, "optimizer defaults")  # the rest are the base class's
@@ -98,6 +104,9 @@ class OrthoMixin:
                 "ortho_init": ortho_init,
                 "ortho_second_moment": ortho_second_moment,
                 "ortho_every": ortho_every,
+                "ortho_target": ortho_target,
+                "ortho_normalize": ortho_normalize,
+                "ortho_tol": ortho_tol,
             },
             "optimizer defaults",
         )
@@ -140,6 +149,7 @@ class OrthoMixin:
             candidate["param_names"] = [n for n, _ in params]
             candidate["params"] = [p for _, p in params]
         self._check_params(candidate, index)
+        _refuse_counting_under_capture(candidate, self.defaults, index)
         super().add_param_group(param_group)
         self._ortho_plan = None
 
@@ -199,7 +209,7 @@ class OrthoMixin:
             super().load_state_dict(state_dict)
         finally:
             handle.remove()
-        self._ortho_plan = None
+        self._ortho_plan = self._ortho_shadow = None
         checkpoint.keep_wide_state(loaded["state_dict"], self.param_groups, self.state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -257,7 +267,7 @@ class OrthoMixin:
         """The plan of this step (:mod:`orthoopt.plan`), kept while it holds; one of its own
         while torch.compile traces the step (the compiler plans its own buffers)."""
         if torch.compiler.is_compiling():
-            return Plan(self.param_groups, cached=False)
+            return Plan(self.param_groups, workspaces=False)
         plan = self.__dict__.get("_ortho_plan")
         if plan is None or not plan.current(self.param_groups):
             plan = self._ortho_plan = Plan(self.param_groups)
@@ -267,12 +277,36 @@ class OrthoMixin:
     @torch.no_grad()
     def orthogonality_errors(self) -> dict[str, float]:
         """``{name: max_jk |Φ_iᵀΦ_i - I|_jk over the parameter's matrices}`` for every
-        parameter under a constraint (soft or hard), for logging."""
+        parameter under a constraint (soft or hard), for logging; for a group with
+        ``ortho_target='orthogonal'``, the largest off-diagonal entry of its target's residual
+        (the dot products, or with ``ortho_normalize`` the cosines, of distinct vectors)."""
         errors: dict[str, float] = {}
         for piece in pieces(self.param_groups):
-            error = _max_error(piece.layout, piece.view)
+            error = _max_error(piece.layout, piece.view, piece.group)
             errors[piece.key] = max(errors.get(piece.key, error), error)
         return errors
+
+    def ortho_tol_corrections(self) -> dict[str, int]:
+        """``{name: how many times ortho_tol corrected a matrix of the parameter}`` (summed over
+        its matrices and steps; read from the optimizer state, a sync on an accelerator)."""
+        out: dict[str, int] = {}
+        for piece in pieces(self.param_groups, mode="soft"):
+            if piece.group.get("ortho_tol") is None:
+                continue
+            counts = self.state.get(piece.param, {}).get(soft.CORRECTIONS + piece.suffix)
+            out[piece.key] = out.get(piece.key, 0) + (0 if counts is None else int(counts.sum()))
+        return out
+
+
+def _refuse_counting_under_capture(group: dict, defaults: dict, group_index: int) -> None:
+    # At construction only: torch.compile's trace of a step sees capturable=True in every
+    # group, and writes it back into CPU groups too.
+    if penalized(group) and group["ortho_every"] != 1 and group.get("capturable", defaults.get("capturable")):
+        raise ValueError(
+            f"param group {group_index}: ortho_every={group['ortho_every']} with capturable=True: the soft "
+            "step's count of step() calls is kept on the host, and a CUDA graph's replays run no Python; "
+            "use ortho_every=1 with capturable=True"
+        )
 
 
 class _Reevaluate:
@@ -310,6 +344,11 @@ _CLASS_DOC = """{base} with a decoupled group-orthogonality step (see :mod:`orth
     ortho_second_moment (str): hard mode's Adam second moment per matrix, the 'mean' over its
         entries (Adam's step size at the same lr) or geoopt's 'sum' (:mod:`orthoopt.stiefel`).
     ortho_every (int): the soft step at every k-th call of step(), k times as large (default 1).
+    ortho_target (str): 'orthonormal' (ΦᵀΦ = I, the default) or 'orthogonal' (only the dot
+        products of distinct vectors; their lengths free), soft mode only (docs/conventions.md).
+    ortho_normalize (bool): with ortho_target='orthogonal', the cosines instead of the dot products.
+    ortho_tol (float or None): after every step, a matrix whose max |ΦᵀΦ - I| is above it is
+        corrected towards its polar factor within the step (:mod:`orthoopt.soft`); None (default): off.
 """
 
 # One class per base class, so that orthogonalize(X) is orthogonalize(X) (isinstance works,
@@ -384,15 +423,19 @@ _ORTHO_CLASSES.update({torch.optim.SGD: OrthoSGD, torch.optim.Adam: OrthoAdam, t
 
 
 # -- model helpers --------------------------------------------------------------------
-def _max_error(layout: Layout, p: torch.Tensor) -> float:
+def _max_error(layout: Layout, p: torch.Tensor, group: dict | None = None) -> float:
+    """The error of the group's own target (orthonormal without a group)."""
+    target, normalize = (group["ortho_target"], group["ortho_normalize"]) if group else ("orthonormal", False)
     if distributed.is_dtensor(p):
-        return distributed.max_error(layout, p)
-    return penalty.max_error(layout.matrices(p.detach()))
+        return distributed.max_error(layout, p, target, normalize)
+    return penalty.max_error(layout.matrices(p.detach()), target, normalize)
 
 
 @torch.no_grad()
 def project_(target: torch.optim.Optimizer | nn.Module | Iterable[torch.Tensor], layout: str | None = None) -> None:
-    """Snap each constrained parameter to its nearest orthonormal point (the polar factor).
+    """Snap each constrained parameter to its nearest orthonormal point (the polar factor); in
+    an optimizer's group with ``ortho_target='orthogonal'``, to the nearest point whose vectors
+    are orthogonal with the lengths they have (:func:`orthoopt.penalty.project`).
 
     ``target`` is an ortho optimizer (its groups' layouts, penalized groups only), also inside
     a framework's wrapper (:mod:`orthoopt.wrappers`), a model (the parameters
@@ -406,7 +449,9 @@ def project_(target: torch.optim.Optimizer | nn.Module | Iterable[torch.Tensor],
     if isinstance(target, torch.optim.Optimizer) and not isinstance(target, OrthoMixin):
         raise TypeError(_not_ortho(target, "project_"))
     if isinstance(target, OrthoMixin):
-        items = [(piece.view, piece.layout, piece.name) for piece in pieces(target.param_groups)]
+        items = [
+            (piece.view, piece.layout, piece.name, piece.group["ortho_target"]) for piece in pieces(target.param_groups)
+        ]
     else:
         if isinstance(target, nn.Module):
             whole = [(p, lay, f"parameter '{n}'") for n, p, lay in constrained(target, layout)]
@@ -416,22 +461,22 @@ def project_(target: torch.optim.Optimizer | nn.Module | Iterable[torch.Tensor],
                 for i, p in enumerate(target)
             ]
         items = [
-            (v, lay, name)
+            (v, lay, name, "orthonormal")
             for p, whole_layout, name in whole
             if whole_layout is not None
             for v, lay in split(p, whole_layout, name)
         ]
-    for p, _, name in items:
+    for p, _, name, _ in items:
         if not (distributed.is_dtensor(p) or p.is_meta or bool(torch.isfinite(p).all())):
             raise ValueError(
                 f"{name} holds NaN or Inf: it has no nearest orthonormal point; nothing was changed. "
                 "Re-initialise it (or load a finite checkpoint) before projecting"
             )
-    for p, lay, _ in items:
+    for p, lay, _, goal in items:
         if distributed.is_dtensor(p):  # FSDP2: the SVD needs whole matrices
-            distributed.project_(p, lay)
+            distributed.project_(p, lay, goal)
         else:
-            p.copy_(lay.from_matrices(penalty.polar(lay.matrices(p)), p.shape))
+            p.copy_(lay.from_matrices(penalty.project(lay.matrices(p), goal), p.shape))
 
 
 def named_orthogonality_errors(

@@ -3,7 +3,7 @@
 Every other module reads a group's options through this one: the optimizer glue
 (:mod:`orthoopt.optim`), the soft step (:mod:`orthoopt.soft`), hard mode
 (:mod:`orthoopt.stiefel`) and the sharded step (:mod:`orthoopt.distributed`).  It imports
-nothing of orthoopt's but the layouts, so that the imports run one way.  What the
+nothing of orthoopt's but the layouts and the penalties' pure math, so that the imports run one way.  What the
 ``ortho_nonfinite`` policy does when a matrix is not finite (:func:`report_nonfinite`) is
 here too, so that the soft and the hard step report it in the same words.
 """
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .layout import canonical_layout, resolve_layout
+from .penalty import check_target
 
 __all__ = [
     "ORTHO_DEFAULTS",
@@ -31,6 +32,7 @@ __all__ = [
     "STARTS",
     "SECOND_MOMENTS",
     "MANIFOLDS",
+    "STEPS_KEY",
     "is_number",
     "real_number",
     "check_options",
@@ -58,6 +60,9 @@ ORTHO_DEFAULTS: dict[str, Any] = {
     "ortho_init": "warn",
     "ortho_second_moment": "mean",
     "ortho_every": 1,
+    "ortho_target": "orthonormal",
+    "ortho_normalize": False,
+    "ortho_tol": None,
 }
 MODES = ("soft", "hard")
 PENALTIES = ("l1", "frobenius")
@@ -69,8 +74,8 @@ STARTS = ("warn", "project", "keep")
 SECOND_MOMENTS = ("mean", "sum")
 # Hard mode's geoopt manifolds (orthoopt.stiefel maps each name to its class).
 MANIFOLDS = ("euclidean", "canonical")
-# The per-group count of step() calls that ortho_every keeps (orthoopt.soft.STEPS_KEY): an
-# option of no one's choosing, but in every checkpoint of such a group.
+# The per-group count of step() calls that ortho_every > 1 keeps (orthoopt.soft): no one's
+# option, but in the groups, and saved with them.
 STEPS_KEY = "ortho_steps"
 # The modules whose frames stand between the user's line and step(): orthoopt's own, torch's
 # (torch.no_grad, the hook and scheduler wrappers) and the frameworks' that step for the user.
@@ -190,9 +195,54 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where}: ortho_every={every} applies to the soft step; hard mode steps on the manifold at every "
             "step: use ortho_every=1 with ortho_mode='hard'"
         )
+    _check_target_options(out, where)
+    tol = out.get("ortho_tol")
+    if tol is not None:
+        number = real_number(tol)
+        if number is None or not (0 < number < 1):
+            raise ValueError(
+                f"{where}: ortho_tol must be None (off) or a number in (0, 1), the largest max |ΦᵀΦ - I| "
+                f"that a matrix may keep after a step, got {tol!r}"
+            )
+        if mode == "hard":
+            raise ValueError(
+                f"{where}: ortho_tol={tol} corrects the soft step; hard mode stays on the manifold at every step: "
+                "use ortho_tol=None with ortho_mode='hard'"
+            )
+        if out.get("ortho_target", "orthonormal") != "orthonormal":
+            raise ValueError(
+                f"{where}: ortho_tol={tol} corrects towards the polar factor, an orthonormal target; with "
+                f"ortho_target={out['ortho_target']!r} use ortho_tol=None"
+            )
+        out["ortho_tol"] = number
     if "ortho_layout" in out:
         out["ortho_layout"] = canonical_layout(out["ortho_layout"], f"{where}: ortho_layout")
     return out
+
+
+def _check_target_options(options: dict[str, Any], where: str) -> None:
+    """``ortho_target`` and ``ortho_normalize``: known values, and only with the β and the mode
+    that can serve a target whose vectors' lengths are free."""
+    target = options.get("ortho_target", "orthonormal")
+    normalize = options.get("ortho_normalize", False)
+    ortho, mode = options.get("ortho", 0.0), options.get("ortho_mode", "soft")
+    check_target(target, normalize, where, prefix="ortho_")
+    if target == "orthonormal":
+        return
+    if isinstance(ortho, str) and ortho == "auto":
+        raise ValueError(
+            f"{where}: ortho='auto' sets β from the Lagrange multipliers of ΦᵀΦ = I (the exactness threshold "
+            "max|sym(Φᵀu)|/2, orthoopt.auto); ortho_target='orthogonal' constrains only the off-diagonal of ΦᵀΦ, "
+            "whose multipliers that estimate does not give: set ortho to a number"
+        )
+    if mode == "hard":
+        raise ValueError(
+            f"{where}: ortho_mode='hard' moves on the Stiefel manifold ΦᵀΦ = I (orthonormal vectors); "
+            f"ortho_target={target!r}{' with ortho_normalize=True' if normalize else ''} leaves the vectors' lengths "
+            "free, which is another manifold (the matrices with orthogonal nonzero columns, Φ = QD with QᵀQ = I and "
+            "D diagonal positive: the Stiefel manifold times the scalings), and orthoopt does not provide it. Use "
+            "ortho_mode='soft' for this target, or ortho_target='orthonormal' in hard mode"
+        )
 
 
 def param_key(group: dict, index: int, group_index: int) -> str:

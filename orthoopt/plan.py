@@ -23,36 +23,40 @@ parameters; ``add_param_group``, ``load_state_dict`` and unpickling drop the pla
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import contextlib
+import operator
 from typing import Any
 
 import torch
 
-from . import distributed, guard, soft, stiefel
+from . import distributed, guard, host, penalty, soft, stiefel
 from .options import ORTHO_DEFAULTS, penalized
 from .pieces import Piece, pieces
 
-__all__ = ["Plan", "refuse_differentiable"]
+__all__ = ["Plan", "Amp", "shadow", "refuse_differentiable"]
 
 # The options that shape the plan: all of them but β's value (read at every step).
 _PLANNED = tuple(k for k in ORTHO_DEFAULTS if k != "ortho")
+_planned = operator.itemgetter(*_PLANNED)
+_NOTHING = contextlib.nullcontext()
 
 
 class Plan:
     """The buckets, hard pieces and watched pieces of an optimizer's step (see the module).
 
-    ``cached``: the plan is kept across steps, with its buckets' workspaces; a plan built
-    while torch.compile traces the step is not (the compiler plans its own buffers)."""
+    ``workspaces``: the buckets keep their workspaces (a plan kept across eager steps); a
+    plan built while torch.compile traces the step has none (the compiler plans its own
+    buffers), and leaves the guard and the monitor to the optimizer's *shadow* plan, an eager
+    one without workspaces (:func:`_traced_start`, :func:`_traced_after`)."""
 
-    def __init__(self, param_groups: list[dict[str, Any]], *, cached: bool = True):
-        self.cached = cached
+    def __init__(self, param_groups: list[dict[str, Any]], *, workspaces: bool = True):
+        traced = torch.compiler.is_compiling()
         for gi, group in enumerate(param_groups):
             if group.get("differentiable", False) and penalized(group):
                 refuse_differentiable(group, gi)
         self.tracked = [p for g in param_groups if penalized(g) for p in g["params"]]
-        self.signature = _signature(param_groups) if cached else None
-        self.watch = _watch(self.tracked) if cached else None
+        self.signature = None if traced else _signature(param_groups)
+        self.watch = None if traced else _watch(self.tracked)
         soft_pieces: list[Piece] = []
         self.hard: list[Piece] = []
         for piece in pieces(param_groups, with_grad=True):
@@ -62,11 +66,13 @@ class Plan:
             else:
                 soft.check_gradient(piece)
                 soft_pieces.append(piece)
-        self.buckets = soft.buckets(soft_pieces, workspaces=cached)
+        self.buckets = soft.buckets(soft_pieces, workspaces=workspaces)
         self.watched = guard.watched(soft_pieces)
         self.starting = True  # a new plan may hold pieces at their first soft step
         self._items: list[stiefel.HardItem] = []
         self._due: list[Any] = []
+        self._amp: Amp | None = None
+        self._started = False
 
     def current(self, param_groups: list[dict[str, Any]]) -> bool:
         """Whether this plan still holds for ``param_groups`` (see the module)."""
@@ -76,7 +82,24 @@ class Plan:
     def before(self, optimizer: Any) -> None:
         """Before the base step: hard mode's checks (nothing has changed when they raise), the
         start of new pieces for ``ortho_init``, and every due bucket's soft step."""
-        self._items = [
+        self._amp = Amp.of(optimizer)
+        hard_skipped = self._amp is not None and self.hard and self._amp.read_found()
+        self._items = [] if hard_skipped else self._hard_items(self._amp)
+        stiefel.check(optimizer, self._items)
+        self._started = False
+        if host.capturing():
+            pass  # the start reads values (a sync): a capture follows eager warm-up steps
+        elif torch.compiler.is_compiling():
+            _traced_start(optimizer, None if self._amp is None else self._amp.found_inf)
+        elif self.starting:
+            self.start(optimizer, self._amp)
+        self._due = [bucket for bucket in self.buckets if bucket.due()]
+        for bucket in self._due:
+            bucket.before(optimizer, self._amp)
+
+    def _hard_items(self, amp: Amp | None) -> list[stiefel.HardItem]:
+        unscale = None if amp is None else amp.unscale()
+        return [
             stiefel.HardItem(
                 piece.param,
                 piece.layout,
@@ -86,42 +109,145 @@ class Plan:
                 view=piece.view,
                 grad_view=piece.of(piece.param.grad),
                 suffix=piece.suffix,
+                unscale=unscale,
             )
             for piece in self.hard
         ]
-        stiefel.check(optimizer, self._items)
-        if self.starting and not torch.compiler.is_compiling():
-            guard.before_step(self.watched, optimizer.state, _memory(optimizer))
-        self._due = [bucket for bucket in self.buckets if bucket.due()]
-        for bucket in self._due:
-            bucket.before(optimizer)
 
-    @contextmanager
-    def hard_grads_hidden(self) -> Iterator[None]:
+    def hard_grads_hidden(self) -> contextlib.AbstractContextManager:
         """Around the base step: the hard pieces' parameters have no gradient (it skips them)."""
-        with stiefel.grads_hidden(self._items):
-            yield
+        if not self.hard:
+            return _NOTHING
+        return stiefel.grads_hidden([_hidden(piece) for piece in self.hard])
 
     def hard_step(self, optimizer: Any) -> None:
-        stiefel.step_(optimizer, self._items)
-        self._items = []
+        if self._items:
+            stiefel.step_(optimizer, self._items)
+            self._items = []
 
     def after(self, optimizer: Any) -> None:
         """After the base step: each due bucket's 'auto' step and update, the ``ortho_every``
-        counts, and the guard at its cadence."""
+        counts, ``ortho_init`` for new pieces, and the monitor at its cadence."""
         due, self._due = self._due, []
+        amp, self._amp = self._amp, None
         for bucket in due:
-            bucket.after(optimizer)
-        soft.advance(optimizer.param_groups)
-        starting, self.starting = self.starting, False
-        if self.buckets and not torch.compiler.is_compiling():
-            steps = optimizer.__dict__["_ortho_steps"] = optimizer.__dict__.get("_ortho_steps", 0) + 1
-            watching = steps % guard.WATCH_EVERY == 0
-            guard.after_step(self.watched, optimizer.state, _memory(optimizer), starting=starting, watching=watching)
+            bucket.after(optimizer, amp)
+        for bucket in self.buckets:  # every step, due or not: the base step moved them
+            if getattr(bucket, "tol", None) is not None:
+                bucket.correct(optimizer)
+        if not (amp is not None and any(b.every > 1 for b in self.buckets) and amp.read_found()):
+            soft.advance(optimizer.param_groups)  # a step that found_inf skips does not count
+        errors = [bucket.errors for bucket in self.buckets if isinstance(bucket, soft.Bucket)]
+        if host.capturing():
+            return  # the replays of a CUDA graph run no Python: no count, no monitor
+        if torch.compiler.is_compiling():
+            _traced_after(optimizer, errors)
+        else:
+            self.finish(optimizer, errors)
+
+    # -- the guard and the monitor (eager: for a traced step, run by its shadow plan) ------------
+    def start(self, optimizer: Any, amp: Amp | None) -> None:
+        """Read where new pieces start (ortho_init), unless this step is one a GradScaler skips."""
+        if amp is None or not amp.read_found():
+            guard.before_step(self.watched, optimizer.state, _memory(optimizer))
+            self._started = True
+
+    def finish(self, optimizer: Any, errors: list[list[torch.Tensor]]) -> None:
+        """ortho_init for new pieces after their first step; the monitor at its cadence, with
+        ``errors``, the buckets' ``max|R|`` of their last steps."""
+        if not self.buckets:
+            return
+        if self._started:
+            self.starting = self._started = False
+            guard.after_step(self.watched, optimizer.state, _memory(optimizer))
+        steps = optimizer.__dict__["_ortho_steps"] = optimizer.__dict__.get("_ortho_steps", 0) + 1
+        monitor = optimizer.__dict__.setdefault("_ortho_monitor", guard.Monitor())
+        if steps % guard.WATCH_EVERY == 0:
+            monitor.watch(self._errors(errors), optimizer)
+        else:
+            monitor.poll(optimizer)
+
+    def _errors(self, errors: list[list[torch.Tensor]]) -> list[tuple[list[tuple[Piece, int, float]], torch.Tensor]]:
+        """The watched pieces with their latest ``max|R|`` per matrix (``errors``: per soft
+        bucket, per chunk)."""
+        watched = {id(piece) for piece in self.watched}
+        entries = []
+        local = [bucket for bucket in self.buckets if isinstance(bucket, soft.Bucket)]
+        for bucket, found in zip(local, errors):
+            if not found:
+                continue
+            limit = penalty.largest_residual(bucket.kind, found[0].dtype)
+            for chunk, chunk_errors in zip(bucket.chunks or [bucket.whole()], found):
+                pieces = bucket.pieces[chunk.params]
+                if all(id(piece) in watched for piece in pieces):
+                    entries.append(([(pc, count, limit) for pc, count in zip(pieces, chunk.counts)], chunk_errors))
+        return entries
 
     def workspace_bytes(self) -> int:
         """Bytes held by the soft buckets' workspaces."""
         return sum(bucket.workspace_bytes() for bucket in self.buckets if isinstance(bucket, soft.Bucket))
+
+
+class Amp:
+    """What a GradScaler hands a base optimizer that unscales and skips itself (``fused=True``
+    sets ``_step_supports_amp_scaling``): the scale the gradients still carry (None where
+    ``unscale_`` was called) and ``found_inf`` (1.0 where they hold Inf or NaN: no step).
+
+    The soft step is masked on the device by ``keep = 1 - found_inf`` (no sync); hard mode and
+    ``ortho_every`` read ``found_inf`` (:meth:`read_found`: a sync on an accelerator, free on
+    CPU), as does the first soft step, once.
+    """
+
+    def __init__(self, found_inf: torch.Tensor, grad_scale: torch.Tensor | None):
+        self.found_inf, self.grad_scale = found_inf, grad_scale
+        self._found: bool | None = None
+        self.skipped = self.read_found() if host.reads_free(found_inf) else None
+        self.keep = None if self.skipped is not None else torch.rsub(found_inf, 1)
+        self.found = None if self.skipped is not None else found_inf.bool()
+
+    @classmethod
+    def of(cls, optimizer: Any) -> Amp | None:
+        found_inf = optimizer.__dict__.get("found_inf")
+        return None if found_inf is None else cls(found_inf, optimizer.__dict__.get("grad_scale"))
+
+    def read_found(self) -> bool:
+        if self._found is None:
+            self._found = bool(self.found_inf.item())
+        return self._found
+
+    def unscale(self) -> torch.Tensor | None:
+        """``1/scale`` as GradScaler's ``unscale_`` computes it (a float32 reciprocal of the
+        float64 scale), or None where the gradients are unscaled."""
+        return None if self.grad_scale is None else self.grad_scale.double().reciprocal().float()
+
+
+def _hidden(piece: Piece) -> stiefel.HardItem:
+    return stiefel.HardItem(piece.param, piece.layout, piece.param.grad, piece.group, piece.name)
+
+
+@torch.compiler.disable
+def _traced_start(optimizer: Any, found_inf: torch.Tensor | None) -> None:
+    """The start of new pieces for a step torch.compile traces: run eagerly (a graph break),
+    by the optimizer's shadow plan."""
+    plan = shadow(optimizer)
+    if plan.starting:
+        plan.start(optimizer, None if found_inf is None else Amp(found_inf, None))
+
+
+@torch.compiler.disable
+def _traced_after(optimizer: Any, errors: list[list[torch.Tensor]]) -> None:
+    """The guard and the monitor after a step torch.compile traces, with the traced
+    buckets' errors: run eagerly (a graph break), by the optimizer's shadow plan."""
+    shadow(optimizer).finish(optimizer, errors)
+
+
+def shadow(optimizer: Any) -> Plan:
+    """The eager plan, without workspaces, that keeps the guard's and the monitor's state for
+    the steps that torch.compile traces (their own plans live in the trace)."""
+    plan = optimizer.__dict__.get("_ortho_shadow")
+    if plan is None or not plan.current(optimizer.param_groups):
+        plan = optimizer.__dict__["_ortho_shadow"] = Plan(optimizer.param_groups, workspaces=False)
+    return plan
 
 
 def _memory(optimizer: Any) -> dict[str, float | None]:
@@ -132,12 +258,18 @@ def _memory(optimizer: Any) -> dict[str, float | None]:
 
 def _signature(param_groups: list[dict[str, Any]]) -> tuple:
     return tuple(
-        (id(g), id(g["params"]), len(g["params"]), g.get("differentiable", False), g["ortho"] == "auto")
-        + tuple(g.get(k) for k in _PLANNED)
+        (id(g), id(g["params"]), len(g["params"]), g.get("differentiable", False), g["ortho"] == "auto", _options(g))
         if penalized(g)
         else (id(g), None)
         for g in param_groups
     )
+
+
+def _options(group: dict[str, Any]) -> tuple:
+    try:
+        return _planned(group)
+    except KeyError:  # a group without an option: as if None
+        return tuple(group.get(k) for k in _PLANNED)
 
 
 def _watch(tracked: list[torch.Tensor]) -> tuple:

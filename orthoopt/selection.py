@@ -1,63 +1,55 @@
 """Which parameters of a model are put under the constraint, with which layout, and how they are named.
 
-The rule (the README's "Layouts" section says the same):
+The default rule (:mod:`orthoopt.rule`; docs/selection.md says the same in prose) reads what
+each layer computes:
 
-* **Constrained by default**: the ``weight`` of ``nn.Linear``, ``nn.Conv{1,2,3}d`` and
-  ``nn.ConvTranspose{1,2,3}d`` (subclasses included) and of transformers' ``Conv1D`` (GPT-2);
-  the ``weight_ih_l*`` and ``weight_hh_l*`` (``_reverse`` included) of ``nn.RNN``, ``nn.LSTM``
-  and ``nn.GRU``, an LSTM's ``weight_hr_l*`` (``proj_size``), the cells' ``weight_ih`` and
-  ``weight_hh``; ``nn.MultiheadAttention``'s ``in_proj_weight`` or ``q/k/v_proj_weight`` (its
-  ``out_proj`` is an ``nn.Linear``).
-* **Their layouts**: ``"auto"`` (:mod:`orthoopt.layout`), except for the matrices that stack
-  several blocks, which get one block each (``"row_groups:G"``): an LSTM's ``weight_ih``/
-  ``weight_hh`` its 4 gates, a GRU's its 3 gates, ``in_proj_weight`` its q, k and v, and a
-  ``nn.Linear`` named ``qkv`` whose output splits in three (timm's attention, which reshapes
-  it to ``(3, heads, head_dim)`` exactly as ``in_proj_weight`` is split); GPT-2's ``c_attn``
-  (a ``Conv1D`` of ``(in, 3·in)``) gets ``"column_groups:3"`` for the same reason.
+* **Constrained by default**: the weights of ``nn.Linear``, ``nn.Conv{1,2,3}d`` and
+  ``nn.ConvTranspose{1,2,3}d`` (subclasses included), transformers' ``Conv1D`` (GPT-2),
+  ``nn.RNN``/``nn.LSTM``/``nn.GRU`` and their cells, ``nn.MultiheadAttention``, and every
+  parameter with a registered layout (:mod:`orthoopt.registry`).
+* **Their layouts**: a fused projection (q/k/v in one weight, a gated MLP's gate and value,
+  an LSTM's gates) gets the layout registered for the class that owns it, read off that
+  class's forward: ``row_groups:G`` for equal row blocks, ``row_blocks:...`` for blocks of
+  unequal sizes or per-head interleaving, ``column_groups:3`` for GPT-2's ``c_attn``.  A
+  grouped convolution gets one block per group (``row_groups:G``); everything else ``"auto"``.
 * **Left out by default**: embeddings (and weights tied to one), norm layers, biases and every
-  other 0-D or 1-D parameter, and raw ``nn.Parameter``s of other modules (timm's
-  ``cls_token (1, 1, D)`` and ``pos_embed (1, N, D)``, the ``(l, m, n)`` group tensor).
+  other 0-D or 1-D parameter, raw ``nn.Parameter``s of other modules (timm's ``cls_token`` and
+  ``pos_embed``, the ``(l, m, n)`` group tensor); the model's output layer (found by its
+  framework's convention, :mod:`orthoopt.heads`); layers that encode positions; depthwise
+  convolutions and per-channel scales; weights whose matrices are single vectors; weights
+  under ``weight_norm``/``spectral_norm``/``parametrizations.orthogonal``.
 * ``include``: a pattern that names a parameter in full (``"pos_embed"``) or by a glob over
   full names (``"layers.*.phi"``) selects it whatever its module (an explicit name wins over
   the default skips; a glob passes over 0-D and 1-D parameters); a pattern that names a
-  module (``"blocks"``) selects the parameters of the default rule inside it.
-  ``exclude`` removes whatever it matches.  A pattern that matches no parameter, or an
-  ``include`` pattern that selects nothing, is a ``ValueError`` that lists real names.
+  module selects the parameters of the default rule inside it, and the weights of that
+  layer itself when the rule left it out (``include=["head"]`` brings the output layer
+  back, with the layout the rule would give it).  ``exclude`` removes whatever it matches.
+  A pattern that matches no parameter, or an ``include`` pattern that selects nothing, is a
+  ``ValueError`` that lists real names.  Both take a string (one pattern) or any iterable of
+  strings, tuples nested in it included (timm's ``pretrained_cfg["classifier"]``).
 * Names are matched with and without the prefixes that wrappers add (``_orig_mod.`` from
   ``torch.compile``, ``module.`` from DDP, ``_fsdp_wrapped_module.`` and
-  ``_checkpoint_wrapped_module.``), so the bare model's patterns fit a wrapped one; a string
-  is one pattern.
+  ``_checkpoint_wrapped_module.``), so the bare model's patterns fit a wrapped one.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import sys
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
 
 from .layout import Layout, canonical_layout, resolve_layout
 from .options import check_options
+from .rule import LEFT_OUT, Verdict, survey
 
 __all__ = ["param_groups", "constrained", "select", "default_layouts", "bare_name"]
 
-# A weight shared with one of these (a decoder tied to its embedding) is left out by default.
-_SHARED_SKIP = (
-    nn.Embedding,
-    nn.EmbeddingBag,
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
-)
 # Path components that wrappers insert: torch.compile, FSDP1, activation checkpointing.
 _WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
-_GATES = {"LSTM": 4, "GRU": 3}
 
 Choice = tuple[str, torch.Tensor, str]  # (name, parameter, layout string)
 
@@ -75,10 +67,12 @@ def _patterns(value: str | Iterable[str] | None, option: str) -> list[str] | Non
     if value is None:
         return None
     patterns = [value] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else [value]
+    # a tuple inside the list: timm's pretrained_cfg["classifier"] of a model with two heads
+    patterns = [q for p in patterns for q in (p if isinstance(p, (tuple, list)) else [p])]
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
             raise TypeError(
-                f"{option} must be a string or a list of strings (parameter names, module names or globs), "
+                f"{option} must be a string or an iterable of strings (parameter names, module names or globs), "
                 f"got {value!r}"
             )
     return patterns
@@ -138,67 +132,13 @@ class _Names:
 
 
 # -- the default rule -------------------------------------------------------------------
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2), looked up only if transformers is already imported."""
-    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    return cls is not None and isinstance(module, cls)
-
-
-def _weights_of(module: nn.Module, attr: str, parent: nn.Module | None) -> list[tuple[str, str]]:
-    """``(parameter attribute, layout)`` of the weight matrices the default rule picks in ``module``."""
-    if isinstance(module, nn.MultiheadAttention):
-        return [("in_proj_weight", "row_groups:3")] + [(f"{x}_proj_weight", "auto") for x in "qkv"]
-    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-        if isinstance(module, nn.RNNBase):
-            gates = _GATES.get(module.mode, 1)
-        else:
-            gates = 4 if isinstance(module, nn.LSTMCell) else 3 if isinstance(module, nn.GRUCell) else 1
-        names = [n for n, _ in module.named_parameters(recurse=False) if n.startswith(("weight_ih", "weight_hh"))]
-        block = "auto" if gates == 1 else f"row_groups:{gates}"
-        hr = [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_hr")]
-        return [(n, block) for n in names] + [(n, "auto") for n in hr]
-    if isinstance(module, nn.Linear) and attr == "qkv" and not getattr(parent, "head_first", False):
-        # timm's fused q/k/v: rows (3, heads, head_dim); head_first attentions interleave heads
-        fused = module.out_features % 3 == 0 and module.out_features > 0
-        return [("weight", "row_groups:3" if fused else "auto")]
-    if _is_conv1d(module) and attr == "c_attn" and not getattr(parent, "is_cross_attention", False):
-        return [("weight", "column_groups:3" if module.nf % 3 == 0 else "auto")]  # GPT-2: split(dim, dim=2)
-    if isinstance(module, (nn.Linear, _ConvNd)) or _is_conv1d(module):
-        return [("weight", "auto")]
-    return []
-
-
-def _shared(model: nn.Module) -> set[int]:
-    """Ids of the parameters of embeddings and norm layers (also where another module shares them)."""
-    return {id(p) for m in model.modules() if isinstance(m, _SHARED_SKIP) for p in m.parameters(recurse=False)}
-
-
 def default_layouts(model: nn.Module) -> dict[int, str]:
     """``{id(parameter): layout}`` of every parameter the default rule constrains."""
-    shared = _shared(model)
-    parents = {id(child): (attr, parent) for parent in model.modules() for attr, child in parent.named_children()}
-    out: dict[int, str] = {}
-    for module in model.modules():
-        attr, parent = parents.get(id(module), ("", None))
-        for name, layout in _weights_of(module, attr, parent):
-            p = module._parameters.get(name)
-            if isinstance(p, torch.Tensor) and id(p) not in shared:
-                out.setdefault(id(p), layout)
-    return out
+    return {pid: v.layout for pid, v in survey(model).items() if v.selected}
 
 
 def _lazy(p: torch.Tensor) -> bool:
     return isinstance(p, nn.parameter.UninitializedParameter)
-
-
-def _left_out(names: _Names, pid: int, shared: set[int]) -> str:
-    """Why the default rule leaves a parameter out, for messages."""
-    p = names.params[pid]
-    if not _lazy(p) and p.dim() < 2:
-        return "fewer than 2 dimensions"
-    if pid in shared:
-        return "of an embedding or norm layer"
-    return "not a weight of Linear, Conv, RNN/LSTM/GRU or MultiheadAttention"
 
 
 # -- the selection ----------------------------------------------------------------------
@@ -211,13 +151,15 @@ def select(
     layout: str | Layout | None = None,
     among: set[int] | None = None,
     where: str = "param_groups",
+    allow_empty: bool = False,
 ) -> list[Choice]:
     """``(name, parameter, layout)`` of each parameter of ``model`` to constrain, in
     ``named_parameters`` order (see the module docstring for the rule).
 
     ``layout`` replaces every default layout; ``layouts`` maps patterns to layouts (the first
     that matches wins, the others keep theirs).  ``among`` (ids of parameters) restricts the
-    choice to the parameters an optimizer holds; ``where`` names the caller in errors.
+    choice to the parameters an optimizer holds; ``where`` names the caller in errors;
+    ``allow_empty`` returns an empty choice rather than raising.
     """
     include = _patterns(include, "include")
     exclude = _patterns(exclude, "exclude") or []
@@ -230,16 +172,16 @@ def select(
     for option, patterns in (("include", include or []), ("exclude", exclude), ("layouts", layouts)):
         for pattern in patterns:
             names.check_matches(pattern, option)
-    defaults = default_layouts(model)
+    verdicts = survey(model)
     chosen: list[Choice] = []
     picked: dict[str, bool] = {pattern: False for pattern in include or []}
     for pid, p in names.params.items():
         if among is not None and pid not in among:
             continue
         if include is None:
-            name = names.name(pid) if pid in defaults else None
+            name = names.name(pid) if verdicts[pid].selected else None
         else:
-            name = _included(names, pid, include, defaults, picked, where)
+            name = _included(names, pid, include, verdicts[pid], picked, where)
         if name is None or any(_match(pattern, names.keys[pid]) for pattern in exclude):
             continue
         if _lazy(p):
@@ -247,22 +189,24 @@ def select(
                 f"{where}: parameter '{name}' is not initialized yet (a lazy module): run one forward pass "
                 "before building the optimizer"
             )
-        spec = layout or next((v for k, v in layouts.items() if _match(k, names.keys[pid])), defaults.get(pid, "auto"))
-        chosen.append((name, p, spec))
-    _check_selected(names, picked, layouts, chosen, among, where)
+        spec = layout or next((v for k, v in layouts.items() if _match(k, names.keys[pid])), None)
+        chosen.append((name, p, spec or verdicts[pid].layout or "auto"))
+    _check_selected(names, verdicts, picked, layouts, chosen, among, where, allow_empty)
     return chosen
 
 
 def _included(
-    names: _Names, pid: int, include: list[str], defaults: dict[int, str], picked: dict[str, bool], where: str
+    names: _Names, pid: int, include: list[str], verdict: Verdict, picked: dict[str, bool], where: str
 ) -> str | None:
     """The name under which ``include`` selects parameter ``pid``, or None (``picked`` records
     which patterns selected something)."""
     p, name = names.params[pid], None
     for pattern in include:
         how = _match(pattern, names.keys[pid])
-        if how is None or (how == "module" and pid not in defaults):
-            continue  # a module name selects only the default rule's matrices inside it
+        if how is None or (
+            how == "module" and not verdict.selected and not _names_its_layer(pattern, names, pid, verdict)
+        ):
+            continue  # a module name selects only the default rule's matrices inside it, and its own weights
         if not _lazy(p) and p.dim() < 2:
             if how == "exact":
                 raise ValueError(
@@ -276,35 +220,41 @@ def _included(
     return name
 
 
+def _names_its_layer(pattern: str, names: _Names, pid: int, verdict: Verdict) -> bool:
+    """Whether ``pattern`` names the very layer of a weight the default rule leaves out (its
+    output layer, a depthwise conv), which brings it back; a tied weight needs its full name."""
+    if verdict.layout is None or verdict.reason == LEFT_OUT["shared"]:
+        return False
+    return any(key.rpartition(".")[0] == pattern for key in names.keys[pid])
+
+
 def _check_selected(
     names: _Names,
+    verdicts: dict[int, Verdict],
     picked: dict[str, bool],
     layouts: dict[str, str],
     chosen: list[Choice],
     among: set[int] | None,
     where: str,
+    allow_empty: bool,
 ) -> None:
     """Every include pattern selected something, every layouts pattern fits a chosen parameter,
     and something is chosen."""
-    shared = _shared(names.model)
     for pattern, ok in picked.items():
         if ok:
             continue
         hits = [pid for pid in names.params if _match(pattern, names.keys[pid])]
         why = [
             f"'{names.name(pid)}' ("
-            + (
-                "not held by this optimizer"
-                if among is not None and pid not in among
-                else _left_out(names, pid, shared)
-            )
+            + ("not held by this optimizer" if among is not None and pid not in among else verdicts[pid].reason)
             + ")"
             for pid in hits[:4]
         ]
         raise ValueError(
             f"{where}: include pattern {pattern!r} matches {len(hits)} parameter(s) but selects none: "
-            f"{', '.join(why)}{', ...' if len(hits) > 4 else ''}. A module name selects only the weight matrices "
-            "of the default rule; name a parameter in full (or by a glob) to constrain it anyway"
+            f"{', '.join(why)}{', ...' if len(hits) > 4 else ''}. A module name selects the weight matrices of "
+            "the default rule inside it and the weights of the layer it names; name a parameter in full (or by a "
+            "glob) to constrain it anyway"
         )
     taken = {id(p) for _, p, _ in chosen}
     for pattern in layouts:
@@ -313,13 +263,14 @@ def _check_selected(
                 f"{where}: layouts pattern {pattern!r} matches no constrained parameter; "
                 "constrain one it matches (include) or drop the pattern"
             )
-    if not chosen:
+    if not chosen and not allow_empty:
         held = "" if among is None else " among the parameters this optimizer holds"
         raise ValueError(
             f"{where}: no parameter of {type(names.model).__name__} is constrained{held}: the default rule "
-            "takes the weights of Linear, Conv, RNN/LSTM/GRU and MultiheadAttention layers, and nothing "
-            "else unless include names it ('pos_embed', 'layers.*.phi'); name the parameters to constrain "
-            "with include, or build the groups by hand"
+            "takes the weights of Linear, Conv, RNN/LSTM/GRU and MultiheadAttention layers (but not the output "
+            "layer, depthwise convs or positional encodings), and nothing else unless include names it "
+            "('pos_embed', 'layers.*.phi', 'head'); name the parameters to constrain with include, or build the "
+            "groups by hand (orthoopt.audit(model) lists every weight and why it is left out)"
         )
 
 

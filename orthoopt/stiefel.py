@@ -106,7 +106,11 @@ meant to stay fixed during a run: the two modes' states are not converted into e
 
 Other options of the base optimizers: ``maximize`` is honoured; ``foreach``, ``fused`` and
 ``capturable`` concern torch's kernels and do not change the hard step; ``differentiable=True``
-is refused for a hard group (the step is taken under ``no_grad``).
+is refused for a hard group (the step is taken under ``no_grad``).  Under a GradScaler with a
+fused base optimizer (which unscales and skips itself), a step with ``found_inf`` set is no
+hard step at all, and the hard step unscales the gradients as ``GradScaler.unscale_`` would
+(:class:`orthoopt.plan.Amp`); it reads ``found_inf`` (a sync on an accelerator, as hard mode's
+other checks are).
 
 Non-finite values follow the group's ``ortho_nonfinite``, as in soft mode: :func:`check`
 finds, before anything changes, the matrices whose point or gradient holds NaN or Inf, and
@@ -187,6 +191,7 @@ class HardItem:
     view: torch.Tensor | None = None
     grad_view: torch.Tensor | None = None
     suffix: str = ""
+    unscale: torch.Tensor | None = None  # 1/scale of a GradScaler whose scale the gradient still carries
 
     def __post_init__(self) -> None:
         if self.view is None:
@@ -443,7 +448,10 @@ def step_(optimizer: torch.optim.Optimizer, items: list[HardItem]) -> None:
         dtype = torch.float32 if p.dtype in _HALF else p.dtype
         _widen_state(state, dtype)
         x = item.layout.matrices(p).to(dtype)
-        grad = item.layout.matrices(item.grad_view).to(dtype)
+        grad = item.layout.matrices(item.grad_view)
+        if item.unscale is not None:  # as GradScaler.unscale_ does, in the gradient's dtype
+            grad = torch.mul(grad, item.unscale).to(grad.dtype)
+        grad = grad.to(dtype)
         state.setdefault(STEP, torch.tensor(0.0)).add_(1)
         if keep is None:
             new_x = _step_stack(rule, item, x, grad, state)
@@ -527,7 +535,8 @@ def _widen_state(state: dict[str, Any], dtype: torch.dtype) -> None:
 
 def _project_new(items: list[HardItem]) -> None:
     """Snap parameters that start hard mode onto the manifold (their finite matrices); warn
-    about those that moved."""
+    about those that moved, unless their group asked for the projection (``ortho_init="project"``,
+    the default of ``param_groups`` and ``constrain_``)."""
     moved = []
     for item in items:
         p, layout, keep = item.view, item.layout, item.finite
@@ -542,7 +551,8 @@ def _project_new(items: list[HardItem]) -> None:
         if not p.is_meta:  # nothing to measure on the meta device
             before = penalty.max_error(before_rows)
             # A half parameter is only as orthonormal as its rounding: judge it against that.
-            if not before <= max(PROJECTION_TOL, 2 * penalty.max_error(rows)):
+            asked = item.group["ortho_init"] == "project"
+            if not asked and not before <= max(PROJECTION_TOL, 2 * penalty.max_error(rows)):
                 moved.append(f"{item.name} (max |XᵀX - I| = {before:.3g})")
         p.copy_(layout.from_matrices(projected, p.shape))
     if moved:

@@ -29,7 +29,7 @@ from torch.optim.optimizer import required
 from . import schedulers, wrappers
 from .layout import resolve_layout
 from .optim import OrthoAdam, OrthoAdamW, OrthoMixin, OrthoSGD, orthogonalize
-from .options import ORTHO_DEFAULTS, check_known_options, check_options, penalized
+from .options import ORTHO_DEFAULTS, check_known_options, check_options, param_key, penalized
 from .pieces import pieces
 from .selection import Choice, select
 
@@ -171,7 +171,7 @@ def _split(
         given = group.get("param_names")
         parts: dict[str | None, list[tuple[str, torch.Tensor]]] = {}
         for i, p in enumerate(group["params"]):
-            name, spec = layout_of.get(id(p), (names.get(id(p), f"group{gi}.param{i}"), None))
+            name, spec = layout_of.get(id(p), (names.get(id(p), param_key({}, i, gi)), None))
             parts.setdefault(spec, []).append((given[i] if given else name, p))
         rest = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         if not parts:
@@ -194,7 +194,7 @@ def _whole(
     layout_of = {id(p): spec for _, p, spec in chosen}
     specs = list(dict.fromkeys(layout_of.values()))
     given = group.get("param_names")
-    named = [given[i] if given else names.get(id(p), f"group0.param{i}") for i, p in enumerate(group["params"])]
+    named = [given[i] if given else names.get(id(p), param_key({}, i, 0)) for i, p in enumerate(group["params"])]
     why = None
     if len(specs) > 1:
         why = f"constrains its matrices with several layouts ({', '.join(map(repr, specs))}), one group each"

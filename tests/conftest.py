@@ -43,11 +43,9 @@ def near_orthonormal(*shape, noise=0.1, seed=0, dtype=torch.float64) -> torch.Te
 # experiment scripts, the command line and the timed benchmarks.
 SLOW_MODULES = (
     "tests/integration/",
-    "tests/test_bench.py",
     "tests/zoo/",
     "tests/test_distributed.py",
     "tests/test_experiments.py",
-    "tests/test_cli.py",
 )
 
 

@@ -23,6 +23,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+@pytest.mark.slow
 def test_compare_quick_writes_outputs(tmp_path):
     out = tmp_path / "res"
     proc = subprocess.run(
@@ -73,6 +74,7 @@ def test_bad_arguments(capsys):
     assert cli.main(["frobnicate"]) == 2
 
 
+@pytest.mark.slow
 def test_compare_in_process(tmp_path, capsys):
     rc = cli.main(
         [

@@ -349,8 +349,17 @@ def test_a_loss_plot_shows_the_sign_where_a_run_crosses_f_star(crosses, tmp_path
     config = {"methods": ["hard", "frobenius"], "target_gap": 0.05, "task": "pca", "task_params": {"k": 8}}
     comp = harness.Comparison("pca", config, runs, [])
     key, label, scale = plots.loss_axis(comp)
-    if crosses:  # signed, linear only a decade below where the runs end (0.2 and 0.6)
-        assert (key, label, scale) == ("gap", "f - f*, signed", pytest.approx(0.01))
-    else:
+    if not crosses:
         assert (key, label, scale) == ("gap", "f - f*", True)
+        return
+    # signed, linear only a decade below where the runs end (0.2 and 0.6)
+    assert (key, label, scale) == ("gap", "f - f*, signed", pytest.approx(0.01))
     assert plots.plot_comparison(comp, tmp_path)["loss_step_png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mean_and_spread_as_the_reports_write_them():
+    from orthoopt.compare.formatting import pm
+
+    assert pm([1.0, 2.0, 3.0]) == "2 ± 1"  # the sample std
+    assert pm([0.5, 0.25]) == "0.375 ± 0.18" and pm([None, 2.5]) == "2.5" and pm([]) == "-"
+    assert pm([12345.0, 12345.0], 5) == "1.2345e+04 ± 0.00"

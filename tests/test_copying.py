@@ -105,6 +105,50 @@ def test_quick_records_and_evaluates(quick):
     assert quick.config["reference"]["memoryless baseline"] == pytest.approx(copying.baseline_loss(10))
 
 
+def test_run_notes_give_each_runs_figures(quick):
+    notes = copying.run_notes(quick).splitlines()[2:]
+    assert len(notes) == len(quick.runs)
+    for line, r in zip(notes, quick.runs):
+        sigma = r.final["sigma_max"]
+        assert line.startswith(f"- {r.method} seed {r.seed}: below 1% never, ")
+        assert f"σ(W) in [{r.final['sigma_min']:.6f}, {sigma:.6f}], σ_max^L = {sigma**10:.4g}, " in line
+        assert f"recall {100 * r.final['test_acc']:.2f}%" in line
+        assert copying.worst_orth(r) >= max(r.history["orth_max"]) and copying.worst_orth(r) >= r.final["orth_max"]
+
+
+def test_a_variant_sets_its_settings_on_top_of_the_tasks():
+    task = compare.get_task(QUICK)
+    assert copying.parse_variant("soft-huber:beta=1:delta=0.01", task) == (
+        "soft-huber β=1 δ=0.01",
+        "soft-huber",
+        {"beta": 1.0, "smoothing": 0.01},
+    )
+    # W's lr × 16 on top of the task's 0.2
+    assert copying.parse_variant("hard:wlr=16", task) == ("hard W lr ×16", "hard", {"constrained_lr_scale": 3.2})
+    with pytest.raises(ValueError, match="unknown key 'lr'; use beta, delta, wlr"):
+        copying.parse_variant("soft:lr=1", task)
+
+
+def test_variant_rows_and_their_table():
+    task = compare.get_task(QUICK)
+    label, method, settings = copying.parse_variant("hard:wlr=2", task)
+    comp = compare.run(QUICK, methods=[method], seeds=[0], steps=3, **settings)
+    row = copying.variant_row(label, method, comp)
+    assert row["w_lr"] == pytest.approx(1e-3 * 0.4) and row["status"] == "ok" and row["history"]["step"] == [0, 1, 2]
+    (line,) = copying.variants_table([row])[2:]
+    assert line.startswith("| hard W lr ×2 | never | ") and line.endswith(" | ok |")
+
+
+@pytest.mark.slow
+def test_iterations_are_timed_round_robin():
+    from orthoopt.compare.timing import time_iterations, timing_table
+
+    times = time_iterations(QUICK, ["none", "hard"], rounds=3)
+    assert list(times) == ["none", "hard"] and all(len(v) == 3 and min(v) > 0 for v in times.values())
+    lines = timing_table(times)
+    assert lines[0] == "| method | median ms | min ms | max ms | median / none's |" and lines[2].endswith(" 1.00 |")
+
+
 def test_target_is_one_percent_of_the_baseline():
     fields = copying.problem_fields(L=10, hidden=8, batch=4, test_batch=4)
     base = copying.baseline_loss(10)

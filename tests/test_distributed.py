@@ -153,8 +153,8 @@ def test_ddp_replicas_identical_and_equal_to_one_process(tmp_path):
 FSDP_STEPS = 20
 
 
-def _fsdp_optimizer(model: nn.Module, mode: str = "soft", smoothing: float = 0.0, ortho: float | str = 0.5):
-    common = {"ortho": ortho, "ortho_mode": mode, "ortho_smoothing": smoothing}
+def _fsdp_optimizer(model: nn.Module, mode: str = "soft", smoothing: float = 0.0, ortho: float | str = 0.5, **options):
+    common = {"ortho": ortho, "ortho_mode": mode, "ortho_smoothing": smoothing, **options}
     named = dict(model.named_parameters())
 
     def pick(*names):
@@ -245,6 +245,12 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
         _train(model, opt, FSDP_STEPS, 3, rank)
         results["auto"] = {n: p.full_tensor() for n, p in model.named_parameters()}
         results["auto_comm"] = odist.communication_per_step(opt)
+        for normalize in (False, True):  # free lengths: the Gram matrices themselves are summed
+            model = ShardingPathsNet()
+            fully_shard(model)
+            opt = _fsdp_optimizer(model, ortho_target="orthogonal", ortho_normalize=normalize)
+            _train(model, opt, FSDP_STEPS, 3, rank)
+            results[f"orthogonal-{normalize}"] = {n: p.full_tensor() for n, p in model.named_parameters()}
         model = ShardingPathsNet()
         fully_shard(model)
         opt = _fsdp_optimizer(model)
@@ -375,6 +381,23 @@ def test_fsdp2_row_groups_take_the_gather_path_and_match_unsharded(fsdp_runs):
         for name, ref in opt.orthogonality_errors().items():
             assert run["errors"][name] == pytest.approx(ref, abs=1e-6), name
     for name in ("wide.weight", "tall.weight"):
+        moved = (dict(model.named_parameters())[name] - dict(free.named_parameters())[name]).abs().max()
+        assert moved > 1e-3, name
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fsdp2_orthogonal_target_matches_unsharded(fsdp_runs, normalize):
+    """ortho_target='orthogonal' on every sharding path: the Gram matrices summed over the ranks
+    (no identity to correct for), then the target's residual and step."""
+    model = ShardingPathsNet()
+    _train(model, _fsdp_optimizer(model, ortho_target="orthogonal", ortho_normalize=normalize), FSDP_STEPS, 3)
+    free = ShardingPathsNet()
+    _train(free, _plain(free), FSDP_STEPS, 3)
+    for r in range(WORLD):
+        for name, ref in model.named_parameters():
+            got = fsdp_runs[r][f"orthogonal-{normalize}"][name]
+            torch.testing.assert_close(got, ref.detach(), rtol=0, atol=1e-5, msg=name)
+    for name in ("up.weight", "down.weight", "head.weight", "mix", "heads"):
         moved = (dict(model.named_parameters())[name] - dict(free.named_parameters())[name]).abs().max()
         assert moved > 1e-3, name
 

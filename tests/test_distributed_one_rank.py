@@ -84,8 +84,11 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
         {"ortho": 0.1, "ortho_smoothing": 0.05},
         {"ortho": 2.0, "ortho_penalty": "frobenius"},
         {"ortho": "auto"},
+        {"ortho": 0.5, "ortho_target": "orthogonal"},
+        {"ortho": 0.5, "ortho_target": "orthogonal", "ortho_normalize": True},
+        {"ortho": 2.0, "ortho_penalty": "frobenius", "ortho_target": "orthogonal"},
     ],
-    ids=["l1", "huber", "frobenius", "auto"],
+    ids=["l1", "huber", "frobenius", "auto", "orthogonal", "cosines", "orthogonal_frobenius"],
 )
 def test_one_rank_sharded_step_is_the_unsharded_step(one_rank, options):
     # Huber: 2η = 4·lr·β = 0.02 is below δ = 0.05, so that δ (not the no-crossing cutoff) shapes S.

@@ -6,7 +6,6 @@ than the unconstrained one."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import re
 import sys
@@ -17,6 +16,9 @@ import pytest
 from orthoopt.compare.methods import METHODS
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TOOLS = EXPERIMENTS.parent / "tools"
+
+pytestmark = pytest.mark.slow  # each runs an experiment script
 SCRIPTS = [
     "pca_target",
     "pca_beta_sweep",
@@ -24,22 +26,23 @@ SCRIPTS = [
     "procrustes",
     "classifiers",
     "soft_cap_ablation",
-    "seed_tensor",
+    "group_tensor",
     "mlp_swap",
     "copying",
     "mppca",
 ]
 
 
-def load(name: str):
-    sys.path.insert(0, str(EXPERIMENTS))
+def load(name: str, folder: Path = EXPERIMENTS):
+    """The script ``name`` of ``folder`` (experiments/ or tools/) as a module."""
+    sys.path.insert(0, str(folder))
     try:
-        spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"{folder.name}_{name}", folder / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
     finally:
-        sys.path.remove(str(EXPERIMENTS))
+        sys.path.remove(str(folder))
 
 
 # The rows (methods, runs) each script's tables promise.
@@ -50,7 +53,7 @@ ROWS = {
     "procrustes": set(METHODS),
     "classifiers": set(METHODS),
     "soft_cap_ablation": {"soft", "frobenius"},
-    "seed_tensor": {"sign, constant lr", "sign, cosine lr", "huber δ=0.001, constant lr", "huber δ=0.001, cosine lr"},
+    "group_tensor": {"sign, constant lr", "sign, cosine lr", "huber δ=0.001, constant lr", "huber δ=0.001, cosine lr"},
     "mlp_swap": {
         "torch.optim.AdamW",
         "OrthoAdamW β=1",
@@ -117,37 +120,3 @@ def test_script_runs_quick(name, tmp_path):
         for row in table:
             if "final max error" in row:  # the seed tensor, penalty alone: from O(1) to rounding
                 assert _number(row["final max error"]) < 1e-3 * _number(row["start"]), (name, row)
-
-
-def test_replace_method_swaps_one_method_only(tmp_path):
-    """replace_method.py: the method's rows come from the later run, the others' stay byte for byte."""
-    from orthoopt import compare
-
-    replace = load("replace_method")
-    base, new, other = tmp_path / "base", tmp_path / "new", tmp_path / "other"
-    compare.write(compare.run("pca:k=2", methods=["none", "hard"], seeds=[0, 1], steps=6), base)
-    compare.write(compare.run("pca:k=2", methods=["hard"], seeds=[0, 1], steps=6, lr=0.5), new)
-    compare.write(compare.run("pca:k=2", methods=["hard"], seeds=[0, 1], steps=7), other)
-    before = {name: (base / name).read_text().splitlines() for name in ("runs.csv", "summary.csv", "table.md")}
-    with pytest.raises(SystemExit, match="differ in steps"):
-        replace.main([str(base), str(other), "--method", "hard"])
-    assert (base / "runs.csv").read_text().splitlines() == before["runs.csv"]  # nothing written before the error
-    with pytest.raises(SystemExit, match="differ in lr"):
-        replace.main([str(base), str(new), "--method", "hard"])
-    # a later run of other code under the same settings: here other figures from another lr, its config set back
-    data = json.loads((new / "results.json").read_text())
-    data["config"]["lr"] = json.loads((base / "results.json").read_text())["config"]["lr"]
-    (new / "results.json").write_text(json.dumps(data))
-    replace.main([str(base), str(new), "--method", "hard"])
-    for name, old in before.items():
-        fresh = (new / name).read_text().splitlines()
-        merged = (base / name).read_text().splitlines()
-        assert len(merged) == len(old)
-        for line, was in zip(merged, old, strict=True):
-            if ",hard," in line or line.startswith("hard,") or line.startswith("| hard |"):
-                assert line in fresh and line != was
-            else:
-                assert line == was
-    merged = json.loads((base / "results.json").read_text())
-    assert [r["method"] for r in merged["runs"]] == ["none", "hard", "none", "hard"]
-    assert [r["final"] for r in merged["runs"] if r["method"] == "hard"] == [r["final"] for r in data["runs"]]

@@ -25,6 +25,8 @@ CASES = [
     ("row_groups:4", (8, 6), (4, 6, 2)),  # wide blocks (2, 6): their rows
     ("row_groups:2", (8, 3), (2, 4, 3)),  # tall blocks (4, 3): their columns
     ("row_groups:2", (6, 3), (2, 3, 3)),  # square blocks: their rows
+    ("row_groups:2", (8, 3, 3, 3), (2, 27, 4)),  # a conv of 2 groups: (out/2, in/2·3·3) per group
+    ("row_groups:4", (64, 2, 1, 1), (4, 16, 2)),  # tall groups of a grouped 1x1 conv: their columns
     ("group_axis:0", (5, 7, 3), (5, 7, 3)),
     ("group_axis:1", (7, 5, 3), (5, 7, 3)),
     ("group_axis:2", (7, 3, 5), (5, 7, 3)),
@@ -88,7 +90,11 @@ def test_auto_skips_vectors_but_explicit_layout_refuses(shape):
         ("column_groups:1", (3, 8), "8 orthonormal vectors of length 3"),
         ("row_groups:3", (8, 6), "8 rows into 3 equal blocks"),
         ("row_groups:0", (8, 6), "8 rows into 0 equal blocks"),
-        ("row_groups:2", (8, 6, 3), "2-D"),
+        ("row_groups:3", (8, 6, 3), "8 rows into 3 equal blocks"),
+        ("row_blocks:4,2,2", (9, 6), r"has 4 \+ 2 \+ 2 = 8 rows, but the parameter has 9"),
+        ("row_blocks:2+2x(2,1)", (9, 6), r"has 2 \+ 2 heads x \(2 \+ 1\) = 8 rows, but the parameter has 9"),
+        ("row_blocks:2x(2,1,1)", (9, 6), r"2 heads x \(2 \+ 1 \+ 1\) = 8 rows, but the parameter has 9"),
+        ("row_blocks:4,8", (12,), "2 or more dimensions"),
         ("group_axis:3", (4, 3, 2), "axis 3"),
         ("group_axis:1", (4, 3), "3-D"),
         ("group_axis:1", (2, 3, 4), "4 orthonormal vectors of length 2"),
@@ -100,7 +106,28 @@ def test_infeasible_or_wrong_layouts_name_the_parameter(spec, shape, match):
     assert "layer.weight" in str(info.value)
 
 
-@pytest.mark.parametrize("bad", ["diagonal", "rows:2", "group_axis:x", "", "group_axis", "row_groups"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "diagonal",
+        "rows:2",
+        "group_axis:x",
+        "",
+        "group_axis",
+        "row_groups",
+        "row_blocks",
+        "row_blocks:",
+        "row_blocks:4,0",
+        "row_blocks:4,-2",
+        "row_blocks:0x(2,2)",
+        "row_blocks:2x(2,2",
+        "row_blocks:~2,~2",
+        "row_blocks:a,b",
+        "row_blocks:2+",
+        "row_blocks:~2+~3",
+        "row_blocks:2++3",
+    ],
+)
 def test_unknown_layout_string(bad):
     with pytest.raises(ValueError, match="unknown layout"):
         canonical_layout(bad)
@@ -254,3 +281,86 @@ def test_groups_that_do_not_divide_name_the_side_to_divide(spec, shape, message)
     with pytest.raises(ValueError) as info:
         resolve_layout(spec, shape, "w")
     assert str(info.value) == f"w: layout '{spec}' {message}"
+
+
+# -- composite layouts: blocks of unequal sizes, per-head interleaving ---------------------------------
+def _rows_of(layout, shape) -> list[list[int]]:
+    """The rows of a parameter of ``shape`` that each piece of ``layout`` covers, in its order."""
+    index = torch.arange(shape[0]).view(-1, *[1] * (len(shape) - 1)).expand(shape).contiguous()
+    return [view.reshape(-1, *shape[1:]).flatten(1)[:, 0].tolist() for view, _ in layout.pieces(index)]
+
+
+COMPOSITE = [
+    # spec, shape, the rows of each piece, the (m, l, n) of each piece
+    ("row_blocks:6,2,2", (10, 4), [range(0, 6), range(6, 8), range(8, 10)], [(1, 6, 4), (1, 4, 2), (1, 4, 2)]),
+    (
+        "row_blocks:2x(1,1,3)",
+        (10, 4),
+        [[0, 5], [1, 6], [2, 3, 4, 7, 8, 9]],
+        [(1, 4, 2), (1, 4, 2), (1, 6, 4)],
+    ),
+    ("row_blocks:3x(2,2)", (12, 2, 3, 3), [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]], [(1, 18, 6), (1, 18, 6)]),
+    ("row_blocks:4,~2,4", (10, 5), [range(0, 4), range(6, 10)], [(1, 5, 4), (1, 5, 4)]),
+    (  # sections: a differential attention's parallel block, MLP rows, q1/q2 and k1/k2 by heads, v
+        "row_blocks:3+2x(1,1)+2x(1,1)+~2",
+        (13, 4),
+        [[0, 1, 2], [3, 5], [4, 6], [7, 9], [8, 10]],
+        [(1, 4, 3), (1, 4, 2), (1, 4, 2), (1, 4, 2), (1, 4, 2)],
+    ),
+]
+
+
+@pytest.mark.parametrize("spec,shape,rows,stacks", COMPOSITE)
+def test_pieces_are_views_of_the_rows_of_each_block(spec, shape, rows, stacks):
+    p = torch.randn(shape, dtype=torch.float64)
+    layout = resolve_layout(spec, p.shape, "w")
+    assert layout.composite and str(layout) == canonical_layout(spec) == spec
+    pieces = layout.pieces(p)
+    assert [list(r) for r in rows] == _rows_of(layout, shape)
+    assert [piece.stack_shape(view.shape) for view, piece in pieces] == stacks == layout.stack_shapes(p.shape)
+    assert [tuple(view.shape) for view, _ in pieces] == layout.piece_shapes(p.shape)
+    for (view, piece), block_rows in zip(pieces, rows):
+        assert shares_storage(view, p) and not piece.composite
+        block = p[list(block_rows)].reshape(len(block_rows), -1)
+        # each block by init.orthogonal_'s rule: rows unless taller than wide, the heads folded into rows
+        assert piece.kind == ("rows" if block.shape[0] <= block.shape[1] else "columns")
+        assert piece.fold == view.dim() - len(shape) + 1  # a (heads, rows, ...) view folds its heads into rows
+        mats = piece.matrices(view)
+        torch.testing.assert_close(piece.from_matrices(mats.clone(), view.shape), view, rtol=0, atol=0)
+        # the block's rows, whatever their places in p, make one matrix
+        torch.testing.assert_close(mats[0], block.T if piece.kind == "rows" else block, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec,shape,rows,stacks", COMPOSITE)
+def test_a_write_through_a_piece_reaches_the_parameter_and_nothing_else(spec, shape, rows, stacks):
+    p = torch.randn(shape, dtype=torch.float64)
+    before = p.clone()
+    layout = resolve_layout(spec, p.shape, "w")
+    for view, piece in layout.pieces(p):  # the projection, as project_ writes it: per piece
+        view.copy_(piece.from_matrices(polar(piece.matrices(view)), view.shape))
+    covered = sorted(r for block in rows for r in block)
+    free = [r for r in range(shape[0]) if r not in covered]
+    torch.testing.assert_close(p[free], before[free], rtol=0, atol=0)
+    assert (p[covered] - before[covered]).abs().max() > 1e-3
+    for view, piece in layout.pieces(p):
+        mats = piece.matrices(view)
+        eye = torch.eye(mats.shape[-1], dtype=p.dtype)
+        torch.testing.assert_close(mats.mT @ mats, eye.expand_as(mats.mT @ mats), rtol=0, atol=1e-12)
+
+
+def test_a_composite_layout_has_no_single_stack():
+    layout = resolve_layout("row_blocks:4,2", (6, 8), "w")
+    for call in (lambda: layout.matrices(torch.randn(6, 8)), lambda: layout.stack_shape((6, 8))):
+        with pytest.raises(TypeError, match=r"'row_blocks:4,2' has blocks of different sizes.*layout\.pieces\(p\)"):
+            call()
+    with pytest.raises(ValueError, match="not resolved"):
+        orthoopt.layout._parse("row_blocks:4,2").pieces(torch.randn(6, 8))
+
+
+def test_layout_strings_survive_a_weights_only_load(tmp_path):
+    """Composite layouts live in param groups as plain strings."""
+    w = nn.Parameter(torch.randn(12, 4))
+    opt = orthoopt.OrthoSGD([{"params": [w], "ortho": 1.0, "ortho_layout": "row_blocks:2x(2,~1,3)"}], lr=0.1)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert loaded["param_groups"][0]["ortho_layout"] == "row_blocks:2x(2,~1,3)"

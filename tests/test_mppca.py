@@ -11,6 +11,7 @@ from torch.distributions import MultivariateNormal
 
 from orthoopt import compare
 from orthoopt.compare import mppca, plots, tasks
+from orthoopt.compare.formatting import fmt
 
 
 def _mvn_log_prob(x, mu, cov):
@@ -119,6 +120,23 @@ def test_quick_runs_every_method(quick, sup):
         assert math.isfinite(f["test_ll"]) and f["em_iters"] == (1 if sup else 15)
     assert next(r for r in comp.runs if r.method == "hard").final["orth_max"] < 1e-5
     assert "test LL/digit" in compare.table(comp) and "EM test LL" in compare.table(comp)
+
+
+@pytest.mark.parametrize("sup", [0, 1])
+def test_each_method_against_em(quick, sup):
+    comp = quick[sup]
+    name = ("unsupervised", "supervised")[sup]
+    rows = [(m, comp.by_method(m)) for m in comp.config["methods"]]
+    lines = mppca.against_em(comp, rows, name).splitlines()
+    assert lines[0] == f"### {name}: against EM"
+    body = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines[4:] if line.startswith("|")}
+    assert list(body) == [*comp.config["methods"], "EM (numpy, float64)"]
+    for m in comp.config["methods"]:
+        (r,) = comp.by_method(m)
+        assert body[m][1] == fmt(r.final["test_ll"], 5) and body[m][2] == fmt(
+            r.final["test_ll"] - r.final["em_test_ll"]
+        )
+    assert body["EM (numpy, float64)"][1] == fmt(comp.runs[0].final["em_test_ll"], 5)
 
 
 def test_target_is_within_a_thousandth_of_em(digits):

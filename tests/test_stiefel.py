@@ -387,7 +387,7 @@ def test_initial_projection_is_reported():
     torch.manual_seed(0)
     lin = nn.Linear(12, 4, bias=False)
     error_before = stack_error("rows", lin.weight)
-    opt = orthoopt.OrthoAdamW(param_groups(lin, ortho=1.0, ortho_mode="hard"), lr=1e-2)
+    opt = orthoopt.OrthoAdamW(param_groups(lin, ortho=1.0, ortho_mode="hard", ortho_init="warn"), lr=1e-2)
     lin.weight.grad = torch.randn(4, 12)
     with pytest.warns(UserWarning, match=r"projected onto the Stiefel manifold.*'weight' \(max \|XᵀX - I\| = ") as rec:
         opt.step()
@@ -397,6 +397,20 @@ def test_initial_projection_is_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()  # only once
+
+
+def test_a_projection_the_group_asked_for_is_silent():
+    """ortho_init='project' (the default of param_groups and constrain_) asks for the first-step
+    projection: hard mode takes it without a word, as the soft step does."""
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 4, bias=False)
+    opt = orthoopt.OrthoAdamW(param_groups(lin, ortho=1.0, ortho_mode="hard"), lr=1e-2)
+    lin.weight.grad = torch.randn(4, 12)
+    assert stack_error("rows", lin.weight) > 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert stack_error("rows", lin.weight) < 1e-5
 
 
 def test_no_warning_when_already_on_the_manifold():

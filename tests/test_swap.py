@@ -344,7 +344,7 @@ def test_lightning_warns_at_the_users_fit_line():
 
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
-            return orthoopt.constrain_(opt, self, ortho=1.0, ortho_mode="hard", exclude=["net.head"])
+            return orthoopt.constrain_(opt, self, ortho=1.0, ortho_mode="hard", ortho_init="warn", exclude=["net.head"])
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(8) % 10), batch_size=4)
     trainer = pl.Trainer(
@@ -474,7 +474,9 @@ def test_hf_trainer_warns_at_the_users_train_line(tmp_path):
     model = _bert(transformers)
     trainer = _trainer(transformers, model, tmp_path, steps=1)
     trainer.create_optimizer()
-    orthoopt.constrain_(trainer.optimizer, model, ortho=1.0, ortho_mode="hard", exclude=["classifier"])
+    orthoopt.constrain_(
+        trainer.optimizer, model, ortho=1.0, ortho_mode="hard", ortho_init="warn", exclude=["classifier"]
+    )
     with pytest.warns(orthoopt.OrthogonalityWarning, match="projected onto the Stiefel manifold") as rec:
         trainer.train()
     assert {w.filename for w in rec if issubclass(w.category, orthoopt.OrthogonalityWarning)} == {__file__}
@@ -488,6 +490,7 @@ def test_timm_create_optimizer_v2_keeps_its_groups():
         torch.manual_seed(0)
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
         orthoopt.project_(model)  # start on the manifold (timm's std-0.02 init is far from it)
+        orthoopt.project_([model.head.weight])  # and the head too, which the default rule leaves out
         return model, timm.optim.create_optimizer_v2(model, "adamw", lr=5e-3, weight_decay=0.05)
 
     def train(model, opt):

@@ -42,6 +42,7 @@ from .. import argtypes, penalty
 from ..optim import OrthoAdamW
 from .common import CLOCKS, human_bytes, machine, publish, render, sync
 from .memory import available_bytes, step_memory
+from .ops import step_ops
 
 __all__ = [
     "main",
@@ -380,6 +381,8 @@ def run_case(case: Case, device, dtype, cfg: argparse.Namespace) -> dict:
     _rounds(contenders, device, cfg.repeats, cfg.hard_repeats, cfg.warmup, CLOCKS[cfg.clock])
     ms = {c.name: _median_ms(c) for c in contenders}
     memory = {c.name: step_memory(c, device) for c in contenders if c.name in ("base", "soft", "soft-auto", "autograd")}
+    by_name = {c.name: c for c in contenders}
+    ops = step_ops(by_name["soft"], by_name["base"], device) if {"soft", "base"} <= set(by_name) else {}
     return {
         "case": case.name,
         "shape": [case.m, case.l, case.n],
@@ -392,6 +395,7 @@ def run_case(case: Case, device, dtype, cfg: argparse.Namespace) -> dict:
         "n/a": missing,
         "ratios": _ratios({n: ms.get(n) for n in names}),
         "memory": memory,
+        "ops": ops,
     }
 
 
@@ -464,6 +468,8 @@ COLUMNS: list[Column] = [
     Column("many/stacked", _ratio("many_over_stacked", many_only=True)),
     Column("soft alloc/step", _soft_memory("allocated_per_step_x_params", ".3f")),
     Column("ws", _soft_memory("workspace_x_params", ".2f")),
+    Column("ops", lambda r: "/".join(f"{v['ops']:.1f}" for v in r.get("ops", {}).values())),
+    Column("reads", lambda r: "/".join(f"{v['reads']:.1f}" for v in r.get("ops", {}).values())),
 ]
 
 

@@ -25,7 +25,23 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SYMBOLS", "BLANK", "MARKER", "baseline_loss", "copying_batch", "ModReLU", "CopyingRNN", "problem_fields"]
+from .formatting import fmt
+
+__all__ = [
+    "SYMBOLS",
+    "BLANK",
+    "MARKER",
+    "baseline_loss",
+    "copying_batch",
+    "ModReLU",
+    "CopyingRNN",
+    "problem_fields",
+    "worst_orth",
+    "run_notes",
+    "parse_variant",
+    "variant_row",
+    "variants_table",
+]
 
 SYMBOLS = 8  # the symbols are 1..8
 BLANK = 0
@@ -179,3 +195,92 @@ TASK_SETTINGS: dict[str, Any] = {
     "params": {"L": 200},
     "methods": ("none", "soft", "soft-auto", "hard", "geotorch"),
 }
+
+
+# -- reading its runs -----------------------------------------------------------------------
+def worst_orth(run) -> float:
+    """The largest orthogonality error of a run: before every recorded step and at the end."""
+    return max([v for v in run.history["orth_max"] if v == v] + [run.final["orth_max"]])
+
+
+def run_notes(comp) -> str:
+    """One line per run: the first iteration below 1% of the baseline, ms per iteration, W's
+    error (final and worst), its singular values, σ_max^L, the recall and the test loss."""
+    L = comp.config["task_params"]["L"]
+    lines = [
+        "Per run (first iteration below 1% of the baseline; W's error max|WᵀW - I| final and worst over the run):",
+        "",
+    ]
+    for r in comp.runs:
+        if not r.ok:
+            lines.append(f"- {r.method} seed {r.seed}: " + (r.error or f"diverged at step {r.diverged_at}"))
+            continue
+        f = r.final
+        first = (
+            f"at iteration {r.step_to_target} ({fmt(r.time_to_target)} s)" if r.step_to_target is not None else "never"
+        )
+        lines.append(
+            f"- {r.method} seed {r.seed}: below 1% {first}, {f['iter_ms']:.0f} ms/iteration, orth final "
+            f"{fmt(f['orth_max'])} (worst {fmt(worst_orth(r))}), σ(W) in [{f['sigma_min']:.6f}, "
+            f"{f['sigma_max']:.6f}], σ_max^L = {f['sigma_max'] ** L:.4g}, recall {100 * f['test_acc']:.2f}%, "
+            f"test loss {fmt(f['test_loss'])}"
+        )
+    return "\n".join(lines)
+
+
+# A variant's keys: the compare.run setting each sets, and its symbol in the variant's label.
+VARIANT_KEYS = {"beta": ("beta", "β"), "delta": ("smoothing", "δ"), "wlr": ("constrained_lr_scale", "W lr ×")}
+
+
+def parse_variant(text: str, task) -> tuple[str, str, dict[str, float]]:
+    """``soft:beta=10``, ``soft-huber:beta=1:delta=0.01``, ``hard:wlr=128`` (W's lr × 128, on top
+    of the task's own scale of W's lr): ``(label, method, compare.run settings)``."""
+    method, *rest = text.split(":")
+    settings, label = {}, method
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key not in VARIANT_KEYS:
+            raise ValueError(f"variant {text!r}: unknown key {key!r}; use {', '.join(VARIANT_KEYS)}")
+        name, symbol = VARIANT_KEYS[key]
+        settings[name] = float(value) * (task.constrained_lr_scale if key == "wlr" else 1.0)
+        label += f" {symbol}{'' if key == 'wlr' else '='}{float(value):g}"
+    return label, method, settings
+
+
+def variant_row(label: str, method: str, comp) -> dict[str, Any]:
+    """The figures of a variant's one run (``comp``: one method, one seed)."""
+    (r,) = comp.runs
+    f = r.final
+    L = comp.config["task_params"]["L"]
+    return {
+        "variant": label,
+        "beta": comp.config["beta"] if method != "soft-auto" else "auto",
+        "smoothing": comp.config["smoothing"] if method == "soft-huber" else None,
+        "w_lr": comp.config["lr"] * comp.config["constrained_lr_scale"],
+        "status": "ok" if r.ok else (r.error or f"diverged at {r.diverged_at}"),
+        "first_below_1pct": r.step_to_target,
+        "final_loss": f.get("loss"),
+        "orth_final": f.get("orth_max"),
+        "orth_worst": worst_orth(r) if r.ok else None,
+        "sigma_max": f.get("sigma_max"),
+        "sigma_max_L": f["sigma_max"] ** L if "sigma_max" in f else None,
+        "recall": f.get("test_acc"),
+        "iter_ms": f.get("iter_ms"),
+        "history": {k: r.history[k] for k in ("step", "loss", "orth_max")},
+    }
+
+
+def variants_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of :func:`variant_row`'s rows."""
+    lines = [
+        "| variant | first below 1% | final loss | orth final | orth worst | σ_max(W) | σ_max^L | recall % | ms/iter | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        first = "never" if r["first_below_1pct"] is None else r["first_below_1pct"]
+        sigma = "-" if r["sigma_max"] is None else f"{r['sigma_max']:.6f}"
+        recall = "-" if r["recall"] is None else f"{100 * r['recall']:.2f}"
+        cells = [r["variant"], first, fmt(r["final_loss"]), fmt(r["orth_final"]), fmt(r["orth_worst"]), sigma]
+        cells += [fmt(r["sigma_max_L"]), recall, fmt(r["iter_ms"]), r["status"]]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return lines

@@ -24,7 +24,15 @@ from typing import Any
 import torch
 
 from ..penalty import residual
-from .methods import ALL_METHODS, METHODS, Settings, build_optimizers, constrained_parameters, prepared
+from .methods import (
+    ALL_METHODS,
+    METHODS,
+    Settings,
+    build_optimizers,
+    constrained_parameters,
+    prepared,
+    task_settings,
+)
 from .tasks import Problem, Task, get_task
 
 __all__ = ["RunResult", "Comparison", "run", "summarize", "multiplier_threshold", "orthogonality"]
@@ -359,15 +367,15 @@ def run(
     steps = steps if steps is not None else (task.quick_steps if quick else task.steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    settings = Settings(
-        base=base or task.base,
-        lr=lr if lr is not None else task.lr,
-        momentum=momentum if momentum is not None else task.momentum,
-        beta=beta if beta is not None else task.beta,
-        smoothing=smoothing if smoothing is not None else task.smoothing,
-        landing_lr=landing_lr if landing_lr is not None else task.landing_lr,
-        betas=task.betas,
-        constrained_lr_scale=constrained_lr_scale if constrained_lr_scale is not None else task.constrained_lr_scale,
+    settings = task_settings(
+        task,
+        base=base,
+        lr=lr,
+        momentum=momentum,
+        beta=beta,
+        smoothing=smoothing,
+        landing_lr=landing_lr,
+        constrained_lr_scale=constrained_lr_scale,
     )
     bar = None
     if progress:

@@ -24,6 +24,7 @@ times ``constrained_lr_scale`` (geotorch's copying example trains ``W`` at 1/5 o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..selection import constrained
 from . import parametrized
 from .landing import Landing
 
-__all__ = ["METHODS", "ALL_METHODS", "Settings", "build_optimizers", "prepared"]
+__all__ = ["METHODS", "ALL_METHODS", "Settings", "task_settings", "build_optimizers", "prepared"]
 
 ORTHO_OPTIMIZERS = {"SGD": OrthoSGD, "Adam": OrthoAdam, "AdamW": OrthoAdamW}
 METHODS = ("none", "soft", "soft-huber", "soft-auto", "frobenius", "landing", "hard")
@@ -59,6 +60,18 @@ class Settings:
     landing_eps: float = 0.5
     betas: tuple[float, float] = (0.9, 0.999)
     constrained_lr_scale: float = 1.0
+
+
+def task_settings(task, **overrides: Any) -> Settings:
+    """The :class:`~orthoopt.compare.tasks.Task`'s settings, each override that is not None in
+    place of the task's (``base``, ``lr``, ``momentum``, ``beta``, ``smoothing``, ``landing_lr``,
+    ``constrained_lr_scale``)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise TypeError(f"task_settings: unknown settings {sorted(unknown)}")
+    fields = ("base", "lr", "momentum", "beta", "smoothing", "landing_lr", "betas", "constrained_lr_scale")
+    return Settings(**{**{f: getattr(task, f) for f in fields}, **given})
 
 
 def _base_kwargs(s: Settings) -> tuple[str, dict[str, Any]]:

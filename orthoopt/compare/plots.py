@@ -10,7 +10,7 @@ import numpy as np
 
 from .harness import Comparison
 
-__all__ = ["plot_comparison", "loss_axis", "figure"]
+__all__ = ["plot_comparison", "plot_variants", "loss_axis", "figure"]
 
 COLORS = {
     "none": "#7f7f7f",
@@ -149,3 +149,31 @@ def plot_comparison(comp: Comparison, out: str | Path) -> dict[str, Path]:
             comp, out, "orth_vs_step.png", "orth_max", "step", "orthogonality error max|ΦᵀΦ - I|", "step", True
         ),
     }
+
+
+def plot_variants(rows: list[dict], path: str | Path) -> Path:
+    """Training loss and orthogonality error against the iteration of each variant of a method
+    (rows with ``variant`` and ``history``: one colour per method, one line style per setting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    seen: dict[str, int] = {}
+    for r in rows:
+        h, method = r["history"], r["variant"].split()[0]
+        seen[method] = seen.get(method, -1) + 1
+        style = {"color": COLORS.get(method), "ls": ("-", "--", ":", "-.")[seen[method] % 4], "lw": 1.1}
+        a.plot(h["step"], h["loss"], label=r["variant"], **style)
+        b.plot(h["step"], h["orth_max"], label=r["variant"], **style)
+    for ax, ylabel in ((a, "training loss (minibatch)"), (b, "max|WᵀW - I|")):
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

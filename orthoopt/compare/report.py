@@ -9,21 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .formatting import fmt, pm
 from .harness import Comparison, RunResult
 
-__all__ = ["table", "write", "load", "fmt"]
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return str(x)
-        if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
-            return f"{x:.{digits - 1}e}"
-        return f"{x:.{digits}g}" if abs(x) >= 1 else f"{x:.{digits}f}"
-    return str(x)
+__all__ = ["table", "write", "load", "fmt", "pm"]
 
 
 def _pm(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:

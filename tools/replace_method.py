@@ -6,7 +6,7 @@ method's runs and summary row come from NEW, every other row stays as it was (th
 copied as text, so that they keep their full precision; so are the table's rows), and the plots are
 redrawn from the merged ``results.json``.  Both runs must share the task, seeds, steps and initial weights.
 
-    python experiments/replace_method.py BASE NEW --method hard --note "..."
+    python tools/replace_method.py BASE NEW --method hard --note "..."
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import csv
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
-from _common import compare
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from orthoopt.compare.plots import plot_comparison
+from orthoopt.compare.plots import plot_comparison  # noqa: E402
+from orthoopt.compare.report import load  # noqa: E402
 
 SAME = ("task", "task_params", "seeds", "steps", "base", "lr", "schedule", "beta", "constrained_lr_scale", "dtype")
 
@@ -85,7 +87,7 @@ def main(argv=None) -> None:
         (args.base / name).write_text(merged_csv(args.base / name, args.new / name, args.method))
     table = merged_table(*((d / "table.md").read_text() for d in (args.base, args.new)), args.method)
     (args.base / "table.md").write_text(table + "\n")
-    plot_comparison(compare.report.load(args.base / "results.json"), args.base)
+    plot_comparison(load(args.base / "results.json"), args.base)
     section = args.base / "section.md"
     if section.exists():
         text = merged_section(section.read_text(), (args.new / "section.md").read_text(), args.method, table, args.note)

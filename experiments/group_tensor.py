@@ -1,11 +1,11 @@
-"""The seed question's own setting: an (l, m, n) = (32, 8, 16) tensor, the L1 penalty alone.
+"""An (l, m, n) = (32, 8, 16) group tensor, the L1 penalty alone.
 
 OrthoAdamW (weight decay 0) from ``torch.randn(32, 8, 16) / 32**0.5`` with a zero task
 gradient, 3000 steps at lr 1e-2, β = 1, sign() versus Huber (δ = 1e-3), with a constant lr
 and with a cosine schedule to zero.  Writes the curves of the largest orthogonality error and
 a table of the final errors.
 
-    python experiments/seed_tensor.py [--quick] [--steps 3000]
+    python experiments/group_tensor.py [--quick] [--steps 3000]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3000)
     args = p.parse_args(argv)
-    out = setup(args, "seed_tensor")
+    out = setup(args, "group_tensor")
     steps = 200 if args.quick else args.steps
     curves = {
         f"{'sign' if sm == 0 else f'huber δ={sm:g}'}, {'cosine' if cos else 'constant'} lr": run(steps, sm, cos)
@@ -59,11 +59,11 @@ def main(argv=None):
         ax.semilogy([max(v, 1e-9) for v in c], label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("max |ΦᵢᵀΦᵢ − I| over the 8 groups")
-    ax.set_title("seed tensor (32, 8, 16): penalty alone, OrthoAdamW lr 1e-2, β = 1")
+    ax.set_title("group tensor (32, 8, 16): penalty alone, OrthoAdamW lr 1e-2, β = 1")
     ax.legend()
     fig.savefig(out / "orth_vs_step.png", dpi=120, bbox_inches="tight")
-    cmd = f"python experiments/seed_tensor.py --steps {steps}"
-    text = f"## The seed's (32, 8, 16) tensor, penalty alone\n\n`{cmd}`\n\n{table}\n"
+    cmd = f"python experiments/group_tensor.py --steps {steps}"
+    text = f"## The (l, m, n) = (32, 8, 16) group tensor, penalty alone\n\n`{cmd}`\n\n{table}\n"
     (out / "README.md").write_text(text)
     print(text)
 

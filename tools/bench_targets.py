@@ -1,8 +1,8 @@
-"""The issue's performance targets, read from the benchmarks' JSON files: for each target the
+"""The performance budget's targets, read from the benchmarks' JSON files: for each target the
 value of every run, their median and range, and whether the median meets it.
 
-    python experiments/bench_targets.py results/bench/cpu_1thread*.json results/bench/cpu_2threads*.json \\
-        results/bench/models_*.json
+    python tools/bench_targets.py experiments/results/bench/cpu_1thread*.json \\
+        experiments/results/bench/cpu_2threads*.json experiments/results/bench/models_*.json
 
 Step-benchmark files (``orthoopt bench``) give the step targets, whole-iteration files
 (``orthoopt bench --models``) the iteration ones; files are told apart by their content.
@@ -23,7 +23,7 @@ from orthoopt.bench import TARGETS as STEP_TARGETS  # noqa: E402
 from orthoopt.bench.iteration import EVERY_VARIANT  # noqa: E402
 from orthoopt.bench.iteration import TARGETS as ITERATION_TARGETS  # noqa: E402
 
-# (label, case, ratio key, bound) of the step benchmark's targets in the issue's table.
+# (label, case, ratio key, bound) of the step benchmark's targets.
 STEP_ROWS = [
     ("(soft - AdamW) / floor, 16 separate (256, 64)", "16x(256,64) params", "overhead_over_floor", "cpu"),
     ("(soft - AdamW) / floor, (256, 64, 16)", "(256,64,16)", "overhead_over_floor", "cpu"),

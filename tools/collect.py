@@ -1,15 +1,16 @@
 """Gather the experiments' README sections into experiments/results/README.md.
 
-python experiments/collect.py
+python tools/collect.py [--results experiments/results]
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 ORDER = [
-    ("seed_tensor", "0. The seed's (32, 8, 16) tensor, penalty alone"),
+    ("group_tensor", "0. The (l, m, n) = (32, 8, 16) group tensor, penalty alone"),
     ("mlp_swap", "0. The one-line swap on a small MLP"),
     ("pca_target", "1. Class-wise PCA: the soft target, soft vs hard (k=8, 20,000 steps)"),
     ("pca_beta_sweep_k8", "1. Class-wise PCA: β across the exactness threshold"),
@@ -26,8 +27,10 @@ ORDER = [
 ]
 
 
-def main():
-    results = HERE / "results"
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help="the results folder (default experiments/results)")
+    results = p.parse_args(argv).results
     parts = [
         "# Experiment results\n\nProduced by the scripts in `experiments/` on the 2-core CPU machine "
         "(one torch thread, float32). Each folder holds `table.md`, `summary.csv`, `runs.csv`, "

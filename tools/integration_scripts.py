@@ -1,4 +1,4 @@
-"""Issue 9's four training scripts with the README's one-line swap: errors, task metric, time.
+"""Four framework training scripts with the one-line swap: errors, task metric, time.
 
 For each script of ``tests/integration/training_scripts.py`` (the mnist CNN under Adadelta, the
 LSTM language model under AdamW, timm's vit_tiny, a tiny BERT under Hugging Face's Trainer) it
@@ -7,12 +7,12 @@ soft ``ortho='auto'``, hard), and reports the final max error of each constraine
 the held-out loss and metric, and the whole-iteration time (forward, backward, step) against
 the plain run: medians over all iterations, the variants stepped round-robin in one process
 (each with its own RNG state, so every run is the same as alone). The Trainer's loop cannot be
-interleaved: its variants run one after the other.  A second section is issue 9's item 4: the
-word_language_model's own sizes (emsize = nhid = 200, bptt 35, batch 20), the old layout (each
+interleaved: its variants run one after the other.  A second section is the
+word_language_model's own sizes (emsize = nhid = 200, bptt 35, batch 20), one matrix per weight (each
 ``(800, 200)`` LSTM weight as one matrix, ``ortho_layout='columns'``) against the per-gate
 default, fixed β against ``'auto'``, constant against cosine learning rate.
 
-    python experiments/integration_scripts.py [--quick] [--skip-item4]
+    python tools/integration_scripts.py [--quick] [--skip-lstm-sizes]
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
-from _common import HERE, parser, setup
 
-sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "experiments"), str(ROOT / "tests" / "integration")]
 import training_scripts as ts  # noqa: E402
+from _common import parser, setup  # noqa: E402 - the experiments' arguments and results folder
 
 from orthoopt.guard import OrthogonalityWarning  # noqa: E402
 
@@ -150,18 +152,18 @@ def four_scripts(quick: bool) -> list[dict]:
     return results
 
 
-ITEM4 = [
+LSTM_SIZES = [
     ("columns (old)", {"ortho_layout": "columns"}),
     ("row_groups:4 (default)", {}),
 ]
 
 
-def item4(quick: bool) -> list[dict]:
+def lstm_sizes(quick: bool) -> list[dict]:
     """The LSTM at the example's sizes: layout x β x learning-rate schedule."""
     sizes = dict(emsize=200, nhid=200, batch_size=20, bptt=35, tokens=40_000, epochs=1 if quick else 3)
     rows = []
     for cosine in (False, True):
-        for layout, extra in ITEM4:
+        for layout, extra in LSTM_SIZES:
             for beta in (ts.SOFT_BETA, "auto"):
                 t0 = time.perf_counter()
                 with warnings.catch_warnings(record=True) as caught:
@@ -180,11 +182,11 @@ def item4(quick: bool) -> list[dict]:
                         "seconds": time.perf_counter() - t0,
                     }
                 )
-                print(item4_row(rows[-1]), flush=True)
+                print(lstm_sizes_row(rows[-1]), flush=True)
     return rows
 
 
-def item4_row(r: dict) -> str:
+def lstm_sizes_row(r: dict) -> str:
     errors = " / ".join(
         f"{r['errors'][f'rnn.{w}']:.2g}" for w in ("weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1")
     )
@@ -194,27 +196,29 @@ def item4_row(r: dict) -> str:
 
 def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--skip-item4", action="store_true")
+    p.add_argument("--skip-lstm-sizes", action="store_true")
     args = p.parse_args(argv)
     out = setup(args, "integration")
     sections = [
-        "# Issue 9: four training scripts with the one-line swap",
-        f"`python experiments/integration_scripts.py{' --quick' if args.quick else ''}` (torch {torch.__version__}, "
+        "# Four training scripts with the one-line swap",
+        f"`python tools/integration_scripts.py{' --quick' if args.quick else ''}` (torch {torch.__version__}, "
         f"{args.threads} thread(s), this shared 2-core CPU: times are medians of whole iterations, "
         "compare them only within a table).",
     ]
     results = four_scripts(args.quick)
     sections += [markdown(r) for r in results]
-    item4_rows = [] if args.skip_item4 else item4(args.quick)
-    if item4_rows:
+    lstm_sizes_rows = [] if args.skip_lstm_sizes else lstm_sizes(args.quick)
+    if lstm_sizes_rows:
         sections += [
-            "## Item 4: the LSTM at the example's sizes (emsize = nhid = 200), AdamW",
+            "## The LSTM at the example's sizes (emsize = nhid = 200), AdamW",
             "Final max error of weight_ih_l0 / weight_hh_l0 / weight_ih_l1 / weight_hh_l1 (in the "
             "optimizer's own layout), and the parameters that got the drift OrthogonalityWarning:",
             "| layout | ortho | lr | final max error | drift warned |\n|---|---|---|---|---|\n"
-            + "\n".join(item4_row(r) for r in item4_rows),
+            + "\n".join(lstm_sizes_row(r) for r in lstm_sizes_rows),
         ]
-    (out / "results.json").write_text(json.dumps({"scripts": results, "item4": item4_rows}, indent=1, default=str))
+    (out / "results.json").write_text(
+        json.dumps({"scripts": results, "lstm_sizes": lstm_sizes_rows}, indent=1, default=str)
+    )
     (out / "README.md").write_text("\n\n".join(sections) + "\n")
     print(f"\nwrote {out}")
 
