@@ -35,13 +35,19 @@ import torch  # noqa: E402
 
 from orthoopt import compare  # noqa: E402
 from orthoopt.compare import lipschitz  # noqa: E402
-from orthoopt.compare.methods import Settings, build_optimizers, prepared  # noqa: E402
+from orthoopt.compare.methods import build_optimizers, prepared, task_settings  # noqa: E402
 from orthoopt.compare.plots import COLORS, figure  # noqa: E402
 from orthoopt.compare.report import fmt, load  # noqa: E402
 
 METHODS = lipschitz.TASK_SETTINGS["methods"]
-LR_METHODS = ["soft", "soft-auto", "hard", "bjorck"]  # at the lower constant lrs
-COLOR = {**COLORS, "hard-canonical": "#393b79", "bjorck": "#e377c2", "torch-orthogonal": "#bcbd22"}
+LR_METHODS = ["soft", "soft-auto", "soft-tol", "hard", "bjorck"]  # at the lower constant lrs
+COLOR = {
+    **COLORS,
+    "soft-tol": "#ff9896",
+    "hard-canonical": "#393b79",
+    "bjorck": "#e377c2",
+    "torch-orthogonal": "#bcbd22",
+}
 
 
 def main(argv=None) -> None:
@@ -78,11 +84,17 @@ def main(argv=None) -> None:
     methods = args.methods.split(",")
 
     def comparison(folder: str, depth: int, extra: str = "", plots: bool = False, **kwargs) -> compare.Comparison:
-        """The comparison in ``out/folder``: read back with ``--reuse`` where it is there, else run and written."""
-        if args.reuse and (out / folder / "results.json").exists():
-            return _load(out / folder)
+        """The comparison in ``out/folder``: with ``--reuse``, what is there, its missing methods run
+        and added (each method's runs depend on its seed only); else run and written."""
         spec = f"lipschitz:depth={depth},width={args.width}{extra}" + (",pgd_steps=10" if args.quick else "")
-        comp = compare.run(spec, seeds=args.seeds, steps=args.steps, record_every=10, **kwargs)
+        wanted = kwargs.pop("methods")
+        old = _load(out / folder) if args.reuse and (out / folder / "results.json").exists() else None
+        missing = [m for m in wanted if old is None or not old.by_method(m)]
+        if not missing:
+            return old
+        comp = compare.run(spec, methods=missing, seeds=args.seeds, steps=args.steps, record_every=10, **kwargs)
+        if old is not None:
+            comp = _merged(old, comp, wanted)
         compare.write(comp, out / folder, history_points=200, plots=plots)
         return comp
 
@@ -115,7 +127,7 @@ def main(argv=None) -> None:
     saved = out / "timing.json"
     if args.reuse and saved.exists():
         timing = {int(d): t for d, t in json.loads(saved.read_text()).items()}
-    elif args.time_rounds:
+    if args.time_rounds and (set(timing) != set(depths) or any(set(t) != set(methods) for t in timing.values())):
         timing = {d: _timing(d, args.width, methods, args.time_rounds) for d in depths}
         saved.write_text(json.dumps(timing))
     plots = _plots(comps, out)
@@ -135,6 +147,18 @@ def _load(folder: Path) -> compare.Comparison:
         row = rows[run.method, run.seed]
         run.final = {k: float(row[k]) if row.get(k) not in (None, "") else v for k, v in run.final.items()}
     return comp
+
+
+def _merged(old: compare.Comparison, new: compare.Comparison, methods: list[str]) -> compare.Comparison:
+    """``old`` with ``new``'s methods added: the same task, settings, seeds and steps, or an error."""
+    same = ("task_params", "seeds", "steps", "schedule", "base", "lr", "beta", "ortho_tol", "dtype")
+    differ = [k for k in same if k in old.config and old.config[k] != new.config.get(k)]
+    if differ:
+        raise ValueError(f"--reuse: the comparison in the folder differs in {differ}; run it again without --reuse")
+    order = {m: i for i, m in enumerate(methods)}
+    runs = sorted(old.runs + new.runs, key=lambda r: (r.seed, order.get(r.method, len(order))))
+    config = {**old.config, "methods": [m for m in methods if any(r.method == m for r in runs)]}
+    return compare.Comparison(old.task, config, runs, compare.summarize(runs, config["methods"]))
 
 
 def _name(depth: int, schedule: str) -> str:
@@ -348,7 +372,7 @@ def _rounds(timing) -> int:
 def _timing(depth: int, width: int, methods: list[str], rounds: int) -> dict[str, dict]:
     """ms per iteration of each method, interleaved round-robin (one model and optimizer each, same start)."""
     task = compare.get_task(f"lipschitz:depth={depth},width={width}")
-    settings = Settings(base=task.base, lr=task.lr, beta=task.beta, smoothing=task.smoothing, betas=task.betas)
+    settings = task_settings(task)
     cpu: dict[str, list[float]] = {m: [] for m in methods}
     wall: dict[str, list[float]] = {m: [] for m in methods}
     with ExitStack() as stack:

@@ -217,6 +217,16 @@ def test_projected_weights_are_the_polar_factors_and_the_model_is_left_as_it_was
     assert all(torch.equal(w, w0) and torch.equal(b, b0) for (w, b), (w0, b0) in zip(layers, before))
 
 
+def test_soft_tol_is_soft_with_the_tasks_bound():
+    task = compare.get_task("lipschitz:depth=3,width=16")
+    problem = task.build(seed=0, **task.params)
+    settings = methods.task_settings(task)
+    (opt,) = methods.build_optimizers("soft-tol", problem.model, problem, settings)
+    constrained = [g for g in opt.param_groups if g["ortho"]]
+    assert constrained and all(g["ortho_mode"] == "soft" and g["ortho_tol"] == 1e-3 for g in constrained)
+    assert task.ortho_tol == 1e-3 and compare.get_task("mlp").ortho_tol == 1e-2
+
+
 def test_hard_canonical_is_hard_mode_on_the_canonical_manifold():
     problem = _problem(depth=3, width=16)
     (opt,) = methods.build_optimizers("hard-canonical", problem.model, problem, methods.Settings(base="adamw"))
@@ -285,6 +295,8 @@ def test_cli_quick_run_writes_certified_and_pgd_accuracies_for_every_method(tmp_
             cert, pgd = f[f"cert_{k}"], f[f"pgd_{k}"]
             assert math.isfinite(cert) and math.isfinite(pgd) and 0 <= cert <= pgd <= f["test_acc"] <= 1
         assert math.isfinite(f["iter_ms"]) and math.isfinite(f["total_s"])
+        if run["method"] == "soft-tol":
+            assert f["orth_max"] <= lipschitz.TASK_SETTINGS["ortho_tol"]
     exact = [r["final"] for r in data["runs"] if r["method"] != "none"]
     assert all(f["lipschitz"] < 1.01 for f in exact)
     assert any(f["cert_1"] > 0.5 for f in exact)
