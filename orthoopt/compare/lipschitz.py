@@ -222,9 +222,10 @@ def robustness(
     radius, smallest first: a point broken inside a ball is broken inside every larger one)
     searches in the weights' dtype (float32 by default: half the cost) and every break it
     finds is confirmed in float64, so that a rounding error cannot break a point.  Keys:
-    ``test_acc``; ``lipschitz`` (L); ``cert_k`` and ``pgd_k`` for the k-th radius (k = 1, 2, …); ``cert_broken`` (points certified at a radius that PGD broke at it:
-    0 unless a certificate is wrong); ``orth_layer_i`` and ``sigma_layer_i`` per layer;
-    ``cert_at_r`` at each radius ``r`` of ``curve``.
+    ``test_acc``; ``lipschitz`` (L); ``cert_k`` and ``pgd_k`` for the k-th radius (k = 1, 2,
+    …); ``cert_broken`` (points certified at a radius that PGD broke at it: 0 unless a
+    certificate is wrong); ``orth_layer_i`` and ``sigma_layer_i`` per layer; ``cert_at_r`` at
+    each radius ``r`` of ``curve``.
     """
     f = forward_with(layers)
     f64 = forward_with([(w.double(), b.double()) for w, b in layers])
