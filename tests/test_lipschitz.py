@@ -202,6 +202,31 @@ def test_every_layer_starts_orthogonal_and_every_method_computes_with_the_start(
         assert not any(parametrize.is_parametrized(layer) for layer in model.layers)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projected_weights_are_the_polar_factors_and_the_model_is_left_as_it_was(dtype):
+    g = torch.Generator().manual_seed(7)
+    shapes = ((12, 8), (12, 12), (4, 12))
+    layers = [
+        (torch.randn(a, b, generator=g, dtype=dtype), torch.randn(a, generator=g, dtype=dtype)) for a, b in shapes
+    ]
+    before = [(w.clone(), b.clone()) for w, b in layers]
+    for (p, pb), (w, b) in zip(lipschitz.projected(layers), layers):
+        u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        torch.testing.assert_close(p.double(), u @ vh, rtol=0, atol=1e-6)
+        assert p.dtype == w.dtype and pb is b
+    assert all(torch.equal(w, w0) and torch.equal(b, b0) for (w, b), (w0, b0) in zip(layers, before))
+
+
+def test_soft_tol_is_soft_with_the_tasks_bound():
+    task = compare.get_task("lipschitz:depth=3,width=16")
+    problem = task.build(seed=0, **task.params)
+    settings = methods.task_settings(task)
+    (opt,) = methods.build_optimizers("soft-tol", problem.model, problem, settings)
+    constrained = [g for g in opt.param_groups if g["ortho"]]
+    assert constrained and all(g["ortho_mode"] == "soft" and g["ortho_tol"] == 1e-3 for g in constrained)
+    assert task.ortho_tol == 1e-3 and compare.get_task("mlp").ortho_tol == 1e-2
+
+
 def test_hard_canonical_is_hard_mode_on_the_canonical_manifold():
     problem = _problem(depth=3, width=16)
     (opt,) = methods.build_optimizers("hard-canonical", problem.model, problem, methods.Settings(base="adamw"))
@@ -219,6 +244,7 @@ def test_hard_canonical_is_hard_mode_on_the_canonical_manifold():
         ("lipschitz:pgd_steps=0", "pgd_steps"),
         ("lipschitz:pgd_targets=0", "pgd_targets"),
         ("lipschitz:batch=5000", "batch"),
+        ("lipschitz:project=2", "project"),
     ],
 )
 def test_bad_parameters_are_refused(spec, name):
@@ -228,15 +254,18 @@ def test_bad_parameters_are_refused(spec, name):
 
 
 def test_no_certified_point_is_broken_after_a_short_training():
-    """Train a small network for a few hard steps, then: certificates at the three radii hold
-    against the attack point by point, and the accuracies order as they must."""
-    comp = compare.run("lipschitz:depth=3,width=32,pgd_steps=20", methods=["hard"], seeds=[0], steps=40)
+    """Train a small network for a few soft steps at a constant lr (L well above 1), then:
+    certificates at the three radii hold against the attack point by point, before and after
+    the projection, and the accuracies order as they must."""
+    spec = "lipschitz:depth=3,width=32,pgd_steps=20,project=1"
+    comp = compare.run(spec, methods=["soft"], seeds=[0], steps=40, schedule="constant")
     (run,) = comp.runs
     f = run.final
-    assert run.ok and f["test_acc"] > 0.8 and f["lipschitz"] == pytest.approx(1.0, abs=1e-4)
-    assert f["cert_1"] > 0.3 and f["cert_broken"] == 0
-    for k in (1, 2, 3):
-        assert 0 <= f[f"cert_{k}"] <= f[f"pgd_{k}"] <= f["test_acc"]
+    assert run.ok and f["test_acc"] > 0.8 and f["lipschitz"] > 1.01 and f["proj_lipschitz"] < 1 + 1e-6
+    assert f["cert_1"] > 0.2 and f["cert_broken"] == 0 and f["proj_cert_broken"] == 0
+    for prefix in ("", "proj_"):
+        for k in (1, 2, 3):
+            assert 0 <= f[f"{prefix}cert_{k}"] <= f[f"{prefix}pgd_{k}"] <= f[f"{prefix}test_acc"]
     assert f["cert_at_0"] == f["test_acc"] and f[f"cert_at_{lipschitz.RADII[0]:g}"] == f["cert_1"]
 
 
@@ -266,7 +295,34 @@ def test_cli_quick_run_writes_certified_and_pgd_accuracies_for_every_method(tmp_
             cert, pgd = f[f"cert_{k}"], f[f"pgd_{k}"]
             assert math.isfinite(cert) and math.isfinite(pgd) and 0 <= cert <= pgd <= f["test_acc"] <= 1
         assert math.isfinite(f["iter_ms"]) and math.isfinite(f["total_s"])
+        if run["method"] == "soft-tol":
+            assert f["orth_max"] <= lipschitz.TASK_SETTINGS["ortho_tol"]
     exact = [r["final"] for r in data["runs"] if r["method"] != "none"]
     assert all(f["lipschitz"] < 1.01 for f in exact)
     assert any(f["cert_1"] > 0.5 for f in exact)
     assert (tmp_path / "table.md").read_text().count("\n| ") == len(wanted) + 1
+
+
+@pytest.mark.slow
+def test_experiment_quick_run_writes_its_tables_and_plots(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("geotorch")
+    path = Path(__file__).resolve().parents[1] / "experiments" / "lipschitz.py"
+    spec = importlib.util.spec_from_file_location("experiment_lipschitz", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--quick", "--out", str(tmp_path / "lipschitz"), "--schedules", "cosine,constant"])
+    out = tmp_path / "lipschitz-quick"
+    text = (out / "README.md").read_text()
+    for method in lipschitz.TASK_SETTINGS["methods"]:
+        assert text.count(f"\n| {method} |") == 5, method  # two comparisons and their layer tables, the timing
+    assert "## Soft's β at a constant lr, depth 4" in text and "\n| 30 |" in text
+    assert "\n| 0.003 | soft |" in text and "\n| 0.01 | bjorck |" in text
+    assert "\n| constant | 4 | soft projected |" in text and "\n| cosine | 4 | soft-auto projected |" in text
+    for name in ("certified_depth4.png", "certified_depth4_constant.png"):
+        assert (out / name).stat().st_size > 10_000 and f"]({name})" in text
+    for folder in ("depth4", "depth4_constant", "depth4_constant_beta3", "depth4_constant_lr0.003", "depth4_projected"):
+        runs = json.loads((out / folder / "results.json").read_text())["runs"]
+        assert all(r["error"] is None and r["final"]["cert_broken"] == 0 for r in runs)

@@ -5,6 +5,7 @@
 ``soft``                ``OrthoSGD``/``OrthoAdamW``, the decoupled L1 step (``ortho=β``)
 ``soft-huber``          the same with Huber smoothing (``ortho_smoothing=δ``)
 ``soft-auto``           the same with ``ortho='auto'``: β from the running multiplier estimate, no tuning
+``soft-tol``            the same as ``soft`` with ``ortho_tol``: the error held below the task's bound after every step
 ``frobenius``           the same step on ``β‖ΦᵀΦ - I‖²_F`` (``ortho_penalty='frobenius'``)
 ``landing``             the landing update (:mod:`orthoopt.compare.landing`) on the constrained
                         parameters, the base optimizer on the others
@@ -42,7 +43,7 @@ __all__ = ["METHODS", "ALL_METHODS", "Settings", "task_settings", "build_optimiz
 
 ORTHO_OPTIMIZERS = {"SGD": OrthoSGD, "Adam": OrthoAdam, "AdamW": OrthoAdamW}
 METHODS = ("none", "soft", "soft-huber", "soft-auto", "frobenius", "landing", "hard")
-ALL_METHODS = METHODS + ("hard-canonical", "geotorch", "bjorck", "torch-orthogonal")
+ALL_METHODS = METHODS + ("soft-tol", "hard-canonical", "geotorch", "bjorck", "torch-orthogonal")
 PARAMETRIZED = ("geotorch", "bjorck", "torch-orthogonal")  # methods that reparametrize the weights
 
 
@@ -60,17 +61,18 @@ class Settings:
     landing_eps: float = 0.5
     betas: tuple[float, float] = (0.9, 0.999)
     constrained_lr_scale: float = 1.0
+    ortho_tol: float = 1e-2  # soft-tol's bound on max |ΦᵀΦ - I| after every step
 
 
 def task_settings(task, **overrides: Any) -> Settings:
     """The :class:`~orthoopt.compare.tasks.Task`'s settings, each override that is not None in
     place of the task's (``base``, ``lr``, ``momentum``, ``beta``, ``smoothing``, ``landing_lr``,
-    ``constrained_lr_scale``)."""
+    ``constrained_lr_scale``, ``ortho_tol``)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(given) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
         raise TypeError(f"task_settings: unknown settings {sorted(unknown)}")
-    fields = ("base", "lr", "momentum", "beta", "smoothing", "landing_lr", "betas", "constrained_lr_scale")
+    fields = ("base", "lr", "momentum", "beta", "smoothing", "landing_lr", "betas", "constrained_lr_scale", "ortho_tol")
     return Settings(**{**{f: getattr(task, f) for f in fields}, **given})
 
 
@@ -112,6 +114,8 @@ def build_optimizers(method: str, model: torch.nn.Module, problem, s: Settings) 
         options["ortho_smoothing"] = s.smoothing
     elif method == "frobenius":
         options["ortho_penalty"] = "frobenius"
+    elif method == "soft-tol":
+        options["ortho_tol"] = s.ortho_tol
     elif method in ("hard", "hard-canonical"):
         options["ortho_mode"] = "hard"
         if method == "hard-canonical":

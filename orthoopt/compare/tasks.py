@@ -74,6 +74,7 @@ class Task:
     params: dict[str, Any] = field(default_factory=dict)
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's
     constrained_lr_scale: float = 1.0  # the constrained parameters' lr is lr times this
+    ortho_tol: float = 1e-2  # soft-tol's bound on max |ΦᵀΦ - I| after every step
     schedule: str = "cosine"
     metrics: dict[str, tuple[str, float]] = field(default_factory=dict)  # evaluate() key -> (column, scale)
     methods: tuple[str, ...] | None = None  # the default methods (None: every method of METHODS)
