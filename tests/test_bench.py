@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import orthoopt
 from orthoopt import bench
 from orthoopt.bench import contenders, iteration, models, step
 from orthoopt.bench.common import human_bytes
@@ -68,6 +69,14 @@ def test_quick_benchmark_writes_its_json(tmp_path, capsys):
     assert many["median_ms"]["soft-stacked"] > 0
     table = capsys.readouterr().out
     assert "ovh/floor" in table and "target overhead_over_floor" in table
+
+
+def test_the_step_benchmark_keeps_the_drift_warnings_of_its_random_weights_off_the_terminal(tmp_path, recwarn):
+    # 16 separate random (256, 64) weights drift under random gradients: the drift check would
+    # warn about each of them between the benchmark's lines.
+    argv = ["--device", "cpu", "--shapes", "many:16x256x64", "--repeats", "20", "--warmup", "2"]
+    assert bench.main([*argv, "--contenders", "soft", "--out", str(tmp_path / "b.json")]) == 0
+    assert [str(w.message) for w in recwarn if issubclass(w.category, orthoopt.OrthogonalityWarning)] == []
 
 
 def test_the_step_memory_keeps_the_profilers_lines_off_the_terminal(capfd):
