@@ -69,6 +69,10 @@ class Plan:
                 soft.check_gradient(piece)
                 soft_pieces.append(piece)
         self.buckets = soft.buckets(soft_pieces, workspaces=workspaces)
+        # What every step asks of the buckets, known once the plan is made.
+        self.local = [bucket for bucket in self.buckets if isinstance(bucket, soft.Bucket)]
+        self.correcting = [bucket for bucket in self.local if bucket.tol is not None]
+        self.counting = any(bucket.every > 1 for bucket in self.buckets)
         self.watched = guard.watched(soft_pieces)
         self.starting = True  # a new plan may hold pieces at their first soft step
         self._items: list[stiefel.HardItem] = []
@@ -134,12 +138,11 @@ class Plan:
         amp, self._amp = self._amp, None
         for bucket in due:
             bucket.after(optimizer, amp)
-        for bucket in self.buckets:  # every step, due or not: the base step moved them
-            if getattr(bucket, "tol", None) is not None:
-                bucket.correct(optimizer)
-        if not (amp is not None and any(b.every > 1 for b in self.buckets) and amp.read_found()):
+        for bucket in self.correcting:  # every step, due or not: the base step moved them
+            bucket.correct(optimizer)
+        if not (amp is not None and self.counting and amp.read_found()):
             soft.advance(optimizer.param_groups)  # a step that found_inf skips does not count
-        errors = [bucket.errors for bucket in self.buckets if isinstance(bucket, soft.Bucket)]
+        errors = [bucket.errors for bucket in self.local]
         if host.capturing():
             return  # the replays of a CUDA graph run no Python: no count, no monitor
         if self.traced:
@@ -163,7 +166,9 @@ class Plan:
             self.starting = self._started = False
             guard.after_step(self.watched, optimizer.state, _memory(optimizer))
         steps = optimizer.__dict__["_ortho_steps"] = optimizer.__dict__.get("_ortho_steps", 0) + 1
-        monitor = optimizer.__dict__.setdefault("_ortho_monitor", guard.Monitor())
+        monitor = optimizer.__dict__.get("_ortho_monitor")
+        if monitor is None:
+            monitor = optimizer.__dict__["_ortho_monitor"] = guard.Monitor()
         if steps % guard.WATCH_EVERY == 0:
             monitor.watch(self._errors(errors), optimizer)
         else:
@@ -174,8 +179,7 @@ class Plan:
         bucket, per chunk)."""
         watched = {id(piece) for piece in self.watched}
         entries = []
-        local = [bucket for bucket in self.buckets if isinstance(bucket, soft.Bucket)]
-        for bucket, found in zip(local, errors):
+        for bucket, found in zip(self.local, errors):
             if not found:
                 continue
             limit = penalty.largest_residual(bucket.kind, found[0].dtype)
@@ -187,7 +191,7 @@ class Plan:
 
     def workspace_bytes(self) -> int:
         """Bytes held by the soft buckets' workspaces."""
-        return sum(bucket.workspace_bytes() for bucket in self.buckets if isinstance(bucket, soft.Bucket))
+        return sum(bucket.workspace_bytes() for bucket in self.local)
 
 
 class Amp:
