@@ -56,6 +56,7 @@ __all__ = [
     "watched",
     "before_step",
     "after_step",
+    "memory_of",
 ]
 
 # Every how many optimizer steps the monitor copies the errors to the host.
@@ -89,6 +90,12 @@ def watched(soft_pieces: list[Piece]) -> list[Piece]:
     """The pieces the guard checks, of those the soft step moves (with a gradient): not
     sharded (their errors are collectives) and not on the meta device (no values)."""
     return [piece for piece in soft_pieces if not is_dtensor(piece.param) and piece.param.device.type != "meta"]
+
+
+def memory_of(optimizer: Any) -> dict[str, float | None]:
+    """The guard's errors per piece, kept on the optimizer instance (not in its state: losing
+    them, as a copy does, only repeats a warning)."""
+    return optimizer.__dict__.setdefault("_ortho_memory", {})
 
 
 def _memory_key(piece: Piece) -> str:
@@ -162,7 +169,7 @@ class Monitor:
         return self._copy[2] is None or self._copy[2].query()
 
     def _check(self, pieces: list[tuple[Piece, int, float]], errors: list[float], optimizer: Any) -> None:
-        memory = optimizer.__dict__.setdefault("_ortho_memory", {})
+        memory = memory_of(optimizer)
         bad: dict[str, list[str]] = {}
         row = 0
         for piece, count, limit in pieces:

@@ -154,7 +154,7 @@ class Plan:
     def start(self, optimizer: Any, amp: Amp | None) -> None:
         """Read where new pieces start (ortho_init), unless this step is one a GradScaler skips."""
         if amp is None or not amp.read_found():
-            guard.before_step(self.watched, optimizer.state, _memory(optimizer))
+            guard.before_step(self.watched, optimizer.state, guard.memory_of(optimizer))
             self._started = True
 
     def finish(self, optimizer: Any, errors: list[list[torch.Tensor]]) -> None:
@@ -164,7 +164,7 @@ class Plan:
             return
         if self._started:
             self.starting = self._started = False
-            guard.after_step(self.watched, optimizer.state, _memory(optimizer))
+            guard.after_step(self.watched, optimizer.state, guard.memory_of(optimizer))
         steps = optimizer.__dict__["_ortho_steps"] = optimizer.__dict__.get("_ortho_steps", 0) + 1
         monitor = optimizer.__dict__.get("_ortho_monitor")
         if monitor is None:
@@ -254,12 +254,6 @@ def shadow(optimizer: Any) -> Plan:
     if plan is None or not plan.current(optimizer.param_groups):
         plan = optimizer.__dict__["_ortho_shadow"] = Plan(optimizer.param_groups, workspaces=False)
     return plan
-
-
-def _memory(optimizer: Any) -> dict[str, float | None]:
-    # The guard's errors per piece, kept on the instance (not in its state: losing them, as a
-    # copy does, only repeats a warning).
-    return optimizer.__dict__.setdefault("_ortho_memory", {})
 
 
 def _signature(param_groups: list[dict[str, Any]]) -> tuple:
