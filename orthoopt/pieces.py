@@ -8,7 +8,7 @@ parameter, simple layout)`` per part that is constrained on its own.  A simple l
 piece, the parameter itself; a layout of blocks of unequal sizes (fused q/k/v projections) has
 one per block.  :func:`pieces` yields them, with what each consumer needs to name and key them.
 
-A piece after the first keeps its optimizer state under suffixed keys (:func:`state_key`), so
+A piece after the first keeps its optimizer state under suffixed keys (:attr:`Piece.suffix`), so
 that a parameter's state dict holds every piece's state and round-trips through
 ``state_dict`` as torch's does.
 """
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .layout import Layout, resolve_layout
 from .options import param_key, param_name, penalized
 
-__all__ = ["Piece", "pieces", "parameter_pieces", "split", "state_key", "is_composite", "is_dtensor"]
+__all__ = ["Piece", "pieces", "parameter_pieces", "split", "is_composite", "is_dtensor"]
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor
@@ -70,11 +70,6 @@ class Piece:
         if self.parts == 1:
             return t
         return self.whole.pieces(t)[self.part][0]
-
-
-def state_key(key: str, piece: Piece) -> str:
-    """``key`` for ``piece``'s optimizer state: as is for the first piece, suffixed after."""
-    return key + piece.suffix
 
 
 def is_composite(layout: Layout) -> bool:
