@@ -440,17 +440,19 @@ class Bucket:
         chunk when the bucket's groups differ (with the largest, where they are numbers).  The
         choice is the bucket's, not the chunk's, so that a chunked bucket steps bitwise as a
         whole one."""
-        etas = [2 * g["lr"] * g["ortho"] for g in self.groups]
-        if self.every != 1:
-            etas = [e * self.every for e in etas]
+        if all(g is self.groups[0] for g in self.groups):
+            return self._eta(self.groups[0]), None
+        etas = [self._eta(g) for g in self.groups]
         first = etas[0]
         # Tensor learning rates are never compared: that would sync, and break torch.compile.
-        if all(g is self.groups[0] for g in self.groups):
-            return first, None
         if is_number(first) and all(is_number(e) and e == first for e in etas):
             return first, None
         top = max(etas) if all(is_number(e) for e in etas) else None
         return self.per_matrix(etas[chunk.params], like, chunk), top
+
+    def _eta(self, group: dict) -> Any:
+        eta = 2 * group["lr"] * group["ortho"]
+        return eta if self.every == 1 else eta * self.every
 
     def per_matrix(self, values: list[Any], like: torch.Tensor, chunk: Chunk | None = None) -> torch.Tensor:
         """One value per piece (of ``chunk``), repeated for each of its matrices."""

@@ -480,3 +480,20 @@ def test_the_plan_is_built_once_and_again_at_each_structural_change(monkeypatch)
     step()
     OrthoSGD([fresh], lr=1e-2, ortho=1.0, ortho_smoothing=0.01).step()
     assert torch.equal(soft_w, fresh) and not torch.equal(soft_w, before)
+
+
+def test_a_bucket_of_one_group_forms_its_step_size_once_whatever_its_number_of_pieces():
+    """With a tensor learning rate every product of 2·lr·β is an operation: a bucket of one
+    group forms it once, not once per parameter."""
+
+    def muls(count: int) -> int:
+        params = [nn.Parameter(torch.linalg.qr(torch.randn(16, 4)).Q) for _ in range(count)]
+        opt = OrthoSGD(params, lr=torch.tensor(1e-3), ortho=1.0)
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()  # the plan and its workspaces
+        (bucket,) = opt._plan().buckets
+        assert len(bucket.params) == count
+        return orthoopt.testing.count_ops(opt.step).ops["mul"]
+
+    assert muls(6) == muls(1)
