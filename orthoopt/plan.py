@@ -66,8 +66,8 @@ class Plan:
                 distributed.refuse_hard(piece.param, piece.name)
                 self.hard.append(piece)
             else:
-                soft.check_gradient(piece)
                 soft_pieces.append(piece)
+            _refuse_sparse_grad(piece)
         self.buckets = soft.buckets(soft_pieces, workspaces=workspaces)
         # What every step asks of the buckets, known once the plan is made.
         self.local = [bucket for bucket in self.buckets if isinstance(bucket, soft.Bucket)]
@@ -274,6 +274,12 @@ def _options(group: dict[str, Any]) -> tuple:
 
 def _watch(tracked: list[torch.Tensor]) -> tuple:
     return tuple((None if p.grad is None else p.grad.is_sparse, p.data_ptr()) for p in tracked)
+
+
+def _refuse_sparse_grad(piece: Piece) -> None:
+    # Checked when the plan is made: a gradient that turns sparse changes the plan's watch.
+    if piece.param.grad.is_sparse:
+        raise TypeError(f"{piece.name} has a sparse gradient, which orthoopt does not support; use a dense one")
 
 
 def refuse_differentiable(group: dict, group_index: int) -> None:

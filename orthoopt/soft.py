@@ -38,7 +38,7 @@ from .layout import Layout
 from .options import STEPS_KEY, check_step_size, is_number, penalized, report_nonfinite, step_size_limit
 from .pieces import Piece
 
-__all__ = ["Bucket", "Chunk", "buckets", "check_gradient", "view_or_none", "advance", "STEPS_KEY", "CORRECTIONS"]
+__all__ = ["Bucket", "Chunk", "buckets", "view_or_none", "advance", "STEPS_KEY", "CORRECTIONS"]
 
 # A bucket of several parameters is gathered (copied into one stack) in chunks of at most
 # this share of its bytes, or MIN_CHUNK_BYTES where that is more: below that, the calls
@@ -90,12 +90,6 @@ def buckets(soft_pieces: list[Piece], workspaces: bool) -> list[Bucket | distrib
             if isinstance(bucket, Bucket):
                 bucket.allocate()
     return plan
-
-
-def check_gradient(piece: Piece) -> None:
-    """Refuse a sparse gradient of a constrained parameter, naming it."""
-    if piece.param.grad is not None and piece.param.grad.is_sparse:
-        raise TypeError(f"{piece.name} has a sparse gradient, which orthoopt does not support; use a dense one")
 
 
 def advance(param_groups: list[dict]) -> None:

@@ -358,9 +358,6 @@ def check(optimizer: torch.optim.Optimizer, items: list[HardItem]) -> None:
     if not items:
         return
     update_rule(type(optimizer))
-    for item in items:
-        if item.grad.is_sparse:
-            raise TypeError(f"{item.name} has a sparse gradient, which orthoopt does not support; use a dense one")
     bad: dict[str, list[str]] = {}
     for item in items:
         if item.param.is_meta:

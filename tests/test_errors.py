@@ -114,6 +114,15 @@ def test_sparse_gradient_is_refused_before_any_change():
     assert_step_refused(opt, TypeError, "'w' has a sparse gradient")
 
 
+def test_sparse_gradient_of_a_hard_parameter_is_refused_before_any_change():
+    w = nn.Parameter(torch.linalg.qr(torch.randn(8, 3)).Q)
+    v = nn.Parameter(torch.linalg.qr(torch.randn(8, 3)).Q)
+    opt = orthoopt.OrthoSGD([("v", v), ("w", w)], lr=0.1, ortho=1.0, ortho_mode="hard")
+    v.grad = torch.randn_like(v)
+    w.grad = torch.randn_like(w).to_sparse()
+    assert_step_refused(opt, TypeError, "'w' has a sparse gradient")
+
+
 def test_layout_changed_after_construction_fails_at_step_without_changes():
     w = nn.Parameter(torch.randn(8, 3))
     opt = orthoopt.OrthoAdamW([("w", w)], lr=1e-3, ortho=1.0)
