@@ -335,20 +335,27 @@ class Bucket:
         device, unless the policy is 'raise', which must read it to stop before any change."""
         if r.is_meta:  # no values to look at
             return r.new_zeros((r.shape[0], 1, 1)), True
+        r_max = self._max_abs(r, chunk)
         if host.reads_free(r):
-            scratch = chunk.scratch if chunk.scratch is not None else torch.empty_like(r)
-            r_max = torch.abs(r, out=scratch).amax((-2, -1), keepdim=True)
             limit = penalty.largest_residual(self.kind, r_max.dtype)
             ok = [t <= limit for t in host.read(r_max)]  # False for NaN
             if all(ok):
                 return r_max, True
             self._report(optimizer, chunk, ok)
             return r_max, penalty.steppable(r_max, self.kind)
-        r_max = torch.linalg.vector_norm(r, float("inf"), dim=(-2, -1), keepdim=True)
         finite = penalty.steppable(r_max, self.kind)
         if self.nonfinite == "raise":
             self._report(optimizer, chunk, host.read(finite))
         return r_max, finite
+
+    @staticmethod
+    def _max_abs(r: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """``max|R|`` per matrix, ``(m, 1, 1)``: where reading is free through ``|R|`` in the
+        chunk's scratch (faster on CPU), elsewhere in one reduction (one operation)."""
+        if host.reads_free(r):
+            scratch = chunk.scratch if chunk.scratch is not None else torch.empty_like(r)
+            return torch.abs(r, out=scratch).amax((-2, -1), keepdim=True)
+        return torch.linalg.vector_norm(r, float("inf"), dim=(-2, -1), keepdim=True)
 
     def _report(self, optimizer: Any, chunk: Chunk, finite: list[bool]) -> None:
         bad, row = [], 0
@@ -471,21 +478,18 @@ class Bucket:
         for chunk in self.chunks or [self.whole()]:
             mats = self.gather(chunk)
             r = penalty.residual(mats, out=chunk.r, transposed=chunk.mats_t, minus_eye=self.minus_eye)
-            if host.reads_free(r):
-                scratch = chunk.scratch if chunk.scratch is not None else torch.empty_like(r)
-                error = torch.abs(r, out=scratch).amax((-2, -1), keepdim=True)
-                if not any(e > self.tol for e in host.read(error)):  # False for NaN: not corrected
-                    corrected.append(None)
-                    continue
-            else:
-                error = torch.linalg.vector_norm(r, float("inf"), dim=(-2, -1), keepdim=True)
+            error = self._max_abs(r, chunk)
+            free = host.reads_free(r)
+            if free and not any(e > self.tol for e in host.read(error)):  # False for NaN: not corrected
+                corrected.append(None)
+                continue
             mask = error > self.tol
             # where reading is free, as few iterations as bring every matrix within half the tolerance
-            z, after = penalty.polar_correction(r, until=self.tol / 2 if host.reads_free(r) else None)
+            z, after = penalty.polar_correction(r, until=self.tol / 2 if free else None)
             z.diagonal(dim1=-2, dim2=-1).sub_(1)
             out = chunk.delta if chunk.delta is not None else torch.empty_like(mats)
             torch.bmm(mats, z.to(mats.dtype), out=out)
-            if host.reads_free(r):
+            if free:
                 self._polar_where_unconverged(mats, out, mask, after)
             torch.where(mask, out, penalty._zero(out), out=out)
             corrected.append((chunk, mask, out))
