@@ -79,7 +79,11 @@ class Layout:
     def __str__(self) -> str:
         return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
 
-    composite = False  # a layout of blocks of different shapes (RowBlocks) overrides pieces
+    @property
+    def composite(self) -> bool:
+        """Whether the layout splits a parameter into several pieces: a layout of blocks of
+        different shapes (:class:`RowBlocks`) overrides :meth:`pieces`."""
+        return type(self).pieces is not Layout.pieces
 
     # -- the map parameter -> stack of matrices -------------------------------------
     def stack_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
@@ -208,8 +212,6 @@ class RowBlocks(Layout):
     kind: str = "row_blocks"
     sections: tuple[Section, ...] = ()
     parts: tuple[Layout, ...] = ()
-
-    composite = True
 
     def __str__(self) -> str:
         return "row_blocks:" + "+".join(map(str, self.sections))

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .layout import Layout, resolve_layout
 from .options import param_key, param_name, penalized
 
-__all__ = ["Piece", "pieces", "parameter_pieces", "split", "is_composite", "is_dtensor"]
+__all__ = ["Piece", "pieces", "parameter_pieces", "split", "is_dtensor"]
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor
@@ -72,15 +72,10 @@ class Piece:
         return self.whole.pieces(t)[self.part][0]
 
 
-def is_composite(layout: Layout) -> bool:
-    """Whether the layout splits a parameter into several pieces (it overrides ``pieces``)."""
-    return type(layout).pieces is not Layout.pieces
-
-
 def split(p: torch.Tensor, layout: Layout, name: str) -> list[tuple[torch.Tensor, Layout]]:
     """``layout.pieces(p)``: ``[(p, layout)]`` for a simple layout; a composite layout's blocks
     (refused on a sharded parameter, naming it)."""
-    if not is_composite(layout):
+    if not layout.composite:
         return [(p, layout)]
     _refuse_sharded_composite(p, layout, name)
     return layout.pieces(p)
@@ -93,7 +88,7 @@ def parameter_pieces(group: dict, group_index: int, index: int, p: torch.Tensor)
     if whole is None:
         return []
     key = param_key(group, index, group_index)
-    if not is_composite(whole):
+    if not whole.composite:
         return [Piece(group, group_index, index, p, name, key, whole, whole, p)]
     blocks = split(p, whole, name)
     return [
