@@ -42,6 +42,7 @@ path, which is correct for every placement.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,8 +162,9 @@ class _Entry:
     def kind(self) -> str:
         return self.group["ortho_penalty"]
 
-    @property
+    @functools.cached_property
     def path(self) -> str:
+        # Read several times per step; the parameter's placements do not change while the plan holds.
         return path(self.param, self.layout)
 
     @property
