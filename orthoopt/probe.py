@@ -136,7 +136,6 @@ def _partition(size: int, sets: Iterable[torch.Tensor]) -> Blocks:
     return frozenset(frozenset(b) for b in blocks.values())
 
 
-@torch.no_grad()
 def _leaf_hook(leaves: dict[str, tuple[torch.Tensor, int]], name: str, axis: int) -> Callable:
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
