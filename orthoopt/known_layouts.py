@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .heads import output_features
 from .registry import register_layout, register_positional
 
 __all__ = ["blocks"]
@@ -17,10 +18,9 @@ __all__ = ["blocks"]
 
 def _rows(layer: nn.Module) -> int:
     """The output features of a Linear, Conv or Conv1D layer."""
-    for attr in ("out_features", "out_channels", "nf"):
-        if isinstance(getattr(layer, attr, None), int):
-            return getattr(layer, attr)
-    raise TypeError(f"{type(layer).__name__} is not a layer with output features")
+    if (rows := output_features(layer)) is None:
+        raise TypeError(f"{type(layer).__name__} is not a layer with output features")
+    return rows
 
 
 def blocks(sizes: list[int], heads: int = 1, rows: int | None = None) -> str | None:

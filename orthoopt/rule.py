@@ -21,7 +21,6 @@ The rule looks at what each layer computes, not at its name alone:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,7 @@ from . import (
     known_layouts,  # noqa: F401 - its registrations of timm's and transformers' classes
     registry,
 )
-from .heads import output_layers
+from .heads import is_layer, output_layers
 from .layout import resolve_layout
 
 __all__ = ["Verdict", "survey", "LEFT_OUT", "FUSED_NAMES"]
@@ -91,12 +90,6 @@ class Verdict:
     flags: tuple[str, ...] = ()
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2), looked up only if transformers is already imported."""
-    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    return cls is not None and isinstance(module, cls)
-
-
 def _layer_weights(module: nn.Module) -> list[str]:
     """The names of ``module``'s own parameters that are layer weights."""
     own = list(module._parameters)
@@ -104,7 +97,7 @@ def _layer_weights(module: nn.Module) -> list[str]:
         return [n for n in own if n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")]
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return [n for n in own if n.startswith(("weight_ih", "weight_hh", "weight_hr"))]
-    if isinstance(module, (nn.Linear, _ConvNd)) or _is_conv1d(module):
+    if is_layer(module):
         return [n for n in own if n == "weight"]
     return []
 
