@@ -48,14 +48,6 @@ NESTED = "_schedulers"
 SWAP = "_ortho_swap"
 
 
-def _is_scheduler(obj: Any) -> bool:
-    return any(
-        cls.__name__ == name and cls.__module__.split(".")[0] == package
-        for cls in type(obj).__mro__
-        for package, name in SCHEDULERS
-    )
-
-
 def built_on(*optimizers: Any) -> list[Any]:
     """The live schedulers whose ``.optimizer`` is one of ``optimizers`` (an optimizer and the
     wrappers around it).  One walk over the objects the garbage collector tracks: for the
@@ -68,7 +60,7 @@ def built_on(*optimizers: Any) -> list[Any]:
         if isinstance(holder, dict):
             owners = [o for o in gc.get_referrers(holder) if getattr(o, "__dict__", None) is holder]
         for owner in owners:
-            if _is_scheduler(owner) and id(getattr(owner, "optimizer", None)) in ids:
+            if wrappers.is_instance_by_name(owner, SCHEDULERS) and id(getattr(owner, "optimizer", None)) in ids:
                 found[id(owner)] = owner
     return list(found.values())
 
