@@ -35,7 +35,7 @@ from . import (
 from .heads import is_layer, output_layers
 from .layout import resolve_layout
 
-__all__ = ["Verdict", "survey", "LEFT_OUT", "FUSED_NAMES"]
+__all__ = ["Verdict", "survey", "LEFT_OUT", "FUSED_NAMES", "matrix_shapes", "is_lazy"]
 
 # A weight shared with one of these (a decoder tied to its embedding) is left out by default.
 _SHARED_SKIP = (
@@ -184,7 +184,7 @@ def survey(model: nn.Module) -> dict[int, Verdict]:
             elif name in weights or id(p) in registered:
                 verdicts[id(p)] = _layer_verdict(module, full, p, shared, outputs, positional, registered)
             else:
-                vector = not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() < 2
+                vector = not is_lazy(p) and p.dim() < 2
                 reason = LEFT_OUT["vector" if vector else "shared" if id(p) in shared else "raw"]
                 verdicts[id(p)] = Verdict(module, None, False, reason)
     return verdicts
@@ -214,7 +214,7 @@ def _layer_verdict(
         layout, source = "auto", "the default rule"
         if _fused_name(path):
             flags.append("fused name kept 'auto'")
-    lazy = isinstance(p, nn.parameter.UninitializedParameter)
+    lazy = is_lazy(p)
     if not lazy and p.dim() < 2:
         return Verdict(module, None, False, LEFT_OUT["vector"])
     if id(p) in shared:
@@ -233,8 +233,22 @@ def _layer_verdict(
 
 def _single_vectors(layout: str, shape: torch.Size) -> bool:
     """Whether every matrix of the layout on ``shape`` has one column (a vector to normalise)."""
+    shapes = matrix_shapes(layout, shape)
+    return shapes is not None and all(n == 1 for _, _, n in shapes)
+
+
+def matrix_shapes(layout: str | None, shape: tuple[int, ...]) -> tuple[tuple[int, int, int], ...] | None:
+    """The ``(m, l, n)`` of each piece of ``layout`` on ``shape``; None where there is no layout,
+    it leaves the parameter alone, or it does not fit (which is reported where it is used)."""
+    if layout is None:
+        return None
     try:
         resolved = resolve_layout(layout, shape, "weight")
     except ValueError:
-        return False  # an infeasible layout is reported where it is used
-    return resolved is not None and all(n == 1 for _, _, n in resolved.stack_shapes(shape))
+        return None
+    return None if resolved is None else tuple(resolved.stack_shapes(shape))
+
+
+def is_lazy(p: torch.Tensor) -> bool:
+    """A lazy module's parameter, whose shape is not known yet."""
+    return isinstance(p, nn.parameter.UninitializedParameter)
