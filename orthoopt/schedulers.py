@@ -75,15 +75,20 @@ class _Swap:
     options: list[dict[str, Any]]
 
 
+def _options(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's options (all but its parameters and their names), each tensor among them a copy."""
+    return {
+        k: v.clone() if isinstance(v, torch.Tensor) else v
+        for k, v in group.items()
+        if k not in ("params", "param_names")
+    }
+
+
 def remember_swap(optimizer: torch.optim.Optimizer, origin: list[int], before: int) -> None:
     """Record the swap of ``optimizer`` until its first step or state load, after which its
     groups no longer hold what they held at the swap.  (The two hooks stay, as no-ops: torch
     runs hooks from a dict that they cannot leave while it runs them.)"""
-    options = [
-        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in g.items() if k not in ("params", "param_names")}
-        for g in optimizer.param_groups
-    ]
-    record = _Swap(origin, before, options)
+    record = _Swap(origin, before, [_options(g) for g in optimizer.param_groups])
 
     def forget(opt: torch.optim.Optimizer, *args: Any) -> None:
         if opt.__dict__.get(SWAP) is record:
@@ -116,7 +121,7 @@ def load_scheduler_state(scheduler: Any, state_dict: dict[str, Any]) -> None:
     if counts <= {record.before}:
         scheduler.load_state_dict(_remap(state_dict, record.origin))
         for group, options in zip(optimizer.param_groups, record.options):
-            group.update({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in options.items()})
+            group.update(_options(options))
         return
     for key, values in _per_group(state_dict):
         if len(values) != after:
