@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from . import wrappers
-from .layout import resolve_layout
 from .options import param_key, penalized
-from .rule import Verdict, survey
+from .rule import Verdict, is_lazy, matrix_shapes, survey
 from .selection import select
 
 __all__ = ["audit", "Audit", "Row", "main", "build_model"]
@@ -102,16 +101,6 @@ class Audit:
         return f"{self.title}\n\n{self.table()}\n\n{self.summary()}"
 
 
-def _matrices(layout: str | None, shape: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
-    if layout is None:
-        return ()
-    try:
-        resolved = resolve_layout(layout, shape, "weight")
-    except ValueError:
-        return ()
-    return () if resolved is None else tuple(resolved.stack_shapes(shape))
-
-
 def audit(
     target: nn.Module | torch.optim.Optimizer,
     model: nn.Module | None = None,
@@ -168,7 +157,7 @@ def _of_model(
     picked = {id(p): spec for _, p, spec in chosen}
     rows = []
     for name, p in model.named_parameters():
-        if p.dim() < 2 and not isinstance(p, nn.parameter.UninitializedParameter):
+        if p.dim() < 2 and not is_lazy(p):
             continue
         verdict = verdicts[id(p)]
         spec = picked.get(id(p), verdict.layout)
@@ -179,7 +168,7 @@ def _of_model(
 
 def _row(name: str, p: torch.Tensor, verdict: Verdict, spec: str | None, on: bool, among: set[int] | None) -> Row:
     module = "" if verdict.module is None else type(verdict.module).__name__
-    shape = tuple(p.shape) if not isinstance(p, nn.parameter.UninitializedParameter) else ()
+    shape = tuple(p.shape) if not is_lazy(p) else ()
     if on:
         why = verdict.reason if verdict.selected else "include"
         if spec != verdict.layout:
@@ -190,7 +179,7 @@ def _row(name: str, p: torch.Tensor, verdict: Verdict, spec: str | None, on: boo
         why = "exclude"
     else:
         why = verdict.reason
-    return Row(name, module, shape, spec, _matrices(spec, shape) if on else (), on, why, verdict.flags)
+    return Row(name, module, shape, spec, (matrix_shapes(spec, shape) or ()) if on else (), on, why, verdict.flags)
 
 
 def _of_groups(optimizer: torch.optim.Optimizer, model: nn.Module | None) -> Audit:
@@ -208,7 +197,7 @@ def _of_groups(optimizer: torch.optim.Optimizer, model: nn.Module | None) -> Aud
             why = f"group {gi}" + ("" if on else " (ortho=0)")
             rows.append(
                 Row(name, "" if verdict.module is None else type(verdict.module).__name__, tuple(p.shape), spec,
-                    _matrices(spec, tuple(p.shape)) if on else (), on, why, verdict.flags)
+                    (matrix_shapes(spec, tuple(p.shape)) or ()) if on else (), on, why, verdict.flags)
             )  # fmt: skip
     title = f"audit of {type(optimizer).__name__}: {sum(r.selected for r in rows)} of {len(rows)} weights constrained"
     return Audit(title, tuple(rows))

@@ -26,21 +26,35 @@ from collections.abc import Iterable
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["output_layers"]
+__all__ = ["output_layers", "conv1d_class", "is_layer", "output_features"]
 
 
-def _is_layer(module: nn.Module) -> bool:
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+def conv1d_class() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2), looked up only if transformers is already imported."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear, Conv (or ConvTranspose) or transformers' Conv1D layer."""
+    conv1d = conv1d_class()
     return isinstance(module, (nn.Linear, _ConvNd)) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def output_features(module: nn.Module) -> int | None:
+    """The output features of a Linear, Conv or Conv1D layer (None for another module)."""
+    for attr in ("out_features", "out_channels", "nf"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    return None
 
 
 def _last_layer(module: nn.Module | None) -> nn.Module | None:
     """``module`` if it is a layer, else the last layer inside it (in registration order)."""
     if module is None:
         return None
-    if _is_layer(module):
+    if is_layer(module):
         return module
-    layers = [m for m in module.modules() if _is_layer(m)]
+    layers = [m for m in module.modules() if is_layer(m)]
     return layers[-1] if layers else None
 
 
@@ -79,7 +93,7 @@ def _transformers(model: nn.Module) -> Iterable[tuple[nn.Module, str]]:
         embeddings = model.get_output_embeddings()
     except Exception:  # noqa: BLE001 - models that have none raise various errors
         embeddings = None
-    if isinstance(embeddings, nn.Module) and _is_layer(embeddings):
+    if isinstance(embeddings, nn.Module) and is_layer(embeddings):
         yield embeddings, "transformers' get_output_embeddings()"
     body = model.base_model
     if body is model:
@@ -89,15 +103,8 @@ def _transformers(model: nn.Module) -> Iterable[tuple[nn.Module, str]]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     sizes = {getattr(config, "num_labels", None), getattr(text, "vocab_size", None)} - {None}
     for module in model.modules():
-        if id(module) not in inside and _is_layer(module) and _outputs(module) in sizes:
+        if id(module) not in inside and is_layer(module) and output_features(module) in sizes:
             yield module, "the task head of a transformers model (its labels or vocabulary)"
-
-
-def _outputs(module: nn.Module) -> int | None:
-    for attr in ("out_features", "out_channels", "nf"):
-        if isinstance(getattr(module, attr, None), int):
-            return getattr(module, attr)
-    return None
 
 
 def _torchvision(model: nn.Module) -> Iterable[tuple[nn.Module, str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .heads import output_features
 from .registry import register_layout, register_positional
 
 __all__ = ["blocks"]
@@ -17,10 +18,9 @@ __all__ = ["blocks"]
 
 def _rows(layer: nn.Module) -> int:
     """The output features of a Linear, Conv or Conv1D layer."""
-    for attr in ("out_features", "out_channels", "nf"):
-        if isinstance(getattr(layer, attr, None), int):
-            return getattr(layer, attr)
-    raise TypeError(f"{type(layer).__name__} is not a layer with output features")
+    if (rows := output_features(layer)) is None:
+        raise TypeError(f"{type(layer).__name__} is not a layer with output features")
+    return rows
 
 
 def blocks(sizes: list[int], heads: int = 1, rows: int | None = None) -> str | None:
@@ -107,18 +107,6 @@ _T = "timm.models."
 _L = "timm.layers."
 
 
-def _thirds(layer: str = "qkv", dim: str | None = None, parts: int = 3) -> callable:
-    """``parts`` equal consecutive blocks (q, k, v: ``reshape(B, N, 3, heads, head_dim)``) of the
-    owner's ``layer``, each of ``owner.<dim>`` rows where the owner names its width."""
-
-    def rule(m: nn.Module) -> str | None:
-        rows = _rows(m.get_submodule(layer))
-        size = getattr(m, dim) if dim else rows // parts
-        return blocks([size] * parts, rows=rows)
-
-    return rule
-
-
 def _per_head(layer: str, sizes: callable, heads: str = "num_heads") -> callable:
     """Rows laid out head by head, each head running through blocks of ``sizes(owner)`` rows."""
 
@@ -173,11 +161,11 @@ for _owner in (
     _T + "hieradet_sam2.MultiScaleAttention",
     _T + "beit.Attention",
 ):
-    register_layout(_owner, "qkv.weight", _thirds())
+    register_layout(_owner, "qkv.weight", _same(3, "qkv"))
 # k and v only (q from another layer): reshape(B, N, 2, heads, head_dim)
 for _owner in (_T + "twins.GlobalSubSampleAttn", _T + "volo.ClassAttention", _L + "attention_pool.AttentionPoolLatent"):
-    register_layout(_owner, "kv.weight", _thirds("kv", parts=2))
-register_layout(_T + "tnt.Attention", "qk.weight", _thirds("qk", parts=2))
+    register_layout(_owner, "kv.weight", _same(2, "kv"))
+register_layout(_T + "tnt.Attention", "qk.weight", _same(2, "qk"))
 register_layout(_T + "tiny_vit.Attention", "qkv.weight", _per_head("qkv", lambda m: [m.key_dim, m.key_dim, m.val_dim]))
 register_layout(
     _T + "shvit.SHSA",
@@ -211,8 +199,8 @@ register_layout(
     "in_proj.weight",
     lambda m: blocks(list(m.in_split), rows=m.in_proj.out_features),  # split([mlp hidden, dim, dim, dim])
 )
-register_layout(_T + "convit.GPSA", "qk.weight", _thirds("qk", parts=2))  # reshape(B, N, 2, heads, head_dim)
-register_layout(_T + "pvt_v2.Attention", "kv.weight", _thirds("kv", parts=2))  # k, v
+register_layout(_T + "convit.GPSA", "qk.weight", _same(2, "qk"))  # reshape(B, N, 2, heads, head_dim)
+register_layout(_T + "pvt_v2.Attention", "kv.weight", _same(2, "kv"))  # k, v
 register_layout(_T + "gcvit.WindowAttentionGlobal", "qkv.weight", _gcvit)
 register_layout(_T + "maxxvit.Attention2d", "qkv.weight", _maxxvit())
 register_layout(_T + "maxxvit.AttentionCl", "qkv.weight", _maxxvit())

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
+from .heads import conv1d_class
 from .layout import resolve_layout
 
 __all__ = ["feature_blocks", "layout_blocks", "agrees", "disagreements", "output_axis"]
@@ -64,15 +65,9 @@ _ACTIVATIONS = {
 }  # fmt: skip
 
 
-def _conv1d_class() -> type | None:
-    import sys
-
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
 def output_axis(module: nn.Module) -> int | None:
     """The axis of ``module.weight`` that runs over its output features (None: not a layer)."""
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     if conv1d is not None and isinstance(module, conv1d):
         return 1  # transformers' Conv1D: weight (in, out)
     if isinstance(module, (nn.Linear, _ConvNd)) and not getattr(module, "transposed", False):
@@ -136,7 +131,6 @@ def _partition(size: int, sets: Iterable[torch.Tensor]) -> Blocks:
     return frozenset(frozenset(b) for b in blocks.values())
 
 
-@torch.no_grad()
 def _leaf_hook(leaves: dict[str, tuple[torch.Tensor, int]], name: str, axis: int) -> Callable:
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():

@@ -126,16 +126,16 @@ def _entries(table: dict[str, list[Entry]], module: nn.Module) -> list[Entry]:
     return []
 
 
-def _walk(model: nn.Module, table: dict[str, list[Entry]]) -> Iterator[tuple[str, nn.Module, Entry]]:
-    for prefix, owner in model.named_modules():
+def _walk(model: nn.Module, table: dict[str, list[Entry]]) -> Iterator[tuple[nn.Module, Entry]]:
+    for owner in model.modules():
         for entry in _entries(table, owner):
-            yield prefix, owner, entry
+            yield owner, entry
 
 
 def layout_entries(model: nn.Module) -> dict[int, tuple[str | None, str]]:
     """``{id(parameter): (layout or None, 'Owner.path')}`` of every registered parameter of ``model``."""
     out: dict[int, tuple[str | None, str]] = {}
-    for _, owner, entry in _walk(model, _LAYOUTS):
+    for owner, entry in _walk(model, _LAYOUTS):
         for path, p in owner.named_parameters():
             if fnmatch.fnmatchcase(path, entry.path):
                 out[id(p)] = (entry.layout(owner), f"{type(owner).__name__}.{path}")
@@ -144,13 +144,13 @@ def layout_entries(model: nn.Module) -> dict[int, tuple[str | None, str]]:
 
 def entries_in(model: nn.Module) -> set[Entry]:
     """The layout and positional entries that apply to some module of ``model``."""
-    return {entry for table in (_LAYOUTS, _POSITIONAL) for _, _, entry in _walk(model, table)}
+    return {entry for table in (_LAYOUTS, _POSITIONAL) for _, entry in _walk(model, table)}
 
 
 def positional_entries(model: nn.Module) -> dict[int, str]:
     """``{id(module): 'Owner.path'}`` of the registered positional modules of ``model``."""
     out: dict[int, str] = {}
-    for _, owner, entry in _walk(model, _POSITIONAL):
+    for owner, entry in _walk(model, _POSITIONAL):
         for path, module in owner.named_modules():
             if fnmatch.fnmatchcase(path, entry.path) if entry.path else not path:
                 out[id(module)] = f"{type(owner).__name__}{'.' + path if path else ''}"

@@ -21,7 +21,6 @@ The rule looks at what each layer computes, not at its name alone:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +32,10 @@ from . import (
     known_layouts,  # noqa: F401 - its registrations of timm's and transformers' classes
     registry,
 )
-from .heads import output_layers
+from .heads import is_layer, output_layers
 from .layout import resolve_layout
 
-__all__ = ["Verdict", "survey", "LEFT_OUT", "FUSED_NAMES"]
+__all__ = ["Verdict", "survey", "LEFT_OUT", "FUSED_NAMES", "matrix_shapes", "is_lazy"]
 
 # A weight shared with one of these (a decoder tied to its embedding) is left out by default.
 _SHARED_SKIP = (
@@ -91,12 +90,6 @@ class Verdict:
     flags: tuple[str, ...] = ()
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2), looked up only if transformers is already imported."""
-    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    return cls is not None and isinstance(module, cls)
-
-
 def _layer_weights(module: nn.Module) -> list[str]:
     """The names of ``module``'s own parameters that are layer weights."""
     own = list(module._parameters)
@@ -104,7 +97,7 @@ def _layer_weights(module: nn.Module) -> list[str]:
         return [n for n in own if n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")]
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return [n for n in own if n.startswith(("weight_ih", "weight_hh", "weight_hr"))]
-    if isinstance(module, (nn.Linear, _ConvNd)) or _is_conv1d(module):
+    if is_layer(module):
         return [n for n in own if n == "weight"]
     return []
 
@@ -191,7 +184,7 @@ def survey(model: nn.Module) -> dict[int, Verdict]:
             elif name in weights or id(p) in registered:
                 verdicts[id(p)] = _layer_verdict(module, full, p, shared, outputs, positional, registered)
             else:
-                vector = not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() < 2
+                vector = not is_lazy(p) and p.dim() < 2
                 reason = LEFT_OUT["vector" if vector else "shared" if id(p) in shared else "raw"]
                 verdicts[id(p)] = Verdict(module, None, False, reason)
     return verdicts
@@ -221,7 +214,7 @@ def _layer_verdict(
         layout, source = "auto", "the default rule"
         if _fused_name(path):
             flags.append("fused name kept 'auto'")
-    lazy = isinstance(p, nn.parameter.UninitializedParameter)
+    lazy = is_lazy(p)
     if not lazy and p.dim() < 2:
         return Verdict(module, None, False, LEFT_OUT["vector"])
     if id(p) in shared:
@@ -240,8 +233,22 @@ def _layer_verdict(
 
 def _single_vectors(layout: str, shape: torch.Size) -> bool:
     """Whether every matrix of the layout on ``shape`` has one column (a vector to normalise)."""
+    shapes = matrix_shapes(layout, shape)
+    return shapes is not None and all(n == 1 for _, _, n in shapes)
+
+
+def matrix_shapes(layout: str | None, shape: tuple[int, ...]) -> tuple[tuple[int, int, int], ...] | None:
+    """The ``(m, l, n)`` of each piece of ``layout`` on ``shape``; None where there is no layout,
+    it leaves the parameter alone, or it does not fit (which is reported where it is used)."""
+    if layout is None:
+        return None
     try:
         resolved = resolve_layout(layout, shape, "weight")
     except ValueError:
-        return False  # an infeasible layout is reported where it is used
-    return resolved is not None and all(n == 1 for _, _, n in resolved.stack_shapes(shape))
+        return None
+    return None if resolved is None else tuple(resolved.stack_shapes(shape))
+
+
+def is_lazy(p: torch.Tensor) -> bool:
+    """A lazy module's parameter, whose shape is not known yet."""
+    return isinstance(p, nn.parameter.UninitializedParameter)

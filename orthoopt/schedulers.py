@@ -48,14 +48,6 @@ NESTED = "_schedulers"
 SWAP = "_ortho_swap"
 
 
-def _is_scheduler(obj: Any) -> bool:
-    return any(
-        cls.__name__ == name and cls.__module__.split(".")[0] == package
-        for cls in type(obj).__mro__
-        for package, name in SCHEDULERS
-    )
-
-
 def built_on(*optimizers: Any) -> list[Any]:
     """The live schedulers whose ``.optimizer`` is one of ``optimizers`` (an optimizer and the
     wrappers around it).  One walk over the objects the garbage collector tracks: for the
@@ -68,7 +60,7 @@ def built_on(*optimizers: Any) -> list[Any]:
         if isinstance(holder, dict):
             owners = [o for o in gc.get_referrers(holder) if getattr(o, "__dict__", None) is holder]
         for owner in owners:
-            if _is_scheduler(owner) and id(getattr(owner, "optimizer", None)) in ids:
+            if wrappers.is_instance_by_name(owner, SCHEDULERS) and id(getattr(owner, "optimizer", None)) in ids:
                 found[id(owner)] = owner
     return list(found.values())
 
@@ -83,15 +75,20 @@ class _Swap:
     options: list[dict[str, Any]]
 
 
+def _options(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's options (all but its parameters and their names), each tensor among them a copy."""
+    return {
+        k: v.clone() if isinstance(v, torch.Tensor) else v
+        for k, v in group.items()
+        if k not in ("params", "param_names")
+    }
+
+
 def remember_swap(optimizer: torch.optim.Optimizer, origin: list[int], before: int) -> None:
     """Record the swap of ``optimizer`` until its first step or state load, after which its
     groups no longer hold what they held at the swap.  (The two hooks stay, as no-ops: torch
     runs hooks from a dict that they cannot leave while it runs them.)"""
-    options = [
-        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in g.items() if k not in ("params", "param_names")}
-        for g in optimizer.param_groups
-    ]
-    record = _Swap(origin, before, options)
+    record = _Swap(origin, before, [_options(g) for g in optimizer.param_groups])
 
     def forget(opt: torch.optim.Optimizer, *args: Any) -> None:
         if opt.__dict__.get(SWAP) is record:
@@ -124,7 +121,7 @@ def load_scheduler_state(scheduler: Any, state_dict: dict[str, Any]) -> None:
     if counts <= {record.before}:
         scheduler.load_state_dict(_remap(state_dict, record.origin))
         for group, options in zip(optimizer.param_groups, record.options):
-            group.update({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in options.items()})
+            group.update(_options(options))
         return
     for key, values in _per_group(state_dict):
         if len(values) != after:

@@ -44,7 +44,7 @@ from torch import nn
 
 from .layout import Layout, canonical_layout, resolve_layout
 from .options import check_options
-from .rule import LEFT_OUT, Verdict, survey
+from .rule import LEFT_OUT, Verdict, is_lazy, survey
 
 __all__ = ["param_groups", "constrained", "select", "default_layouts", "bare_name"]
 
@@ -137,10 +137,6 @@ def default_layouts(model: nn.Module) -> dict[int, str]:
     return {pid: v.layout for pid, v in survey(model).items() if v.selected}
 
 
-def _lazy(p: torch.Tensor) -> bool:
-    return isinstance(p, nn.parameter.UninitializedParameter)
-
-
 # -- the selection ----------------------------------------------------------------------
 def select(
     model: nn.Module,
@@ -184,7 +180,7 @@ def select(
             name = _included(names, pid, include, verdicts[pid], picked, where)
         if name is None or any(_match(pattern, names.keys[pid]) for pattern in exclude):
             continue
-        if _lazy(p):
+        if is_lazy(p):
             raise ValueError(
                 f"{where}: parameter '{name}' is not initialized yet (a lazy module): run one forward pass "
                 "before building the optimizer"
@@ -207,7 +203,7 @@ def _included(
             how == "module" and not verdict.selected and not _names_its_layer(pattern, names, pid, verdict)
         ):
             continue  # a module name selects only the default rule's matrices inside it, and its own weights
-        if not _lazy(p) and p.dim() < 2:
+        if not is_lazy(p) and p.dim() < 2:
             if how == "exact":
                 raise ValueError(
                     f"{where}: include names parameter '{names.name(pid)}' of shape {tuple(p.shape)}, which has "

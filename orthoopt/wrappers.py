@@ -9,9 +9,10 @@ optimizer inside.  The wrappers are recognised by class, without importing their
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["unwrap", "WRAPPERS"]
+__all__ = ["unwrap", "WRAPPERS", "is_instance_by_name"]
 
 # (package, class name) of each wrapper; each exposes the optimizer it holds as ``.optimizer``.
 WRAPPERS = (
@@ -23,18 +24,20 @@ WRAPPERS = (
 )
 
 
-def _is_wrapper(obj: Any) -> bool:
+def is_instance_by_name(obj: Any, classes: Iterable[tuple[str, str]]) -> bool:
+    """Whether ``obj``'s class or a base of it is one of ``classes``, ``(package, class name)``
+    pairs, without importing their packages."""
     return any(
         cls.__name__ == name and cls.__module__.split(".")[0] == package
         for cls in type(obj).__mro__
-        for package, name in WRAPPERS
+        for package, name in classes
     )
 
 
 def unwrap(obj: Any) -> Any:
     """The optimizer inside ``obj`` (through nested wrappers), or ``obj`` itself."""
     seen = set()
-    while _is_wrapper(obj) and id(obj) not in seen:
+    while is_instance_by_name(obj, WRAPPERS) and id(obj) not in seen:
         seen.add(id(obj))
         obj = obj.optimizer
     return obj
