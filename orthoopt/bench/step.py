@@ -42,7 +42,7 @@ import torch
 from .. import argtypes, penalty
 from ..guard import OrthogonalityWarning
 from ..optim import OrthoAdamW
-from .common import CLOCKS, human_bytes, machine, publish, render, sync
+from .common import CLOCKS, NotAvailable, human_bytes, machine, or_na, publish, render, sync
 from .memory import available_bytes, step_memory
 from .ops import step_ops
 
@@ -117,10 +117,6 @@ class Contender:
     optimizer: torch.optim.Optimizer | None = None
     few: bool = False  # a slow reference, timed on fewer rounds
     times: list[float] = field(default_factory=list)
-
-
-class NotAvailable(Exception):
-    """A contender this environment cannot run; the table shows it as n/a."""
 
 
 def case_bytes(case: Case, dtype: torch.dtype, contenders: Sequence[str]) -> int:
@@ -439,10 +435,6 @@ def _verdicts(results: list[dict], device: torch.device) -> dict:
 
 
 # -- the table -------------------------------------------------------------------------
-def _fmt(x: float | None, spec: str = ".3f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 @dataclass(frozen=True)
 class Column:
     """A column of the table after the contenders' times: its header and its cell for one result."""
@@ -452,13 +444,13 @@ class Column:
 
 
 def _ratio(key: str, *, many_only: bool = False) -> Callable[[dict], str]:
-    return lambda r: "" if many_only and not r["many"] else _fmt(r["ratios"].get(key), ".2f")
+    return lambda r: "" if many_only and not r["many"] else or_na(r["ratios"].get(key), ".2f")
 
 
 def _soft_memory(key: str, spec: str) -> Callable[[dict], str]:
     def cell(r: dict) -> str:
         mem = r["memory"].get("soft")
-        return _fmt(mem.get(key), spec) + "x" if mem else ""
+        return or_na(mem.get(key), spec) + "x" if mem else ""
 
     return cell
 
@@ -482,7 +474,7 @@ def format_table(report: dict) -> str:
         [
             r["case"],
             r["dtype"],
-            *[_fmt(r["median_ms"].get(n)) if n in r["median_ms"] else "" for n in names],
+            *[or_na(r["median_ms"].get(n)) if n in r["median_ms"] else "" for n in names],
             *(c.cell(r) for c in COLUMNS),
         ]
         for r in report["results"]
