@@ -118,6 +118,12 @@ class Contender:
     few: bool = False  # a slow reference, timed on fewer rounds
     times: list[float] = field(default_factory=list)
 
+    def run(self) -> None:
+        """One untimed step, ``prepare`` first."""
+        if self.prepare is not None:
+            self.prepare()
+        self.step()
+
 
 def case_bytes(case: Case, dtype: torch.dtype, contenders: Sequence[str]) -> int:
     """A lower bound on the memory one case takes: the tensors of :data:`HELD` of every
@@ -318,9 +324,7 @@ def _rounds(contenders: list[Contender], device, repeats: int, few: int, warmup:
     for c in contenders:
         # geoopt's TorchScript functions specialise over their first calls: 3 warm-up steps.
         for _ in range(warmup if not c.few else min(warmup, 3)):
-            if c.prepare is not None:
-                c.prepare()
-            c.step()
+            c.run()
     sync(device)
     for r in range(repeats):
         for c in contenders:
@@ -370,9 +374,7 @@ def run_case(case: Case, device, dtype, cfg: argparse.Namespace) -> dict:
     # A contender that fails on its first step is n/a, not the end of the run.
     for c in list(contenders):
         try:
-            if c.prepare is not None:
-                c.prepare()
-            c.step()
+            c.run()
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
             missing[c.name] = f"{type(e).__name__}: {e}"
             contenders.remove(c)
