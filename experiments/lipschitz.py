@@ -24,7 +24,6 @@ import shlex
 import statistics
 import sys
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,9 +34,9 @@ import torch  # noqa: E402
 
 from orthoopt import compare  # noqa: E402
 from orthoopt.compare import lipschitz  # noqa: E402
-from orthoopt.compare.methods import build_optimizers, prepared, task_settings  # noqa: E402
 from orthoopt.compare.plots import COLORS, figure  # noqa: E402
 from orthoopt.compare.report import fmt, load  # noqa: E402
+from orthoopt.compare.timing import interleaved_times  # noqa: E402
 
 METHODS = lipschitz.TASK_SETTINGS["methods"]
 LR_METHODS = ["soft", "soft-auto", "soft-tol", "hard", "bjorck"]  # at the lower constant lrs
@@ -371,27 +370,9 @@ def _rounds(timing) -> int:
 # -- timing ---------------------------------------------------------------------------------------
 def _timing(depth: int, width: int, methods: list[str], rounds: int) -> dict[str, dict]:
     """ms per iteration of each method, interleaved round-robin (one model and optimizer each, same start)."""
-    task = compare.get_task(f"lipschitz:depth={depth},width={width}")
-    settings = task_settings(task)
-    cpu: dict[str, list[float]] = {m: [] for m in methods}
-    wall: dict[str, list[float]] = {m: [] for m in methods}
-    with ExitStack() as stack:
-        runs = {}
-        for m in methods:
-            problem = task.build(seed=0, **task.params)
-            stack.enter_context(prepared(m, problem.model, problem))
-            runs[m] = (problem, build_optimizers(m, problem.model, problem, settings))
-        for t in range(rounds + 3):
-            for m, (problem, optimizers) in runs.items():
-                c0, w0 = time.thread_time(), time.perf_counter()
-                for o in optimizers:
-                    o.zero_grad(set_to_none=True)
-                problem.loss(t).backward()
-                for o in optimizers:
-                    o.step()
-                if t >= 3:
-                    cpu[m].append(1e3 * (time.thread_time() - c0))
-                    wall[m].append(1e3 * (time.perf_counter() - w0))
+    clocks = {"cpu": time.thread_time, "wall": time.perf_counter}
+    times = interleaved_times(f"lipschitz:depth={depth},width={width}", methods, rounds, clocks, warmup=3)
+    cpu, wall = times["cpu"], times["wall"]
     out = {}
     for m in methods:
         q1, med, q3 = np.percentile(cpu[m], [25, 50, 75])

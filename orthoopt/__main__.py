@@ -66,7 +66,7 @@ def compare_parser() -> argparse.ArgumentParser:
         "--methods",
         type=names(ALL_METHODS, every=METHODS),
         default=None,
-        help=f"comma list of {', '.join(METHODS)}, geotorch (default: the task's; every method but geotorch for most)",
+        help=f"comma list of {', '.join(ALL_METHODS)}; all: {', '.join(METHODS)} (default: the task's, else all)",
     )
     p.add_argument("--seeds", type=_seeds, default=None, help="a count (3 = seeds 0,1,2) or a list 0,4,5 (default 3)")
     p.add_argument("--steps", type=whole(1), default=None, help="step budget (default: the task's)")

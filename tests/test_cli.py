@@ -270,6 +270,17 @@ def test_every_out_says_that_missing_folders_are_made(argv, capsys):
     ), text
 
 
+def test_compare_help_names_every_method_it_accepts(capsys):
+    from orthoopt.compare.methods import ALL_METHODS
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    listed = re.search(r"--methods METHODS comma list of (.*?);", text)
+    assert e.value.code == 0 and listed, text
+    assert listed.group(1).split(", ") == list(ALL_METHODS)
+
+
 @pytest.mark.parametrize("argv,message", BENCH_BAD, ids=[" ".join(a) for a, _ in BENCH_BAD])
 def test_bench_bad_argument_exits_2_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
     _assert_refused(tmp_path, monkeypatch, capsys, ["bench", "--quick", *argv], "orthoopt bench", message)

@@ -149,6 +149,26 @@ def test_iterations_are_timed_round_robin():
     assert lines[0] == "| method | median ms | min ms | max ms | median / none's |" and lines[2].endswith(" 1.00 |")
 
 
+@pytest.mark.slow
+def test_interleaved_times_reads_every_clock_around_each_iteration():
+    from orthoopt.compare.timing import interleaved_times
+
+    reads = {"a": [], "b": []}
+
+    def counter(name, unit):
+        def clock():
+            reads[name].append(unit * len(reads[name]))
+            return float(reads[name][-1])
+
+        return clock
+
+    times = interleaved_times(QUICK, ["none", "soft"], 2, {"a": counter("a", 1), "b": counter("b", 2)}, warmup=1)
+    # Each clock is read before each iteration (3 rounds x 2 methods) and after each timed one,
+    # one of its units apart: 1000 ms on clock a, 2000 ms on clock b.
+    assert times == {"a": {"none": [1e3, 1e3], "soft": [1e3, 1e3]}, "b": {"none": [2e3, 2e3], "soft": [2e3, 2e3]}}
+    assert len(reads["a"]) == len(reads["b"]) == 6 + 4
+
+
 def test_target_is_one_percent_of_the_baseline():
     fields = copying.problem_fields(L=10, hidden=8, batch=4, test_batch=4)
     base = copying.baseline_loss(10)

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CLOCKS", "sync", "machine", "human_bytes", "render", "publish"]
+__all__ = ["CLOCKS", "NotAvailable", "sync", "machine", "human_bytes", "or_na", "render", "publish"]
 
 # CPU clocks: wall time, or the process's CPU time (all its threads), which leaves out the
 # time other processes hold the cores (steadier on a shared machine; with one thread it is
 # the step's own time, with more it adds up their work).
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+class NotAvailable(Exception):
+    """A model or contender this environment cannot run: reported as n/a, with the reason."""
 
 
 def sync(device: torch.device) -> None:
@@ -71,6 +75,11 @@ def human_bytes(n: int | None) -> str:
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
         n /= 1024
     raise AssertionError
+
+
+def or_na(x: float | None, spec: str = ".3f") -> str:
+    """``x`` formatted by ``spec``, ``n/a`` for None."""
+    return "n/a" if x is None else format(x, spec)
 
 
 def render(

@@ -33,7 +33,7 @@ import torch
 
 from .. import argtypes
 from ..optim import project_
-from .common import CLOCKS, human_bytes, machine, publish, render, sync
+from .common import CLOCKS, human_bytes, machine, or_na, publish, render, sync
 from .contenders import CONTENDERS, RISKY, Contender, held_bytes, make_contender, peak_bytes
 from .models import DEFAULT_MODELS, MODELS, ModelSpec, NotAvailable, constrained_weights, max_error
 
@@ -282,10 +282,6 @@ def verdicts(results: list[dict], device: torch.device) -> dict:
     return out
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 def format_table(report: dict) -> str:
     meta = report["meta"]
     lines = [
@@ -318,9 +314,9 @@ def format_table(report: dict) -> str:
             rows.append(
                 [
                     name,
-                    _fmt(e["median_ms"], ".2f"),
+                    or_na(e["median_ms"], ".2f"),
                     f"{e['q1_ms']:.2f}-{e['q3_ms']:.2f}",
-                    _fmt(e.get("ratio"), ".3f"),
+                    or_na(e.get("ratio"), ".3f"),
                     f"{e['ratio_q1']:.3f}-{e['ratio_q3']:.3f}" if "ratio_q1" in e else "",
                     f"{min(e['ratio_runs']):.3f}-{max(e['ratio_runs']):.3f}" if "ratio_runs" in e else "",
                     human_bytes(mem),
@@ -335,7 +331,7 @@ def format_table(report: dict) -> str:
         lines.append("(--quick: tiny models; the verdicts below are not the targets' sizes)")
     for key, v in report["targets"].items():
         state = "n/a" if v["met"] is None else ("met" if v["met"] else "NOT met")
-        lines.append(f"target {key} <= {v['bound']}x: {state} ({_fmt(v['ratio'], '.3f')}x, {v['status']})")
+        lines.append(f"target {key} <= {v['bound']}x: {state} ({or_na(v['ratio'], '.3f')}x, {v['status']})")
     return "\n".join(lines)
 
 

@@ -30,12 +30,9 @@ from torch.nn import functional as F
 from .. import penalty
 from ..layout import Layout
 from ..selection import constrained
+from .common import NotAvailable
 
 __all__ = ["MODELS", "DEFAULT_MODELS", "ModelSpec", "NotAvailable", "Weight", "constrained_weights", "max_error"]
-
-
-class NotAvailable(Exception):
-    """A model or contender this environment cannot run; reported with the reason."""
 
 
 # -- the models ------------------------------------------------------------------------

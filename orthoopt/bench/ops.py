@@ -37,9 +37,7 @@ def step_ops(soft, base, device: torch.device) -> dict:
     for name, context in paths.items():
         with context():
             for c in (soft, base):  # the first step on a path may plan; not counted
-                if c.prepare is not None:
-                    c.prepare()
-                c.step()
+                c.run()
             ops, reads = _per_step(soft.step, guard.WATCH_EVERY)
             base_ops, base_reads = _per_step(base.step, guard.WATCH_EVERY)
         out[name] = {"ops": ops - base_ops, "reads": reads - base_reads}

@@ -42,7 +42,7 @@ import torch
 from .. import argtypes, penalty
 from ..guard import OrthogonalityWarning
 from ..optim import OrthoAdamW
-from .common import CLOCKS, human_bytes, machine, publish, render, sync
+from .common import CLOCKS, NotAvailable, human_bytes, machine, or_na, publish, render, sync
 from .memory import available_bytes, step_memory
 from .ops import step_ops
 
@@ -118,9 +118,11 @@ class Contender:
     few: bool = False  # a slow reference, timed on fewer rounds
     times: list[float] = field(default_factory=list)
 
-
-class NotAvailable(Exception):
-    """A contender this environment cannot run; the table shows it as n/a."""
+    def run(self) -> None:
+        """One untimed step, ``prepare`` first."""
+        if self.prepare is not None:
+            self.prepare()
+        self.step()
 
 
 def case_bytes(case: Case, dtype: torch.dtype, contenders: Sequence[str]) -> int:
@@ -322,9 +324,7 @@ def _rounds(contenders: list[Contender], device, repeats: int, few: int, warmup:
     for c in contenders:
         # geoopt's TorchScript functions specialise over their first calls: 3 warm-up steps.
         for _ in range(warmup if not c.few else min(warmup, 3)):
-            if c.prepare is not None:
-                c.prepare()
-            c.step()
+            c.run()
     sync(device)
     for r in range(repeats):
         for c in contenders:
@@ -374,9 +374,7 @@ def run_case(case: Case, device, dtype, cfg: argparse.Namespace) -> dict:
     # A contender that fails on its first step is n/a, not the end of the run.
     for c in list(contenders):
         try:
-            if c.prepare is not None:
-                c.prepare()
-            c.step()
+            c.run()
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
             missing[c.name] = f"{type(e).__name__}: {e}"
             contenders.remove(c)
@@ -439,10 +437,6 @@ def _verdicts(results: list[dict], device: torch.device) -> dict:
 
 
 # -- the table -------------------------------------------------------------------------
-def _fmt(x: float | None, spec: str = ".3f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 @dataclass(frozen=True)
 class Column:
     """A column of the table after the contenders' times: its header and its cell for one result."""
@@ -452,13 +446,13 @@ class Column:
 
 
 def _ratio(key: str, *, many_only: bool = False) -> Callable[[dict], str]:
-    return lambda r: "" if many_only and not r["many"] else _fmt(r["ratios"].get(key), ".2f")
+    return lambda r: "" if many_only and not r["many"] else or_na(r["ratios"].get(key), ".2f")
 
 
 def _soft_memory(key: str, spec: str) -> Callable[[dict], str]:
     def cell(r: dict) -> str:
         mem = r["memory"].get("soft")
-        return _fmt(mem.get(key), spec) + "x" if mem else ""
+        return or_na(mem.get(key), spec) + "x" if mem else ""
 
     return cell
 
@@ -482,7 +476,7 @@ def format_table(report: dict) -> str:
         [
             r["case"],
             r["dtype"],
-            *[_fmt(r["median_ms"].get(n)) if n in r["median_ms"] else "" for n in names],
+            *[or_na(r["median_ms"].get(n)) if n in r["median_ms"] else "" for n in names],
             *(c.cell(r) for c in COLUMNS),
         ]
         for r in report["results"]

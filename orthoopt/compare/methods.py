@@ -26,6 +26,7 @@ times ``constrained_lr_scale`` (geotorch's copying example trains ``W`` at 1/5 o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,13 +183,12 @@ def prepared(method: str, model: torch.nn.Module, problem) -> Iterator[None]:
     if method not in PARAMETRIZED:
         yield
         return
-    register = {
-        "geotorch": _register_geotorch,
-        "bjorck": parametrized.register_bjorck,
-        "torch-orthogonal": parametrized.register_torch_orthogonal,
-    }[method]
-    if method == "geotorch":
-        _geotorch()  # a clear error before any change if geotorch is missing
+    if method == "geotorch":  # _geotorch(): a clear error before any change if geotorch is missing
+        register = functools.partial(parametrized.register_based_at, _geotorch().orthogonal)
+    elif method == "bjorck":
+        register = parametrized.register_bjorck
+    else:
+        register = parametrized.register_torch_orthogonal
     owners = []
     try:
         for name, p, _ in constrained_parameters(model, problem):
@@ -206,15 +206,6 @@ def prepared(method: str, model: torch.nn.Module, problem) -> Iterator[None]:
     finally:
         for module, attr in owners:
             parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-
-
-def _register_geotorch(module: torch.nn.Module, attr: str, start: torch.Tensor) -> None:
-    # geotorch completes a non-square start to a square base with random columns, which the
-    # run's path depends on: they come from a generator of their own, the same in every run.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        _geotorch().orthogonal(module, attr)
-        setattr(module, attr, start)  # right_inverse: base = start, A = 0, so W = start exactly
 
 
 def _parametrized_groups(model: torch.nn.Module, s: Settings, method: str) -> list[dict[str, Any]]:

@@ -23,11 +23,13 @@ computes with is ``start`` (to the rounding of one Björck pass for ``bjorck``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["BJORCK_ITERS", "bjorck", "Bjorck", "register_bjorck", "register_torch_orthogonal"]
+__all__ = ["BJORCK_ITERS", "bjorck", "Bjorck", "register_bjorck", "register_based_at", "register_torch_orthogonal"]
 
 BJORCK_ITERS = 20  # LNets' bjorck_iter while training
 
@@ -60,13 +62,21 @@ def register_bjorck(module: nn.Module, attr: str, start: torch.Tensor) -> None:
         getattr(module.parametrizations, attr).original.copy_(start)
 
 
-def register_torch_orthogonal(module: nn.Module, attr: str, start: torch.Tensor) -> None:
-    """torch's ``orthogonal`` on ``module.attr``, its trivialization based at ``start``.
+def register_based_at(
+    orthogonal: Callable[[nn.Module, str], object], module: nn.Module, attr: str, start: torch.Tensor
+) -> None:
+    """``orthogonal(module, attr)`` (torch's or geotorch's), its trivialization based at ``start``.
 
-    A non-square weight is completed to a square base with random columns: drawn from a
-    generator of its own, so that the global random state stays as it was.
+    A non-square weight is completed to a square base with random columns, which the run's
+    path depends on: they come from a generator of their own, the same in every run, so that
+    the global random state stays as it was.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        torch.nn.utils.parametrizations.orthogonal(module, attr)
+        orthogonal(module, attr)
         setattr(module, attr, start)  # right_inverse: base = start (orthogonal) and A = 0, so W = start
+
+
+def register_torch_orthogonal(module: nn.Module, attr: str, start: torch.Tensor) -> None:
+    """torch's ``orthogonal`` on ``module.attr``, its trivialization based at ``start``."""
+    register_based_at(torch.nn.utils.parametrizations.orthogonal, module, attr, start)

@@ -11,23 +11,30 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 
 from .methods import build_optimizers, prepared, task_settings
 from .tasks import Task, get_task
 
-__all__ = ["time_iterations", "timing_table"]
+__all__ = ["interleaved_times", "time_iterations", "timing_table"]
 
 
-def time_iterations(
-    task: str | Task, methods: Sequence[str], rounds: int, *, warmup: int = 2, seed: int = 0
-) -> dict[str, list[float]]:
-    """``{method: [ms per iteration, one per round]}``: batch, forward, backward and the
-    optimizer step of each method in turn, ``rounds`` rounds after ``warmup`` untimed ones."""
+def interleaved_times(
+    task: str | Task,
+    methods: Sequence[str],
+    rounds: int,
+    clocks: Mapping[str, Callable[[], float]],
+    *,
+    warmup: int = 2,
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """``{clock: {method: [ms per iteration, one per round]}}``: batch, forward, backward and the
+    optimizer step of each method in turn, ``rounds`` rounds after ``warmup`` untimed ones, each
+    iteration read on every clock of ``clocks`` (seconds, read in their order)."""
     task = get_task(task)
     settings = task_settings(task)
-    times: dict[str, list[float]] = {m: [] for m in methods}
+    times: dict[str, dict[str, list[float]]] = {c: {m: [] for m in methods} for c in clocks}
     with ExitStack() as stack:
         runs = {}
         for m in methods:
@@ -36,15 +43,23 @@ def time_iterations(
             runs[m] = (problem, build_optimizers(m, problem.model, problem, settings))
         for t in range(rounds + warmup):
             for m, (problem, optimizers) in runs.items():
-                start = time.perf_counter()
+                start = [clock() for clock in clocks.values()]
                 for o in optimizers:
                     o.zero_grad(set_to_none=True)
                 problem.loss(t).backward()
                 for o in optimizers:
                     o.step()
                 if t >= warmup:
-                    times[m].append(1e3 * (time.perf_counter() - start))
+                    for (c, clock), t0 in zip(clocks.items(), start):
+                        times[c][m].append(1e3 * (clock() - t0))
     return times
+
+
+def time_iterations(
+    task: str | Task, methods: Sequence[str], rounds: int, *, warmup: int = 2, seed: int = 0
+) -> dict[str, list[float]]:
+    """``{method: [ms per iteration, one per round]}`` of :func:`interleaved_times` in wall time."""
+    return interleaved_times(task, methods, rounds, {"wall": time.perf_counter}, warmup=warmup, seed=seed)["wall"]
 
 
 def timing_table(times: dict[str, list[float]]) -> list[str]:
